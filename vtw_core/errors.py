@@ -11,3 +11,7 @@ class InputError(VTWError, ValueError):
 
 class UnsupportedModelError(VTWError):
     """The model's family is not one the engine knows how to run."""
+
+
+class ResourceError(VTWError):
+    """The device ran out of memory (or another resource) while serving a valid request."""

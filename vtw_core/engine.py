@@ -1,0 +1,248 @@
+"""The decoder loop: the stock model's own layers, run with a per-layer set of kept tokens.
+
+Prefill walks the decoder layer by layer. Before each layer a `TokenSelector` may shrink the set of
+tokens (never grow it); the kept tokens are packed to the right of a left-padded batch, keep their
+position ids (or get consecutive ones with `position_mode="rearrange"`), and every deeper layer only
+ever sees them, so its KV cache holds only them. Layers that share one token set form a `LayerGroup`:
+one attention mask and one rotary embedding serve the whole group, in prefill and in every decode step.
+
+Visual Tokens Withdrawal is the selector `Withdrawal(k)`: at layer k it drops every vision token.
+A later per-layer schedule (FastV, G-Search) is another selector; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from vtw_core.embed import PromptEmbeddings
+from vtw_core.errors import InputError, UnsupportedModelError
+from vtw_core.families import language_model
+
+PositionMode = Literal["original", "rearrange"]
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+
+
+@dataclass
+class TokenState:
+    """The tokens a range of layers processes: prompt order, left-padded, shape (batch, tokens)."""
+
+    prompt_index: torch.Tensor  # index of each token in the full prompt (for ranking and analysis)
+    valid: torch.Tensor  # bool, False on padding
+    vision: torch.Tensor  # bool, True on vision tokens
+    position_ids: torch.Tensor  # (batch, tokens) or (3, batch, tokens)
+
+
+class TokenSelector(Protocol):
+    """Decides, before each decoder layer, which tokens that layer and all deeper ones keep."""
+
+    def keep(
+        self, layer_idx: int, hidden_states: torch.Tensor, tokens: TokenState, cache: DynamicCache
+    ) -> torch.Tensor | None:
+        """A bool mask over `tokens` (a subset of `tokens.valid`), or None to keep the current set."""
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    """Visual Tokens Withdrawal: layers 0..k-1 see every token, layers k.. see only non-vision tokens."""
+
+    k: int
+
+    def keep(
+        self, layer_idx: int, hidden_states: torch.Tensor, tokens: TokenState, cache: DynamicCache
+    ) -> torch.Tensor | None:
+        return tokens.valid & ~tokens.vision if layer_idx == self.k else None
+
+
+def check_k(k: int | None, num_layers: int) -> None:
+    """K counts the layers that still see vision: 0 (none) .. num_layers (the unchanged model)."""
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= num_layers:
+        raise InputError(f"K must be an integer from 0 to {num_layers} (the number of decoder layers), got {k!r}")
+
+
+def withdrawal_selector(k: int | None, num_layers: int) -> TokenSelector | None:
+    """The selector for VTW at K; None (the unchanged model) for K None or K = num_layers."""
+    check_k(k, num_layers)
+    return None if k is None or k >= num_layers else Withdrawal(k)
+
+
+@dataclass
+class LayerGroup:
+    """Consecutive layers that share one token set: their cache layout, mask and rotary positions."""
+
+    first_layer: int
+    valid: torch.Tensor  # (batch, cached tokens) bool; grows by one column per decode step
+    next_position: torch.Tensor  # (batch,) or (3, batch): position id of the next token in these layers
+    attention_mask: torch.Tensor | None = None
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class DecodeState:
+    """Everything a decode step needs after prefill."""
+
+    cache: DynamicCache
+    groups: list[LayerGroup]
+    group_of_layer: list[int]
+    attention_implementation: str
+    prompt_tokens_per_layer: list[torch.Tensor] = field(default_factory=list)  # (batch,) real tokens per layer
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes held by the real key and value tensors of every layer."""
+        total = 0
+        for layer in self.cache.layers:
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if tensor is not None:
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+    def cache_lengths(self) -> list[int]:
+        """Cached tokens per layer (including left padding)."""
+        return [layer.get_seq_length() for layer in self.cache.layers]
+
+
+def attention_mask_for(
+    valid: torch.Tensor, query_length: int, implementation: str, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The mask a decoder layer expects for queries that are the last `query_length` of the valid keys.
+
+    None where the kernel's own causal handling is exact (no padding), which keeps sdpa and flash-attn on
+    their fastest paths. Flash kernels take the 2-D padding mask; eager and sdpa an additive 4-D mask.
+    """
+    no_padding = bool(valid.all())
+    if implementation.startswith("flash"):
+        return None if no_padding else valid.to(torch.int32)
+    if no_padding and (query_length == 1 or implementation == "sdpa"):
+        return None
+    key_length = valid.shape[1]
+    key_index = torch.arange(key_length, device=valid.device)
+    query_index = key_index[key_length - query_length :]
+    allowed = valid[:, None, :] & (key_index[None, :] <= query_index[:, None])[None]  # (batch, q, k)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _pack_kept(
+    hidden_states: torch.Tensor, tokens: TokenState, keep: torch.Tensor, position_mode: PositionMode
+) -> tuple[torch.Tensor, TokenState]:
+    """Keep the `keep` tokens of each row, right-aligned in prompt order (so the batch stays left-padded)."""
+    kept_length = int(keep.sum(1).max())
+    # A stable sort of the keep flags puts dropped tokens first and kept ones last, each in prompt order.
+    order = torch.argsort(keep.long(), dim=1, stable=True)[:, -kept_length:]
+    valid = keep.gather(1, order)
+    hidden_states = hidden_states.gather(1, order[..., None].expand(-1, -1, hidden_states.shape[-1]))
+    if position_mode == "rearrange":
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        if tokens.position_ids.ndim == 3:
+            positions = positions[None].expand(tokens.position_ids.shape[0], -1, -1)
+    elif tokens.position_ids.ndim == 3:
+        positions = tokens.position_ids.gather(2, order[None].expand(tokens.position_ids.shape[0], -1, -1))
+    else:
+        positions = tokens.position_ids.gather(1, order)
+    return hidden_states, TokenState(
+        prompt_index=tokens.prompt_index.gather(1, order),
+        valid=valid,
+        vision=tokens.vision.gather(1, order) & valid,
+        position_ids=positions.contiguous(),
+    )
+
+
+def _run_layer(layer: nn.Module, hidden_states: torch.Tensor, group: LayerGroup, cache: DynamicCache) -> torch.Tensor:
+    output = layer(
+        hidden_states,
+        attention_mask=group.attention_mask,
+        position_embeddings=group.rotary,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return output[0] if isinstance(output, tuple) else output  # older releases return (hidden_states, ...)
+
+
+def _logits(model: nn.Module, decoder: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (batch, vocab) in float32 from the last position only."""
+    return model.lm_head(decoder.norm(hidden_states[:, -1:]))[:, -1].float()
+
+
+def attention_implementation(decoder: nn.Module) -> str:
+    implementation = decoder.config._attn_implementation
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise UnsupportedModelError(
+            f"attention implementation {implementation!r} is not supported; use one of {ATTENTION_IMPLEMENTATIONS}"
+        )
+    return implementation
+
+
+@torch.no_grad()
+def prefill(
+    model: nn.Module,
+    prompt: PromptEmbeddings,
+    selector: TokenSelector | None = None,
+    position_mode: PositionMode = "original",
+) -> tuple[torch.Tensor, DecodeState]:
+    """Run the prompt through every decoder layer; return next-token logits (batch, vocab) and decode state."""
+    if position_mode not in ("original", "rearrange"):
+        raise InputError(f"position_mode must be 'original' or 'rearrange', got {position_mode!r}")
+    decoder = language_model(model)
+    implementation = attention_implementation(decoder)
+    batch_size, prompt_length, _ = prompt.inputs_embeds.shape
+    device = prompt.inputs_embeds.device
+    cache = DynamicCache(config=decoder.config)
+
+    hidden_states = prompt.inputs_embeds
+    tokens = TokenState(
+        prompt_index=torch.arange(prompt_length, device=device).expand(batch_size, -1),
+        valid=prompt.attention_mask,
+        vision=prompt.vision_mask,
+        position_ids=prompt.position_ids,
+    )
+    groups: list[LayerGroup] = []
+    group_of_layer: list[int] = []
+    tokens_per_layer: list[torch.Tensor] = []
+    for layer_idx, layer in enumerate(decoder.layers):
+        keep = selector.keep(layer_idx, hidden_states, tokens, cache) if selector is not None else None
+        if keep is not None:
+            keep = keep & tokens.valid
+            # The last column is every row's last prompt token (left padding): it yields the logits, so it stays.
+            keep[:, -1] = True
+            hidden_states, tokens = _pack_kept(hidden_states, tokens, keep, position_mode)
+        if keep is not None or not groups:
+            groups.append(
+                LayerGroup(
+                    first_layer=layer_idx,
+                    valid=tokens.valid,
+                    next_position=tokens.position_ids[..., -1] + 1,
+                    attention_mask=attention_mask_for(
+                        tokens.valid, tokens.valid.shape[1], implementation, hidden_states.dtype
+                    ),
+                    rotary=decoder.rotary_emb(hidden_states, tokens.position_ids),
+                )
+            )
+        group_of_layer.append(len(groups) - 1)
+        tokens_per_layer.append(tokens.valid.sum(1))
+        hidden_states = _run_layer(layer, hidden_states, groups[-1], cache)
+
+    state = DecodeState(cache, groups, group_of_layer, implementation, tokens_per_layer)
+    return _logits(model, decoder, hidden_states), state
+
+
+@torch.no_grad()
+def decode_step(model: nn.Module, state: DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
+    """Feed one new token per row (batch, 1) through every layer; return the next logits (batch, vocab)."""
+    decoder = language_model(model)
+    hidden_states = decoder.embed_tokens(input_ids)
+    batch_size = input_ids.shape[0]
+    for group in state.groups:
+        ones = torch.ones(batch_size, 1, dtype=torch.bool, device=group.valid.device)
+        group.valid = torch.cat([group.valid, ones], dim=1)
+        group.attention_mask = attention_mask_for(group.valid, 1, state.attention_implementation, hidden_states.dtype)
+        group.rotary = decoder.rotary_emb(hidden_states, group.next_position[..., None])
+        group.next_position = group.next_position + 1
+    for layer_idx, layer in enumerate(decoder.layers):
+        hidden_states = _run_layer(layer, hidden_states, state.groups[state.group_of_layer[layer_idx]], state.cache)
+    return _logits(model, decoder, hidden_states)

@@ -1,0 +1,359 @@
+"""Generation on top of the engine: greedy or seeded sampling, streaming text, honest per-request stats.
+
+`stream_generate` is what the app and the CLI use: it yields a `StreamEvent` per new token with the text
+delta and live stats. Timing starts when the request arrives, so time to first token includes image
+preprocessing, the vision tower and prefill; the device is synchronised before every clock reading.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import LogitsProcessorList, TextStreamer
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from vtw_core import flops
+from vtw_core.embed import embed_prompt
+from vtw_core.engine import PositionMode, decode_step, prefill, withdrawal_selector
+from vtw_core.errors import InputError, ResourceError
+from vtw_core.families import num_decoder_layers
+from vtw_core.prompts import Message, build_model_inputs
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Greedy by default, so baseline and VTW answers are comparable token for token."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not 1 <= self.max_new_tokens <= 32768:
+            raise InputError(f"max_new_tokens must be between 1 and 32768, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise InputError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class GenerationStats:
+    """Per-request measurements. FLOPs are analytic (vtw_core.flops) for the tokens actually processed."""
+
+    k: int | None
+    num_layers: int
+    engine: str = "plain"
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention: str = "sdpa"
+    prompt_tokens: int = 0
+    vision_tokens: int = 0
+    new_tokens: int = 0
+    ttft_s: float | None = None
+    total_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    prefill_flops: int = 0
+    vision_flops: int = 0
+    decode_flops: int = 0
+    kv_cache_bytes: int = 0
+    peak_memory_bytes: int | None = None
+    finish_reason: str | None = None  # "eos", "length" or "stopped"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StreamEvent:
+    text_delta: str
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    finished: bool = False
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats = field(repr=False)
+
+
+class _TextCollector(TextStreamer):
+    """transformers' streamer decides where words end; we collect its text instead of printing it."""
+
+    def __init__(self, tokenizer: Any):
+        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
+        self.pending = ""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.pending += text
+
+    def take(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _eos_token_ids(model: nn.Module, processor: Any) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(processor, "tokenizer", processor), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if not sampling.do_sample:
+        return logits.argmax(-1)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
+    if sampling.top_k > 0:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    probabilities = warpers(None, logits).softmax(-1)
+    return torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+
+
+def _vision_flops(config: Any, model_inputs: dict[str, torch.Tensor]) -> int:
+    """FLOPs of the vision tower and projector for the images in this request."""
+    grid = model_inputs.get("image_grid_thw")
+    if grid is not None:
+        return flops.vision_flops(config, grid_thw=[tuple(row) for row in grid.tolist()])
+    pixel_values = model_inputs.get("pixel_values")
+    if pixel_values is None:
+        return 0
+    image_sizes = model_inputs.get("image_sizes")
+    if image_sizes is not None and config.model_type == "llava_next":
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        crops = sum(
+            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            for size in image_sizes.tolist()
+        )
+        return flops.vision_flops(config, num_crops=crops)
+    return flops.vision_flops(config, num_crops=pixel_values.shape[0])
+
+
+def _check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise InputError(
+            f"the prompt has {prompt_tokens} tokens; with {max_new_tokens} new tokens it exceeds the model's "
+            f"context of {limit} tokens"
+        )
+
+
+def generate_tokens(
+    model: nn.Module,
+    model_inputs: dict[str, torch.Tensor],
+    *,
+    k: int | None = None,
+    position_mode: PositionMode = "original",
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_token_ids: set[int] = frozenset(),
+    pad_token_id: int = 0,
+    stop_event: threading.Event | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (batch,) until every row has ended or the stop event is set.
+
+    Rows that already ended receive `pad_token_id`, as stock `generate()` does. When `stats` is given, the
+    token counts, FLOPs and KV-cache size are filled in as generation proceeds.
+    """
+    sampling.validate()
+    num_layers = num_decoder_layers(model.config)
+    selector = withdrawal_selector(k, num_layers)
+    device = model_inputs["input_ids"].device
+    generator = None
+    if sampling.do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+
+    prompt = embed_prompt(model, model_inputs)
+    logits, state = prefill(model, prompt, selector, position_mode)
+    dims = flops.DecoderDims.from_config(model.config)
+    rows = prompt.batch_size
+    per_row_layers = [[int(count[row]) for count in state.prompt_tokens_per_layer] for row in range(rows)]
+    if stats is not None:
+        stats.prompt_tokens = int(prompt.attention_mask.sum())
+        stats.vision_tokens = int(prompt.vision_mask.sum())
+        stats.prefill_flops = sum(flops.prefill_flops(dims, layers) for layers in per_row_layers)
+        stats.vision_flops = _vision_flops(model.config, model_inputs)
+        stats.kv_cache_bytes = state.kv_cache_bytes()
+
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    decode_steps = [0] * rows
+    eos = torch.tensor(sorted(eos_token_ids), device=device, dtype=torch.long)
+    for step in range(sampling.max_new_tokens):
+        active = ~finished
+        tokens = _next_tokens(logits, sampling, generator).masked_fill(finished, pad_token_id)
+        finished = finished | torch.isin(tokens, eos)
+        if stats is not None:
+            stats.new_tokens += int(active.sum())
+        yield tokens
+        if bool(finished.all()) or step + 1 == sampling.max_new_tokens:
+            break
+        if stop_event is not None and stop_event.is_set():
+            break
+        for row in range(rows):
+            decode_steps[row] += int(not finished[row])
+        logits = decode_step(model, state, tokens[:, None])
+        if stats is not None:
+            stats.decode_flops = sum(
+                flops.decode_flops(dims, layers, steps)
+                for layers, steps in zip(per_row_layers, decode_steps, strict=True)
+            )
+            stats.kv_cache_bytes = state.kv_cache_bytes()
+
+
+def stream_generate(
+    model: nn.Module,
+    processor: Any,
+    messages: list[Message],
+    images: list[Image.Image],
+    *,
+    k: int | None = None,
+    position_mode: PositionMode = "original",
+    sampling: SamplingConfig = SamplingConfig(),
+    stop_event: threading.Event | None = None,
+) -> Iterator[StreamEvent]:
+    """Answer one conversation, yielding text deltas with live stats; the last event has finished=True."""
+    start = time.perf_counter()
+    device = model.device
+    dtype = model.dtype
+    memory_before = 0
+    if device.type == "cuda":
+        _synchronize(device)
+        memory_before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = GenerationStats(
+        k=k,
+        num_layers=num_decoder_layers(model.config),
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        attention=model.config.get_text_config()._attn_implementation,
+    )
+    tokenizer = getattr(processor, "tokenizer", processor)
+    collector = _TextCollector(tokenizer)
+    token_ids: list[int] = []
+    text = ""
+    eos_ids = _eos_token_ids(model, processor)
+    try:
+        model_inputs = build_model_inputs(processor, [messages], [images], device, dtype)
+        _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
+        steps = generate_tokens(
+            model,
+            model_inputs,
+            k=k,
+            position_mode=position_mode,
+            sampling=sampling,
+            eos_token_ids=eos_ids,
+            stop_event=stop_event,
+            stats=stats,
+        )
+        for tokens in steps:
+            token = int(tokens[0])
+            _synchronize(device)
+            now = time.perf_counter() - start
+            if stats.ttft_s is None:
+                stats.ttft_s = now
+            stats.total_s = now
+            if stats.new_tokens > 1 and now > stats.ttft_s:
+                stats.decode_tokens_per_s = (stats.new_tokens - 1) / (now - stats.ttft_s)
+            if device.type == "cuda":
+                stats.peak_memory_bytes = torch.cuda.max_memory_allocated(device) - memory_before
+            token_ids.append(token)
+            if token in eos_ids:
+                stats.finish_reason = "eos"
+            else:
+                collector.put(tokens[:1].cpu())
+            delta = collector.take()
+            text += delta
+            yield StreamEvent(delta, text, list(token_ids), stats)
+    except torch.OutOfMemoryError as error:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise ResourceError(
+            "the device ran out of memory; try a smaller image, fewer new tokens or a lower K"
+        ) from error
+    collector.end()
+    delta = collector.take()
+    text += delta
+    if stats.finish_reason is None:
+        stopped = stop_event is not None and stop_event.is_set()
+        stats.finish_reason = "stopped" if stopped else "length"
+    _synchronize(device)
+    stats.total_s = time.perf_counter() - start
+    yield StreamEvent(delta, text, list(token_ids), stats, finished=True)
+
+
+def generate(
+    model: nn.Module,
+    processor: Any,
+    messages: list[Message],
+    images: list[Image.Image],
+    **options: Any,
+) -> GenerationResult:
+    """`stream_generate` run to the end."""
+    last = None
+    for event in stream_generate(model, processor, messages, images, **options):
+        last = event
+    assert last is not None and last.finished
+    return GenerationResult(last.text, last.token_ids, last.stats)
+
+
+def generate_batch(
+    model: nn.Module,
+    processor: Any,
+    conversations: list[list[Message]],
+    images: list[list[Image.Image]],
+    *,
+    k: int | None = None,
+    position_mode: PositionMode = "original",
+    sampling: SamplingConfig = SamplingConfig(),
+) -> list[list[int]]:
+    """Generated token ids per conversation, batched with left padding; each row ends at its first EOS."""
+    model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype)
+    _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
+    eos_ids = _eos_token_ids(model, processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    columns = list(
+        generate_tokens(
+            model,
+            model_inputs,
+            k=k,
+            position_mode=position_mode,
+            sampling=sampling,
+            eos_token_ids=eos_ids,
+            pad_token_id=pad,
+        )
+    )
+    outputs = []
+    for row in range(len(conversations)):
+        ids: list[int] = []
+        for column in columns:
+            ids.append(int(column[row]))
+            if ids[-1] in eos_ids:
+                break
+        outputs.append(ids)
+    return outputs

@@ -1,0 +1,169 @@
+"""One loaded model and processor per process, shared by every caller (baseline and VTW alike)."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from vtw_core.configs import shipped_config_path
+from vtw_core.engine import ATTENTION_IMPLEMENTATIONS, PositionMode
+from vtw_core.errors import InputError, VTWError
+from vtw_core.families import SUPPORTED_FAMILIES, model_family, num_decoder_layers
+from vtw_core.generate import GenerationResult, SamplingConfig, StreamEvent, generate, stream_generate
+from vtw_core.prompts import Message
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but no GPU is available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU (CPU half-precision matmuls are slow and less exact)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def resolve_attention(attention: str, device: torch.device) -> str:
+    """flash-attn where it is installed and usable (CUDA), else PyTorch's sdpa."""
+    if attention == "auto":
+        has_flash = importlib.util.find_spec("flash_attn") is not None
+        return "flash_attention_2" if device.type == "cuda" and has_flash else "sdpa"
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise InputError(f"attention must be one of auto, {', '.join(ATTENTION_IMPLEMENTATIONS)}; got {attention!r}")
+    return attention
+
+
+def resolve_source(source: str) -> str:
+    """A local folder, a config shipped with vtw_core (random weights only), or a hub id, as given."""
+    shipped = shipped_config_path(source)
+    if shipped is not None and not Path(source).exists():
+        return str(shipped)
+    return source
+
+
+@dataclass
+class ModelInfo:
+    source: str
+    family: str
+    num_layers: int
+    device: str
+    dtype: str
+    attention: str
+    random_weights: bool
+
+    def describe(self) -> str:
+        weights = " (random weights)" if self.random_weights else ""
+        return (
+            f"{self.source}{weights}: {SUPPORTED_FAMILIES[self.family]}, {self.num_layers} layers, "
+            f"{self.device}, {self.dtype}, {self.attention}"
+        )
+
+
+class ModelManager:
+    """Holds one copy of the weights on one device; `lock` serialises every use of that device."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, source: str, random_weights: bool = False):
+        self.model = model.eval()
+        self.processor = processor
+        self.lock = threading.Lock()
+        self.info = ModelInfo(
+            source=source,
+            family=model_family(model.config),
+            num_layers=num_decoder_layers(model.config),
+            device=str(model.device),
+            dtype=str(model.dtype).removeprefix("torch."),
+            attention=model.config.get_text_config()._attn_implementation,
+            random_weights=random_weights,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        source: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        attention: str = "auto",
+        trust_remote_code: bool = False,
+        random_weights: bool = False,
+    ) -> ModelManager:
+        """Load from a hub id or local folder; `random_weights` builds the architecture from its config only."""
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        implementation = resolve_attention(attention, torch_device)
+        path = resolve_source(source)
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except OSError as error:
+            raise VTWError(f"cannot load a model config from {source!r}: {error}") from error
+        model_family(config)  # fail before downloading weights of an unsupported model
+        if random_weights:
+            with torch_device:
+                model = AutoModelForImageTextToText.from_config(
+                    config,
+                    dtype=torch_dtype,
+                    attn_implementation=implementation,
+                    trust_remote_code=trust_remote_code,
+                )
+            processor = None
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(
+                path,
+                dtype=torch_dtype,
+                attn_implementation=implementation,
+                device_map=str(torch_device),
+                trust_remote_code=trust_remote_code,
+            )
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return cls(model, processor, source, random_weights=random_weights)
+
+    def _require_processor(self) -> None:
+        if self.processor is None:
+            raise InputError("this model was built with random weights and has no processor; it cannot chat")
+
+    def stream(
+        self,
+        messages: list[Message],
+        images: list[Image.Image],
+        *,
+        k: int | None = None,
+        position_mode: PositionMode = "original",
+        sampling: SamplingConfig = SamplingConfig(),
+        stop_event: threading.Event | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Stream one answer; the device is held for the whole answer, so each request's numbers are its own."""
+        self._require_processor()
+        with self.lock:
+            yield from stream_generate(
+                self.model,
+                self.processor,
+                messages,
+                images,
+                k=k,
+                position_mode=position_mode,
+                sampling=sampling,
+                stop_event=stop_event,
+            )
+
+    def generate(self, messages: list[Message], images: list[Image.Image], **options: Any) -> GenerationResult:
+        self._require_processor()
+        with self.lock:
+            return generate(self.model, self.processor, messages, images, **options)
