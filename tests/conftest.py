@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny offline checkpoints (built once per session) and small synthetic images."""
+
+from __future__ import annotations
+
+import os
+
+# Set before transformers reads them: every test must pass without network access to a model hub, and any
+# accidental hub lookup should fail loudly instead of downloading.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from vtw_core.tiny import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory: `tiny_model_path(family, num_layers=4)` -> folder of a saved tiny checkpoint, built once per session."""
+    built: dict[tuple[str, int], Path] = {}
+
+    def get(family: str, num_layers: int = 4) -> Path:
+        key = (family, num_layers)
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"tiny-{family}-{num_layers}")
+            built[key] = build_tiny_model(family, folder, num_layers=num_layers)
+        return built[key]
+
+    return get
+
+
+def _shape_image(size: tuple[int, int], background: str, shape: str, colour: str) -> Image.Image:
+    width, height = size
+    image = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(image)
+    box = (width // 6, height // 6, width - width // 6, height - height // 6)
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(width // 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=colour)
+    return image
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> list[Image.Image]:
+    """Three small PIL images of different sizes and aspect ratios: 64x64, 48 wide x 80 high, 96 wide x 64 high."""
+    return [
+        _shape_image((64, 64), "white", "circle", "red"),
+        _shape_image((48, 80), "black", "square", "blue"),
+        _shape_image((96, 64), "yellow", "triangle", "green"),
+    ]
