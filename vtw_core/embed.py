@@ -73,6 +73,10 @@ def embed_prompt(model: nn.Module, model_inputs: dict[str, Any]) -> PromptEmbedd
     attention_mask = model_inputs.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    vision_mask = torch.isin(input_ids, torch.tensor(vision_token_ids(model.config), device=input_ids.device))
+    has_pixels = any(model_inputs.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
+    if bool(vision_mask.any()) and not has_pixels:
+        raise InputError("the prompt has image placeholder tokens but no image was given")
     captured = _capture_language_model_inputs(model, {**model_inputs, "attention_mask": attention_mask})
 
     inputs_embeds = captured["inputs_embeds"]
@@ -85,7 +89,6 @@ def embed_prompt(model: nn.Module, model_inputs: dict[str, Any]) -> PromptEmbedd
         # Some releases prepend a plain text-position row to the three rope rows; the rope uses the last three.
         position_ids = position_ids[1:]
 
-    vision_mask = torch.isin(input_ids, torch.tensor(vision_token_ids(model.config), device=input_ids.device))
     if inputs_embeds.shape[:2] != input_ids.shape:
         raise InputError(f"embeddings {tuple(inputs_embeds.shape[:2])} do not match input ids {tuple(input_ids.shape)}")
     return PromptEmbeddings(

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from vtw_core.configs import shipped_config_path
 from vtw_core.engine import ATTENTION_IMPLEMENTATIONS, PositionMode
@@ -19,6 +19,7 @@ from vtw_core.errors import InputError, VTWError
 from vtw_core.families import SUPPORTED_FAMILIES, model_family, num_decoder_layers
 from vtw_core.generate import GenerationResult, SamplingConfig, StreamEvent, generate, stream_generate
 from vtw_core.prompts import Message
+from vtw_core.tiny import load_processor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -112,7 +113,7 @@ class ModelManager:
         path = resolve_source(source)
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except OSError as error:
+        except (OSError, ValueError) as error:  # ValueError: e.g. custom code without trust_remote_code
             raise VTWError(f"cannot load a model config from {source!r}: {error}") from error
         model_family(config)  # fail before downloading weights of an unsupported model
         if random_weights:
@@ -132,7 +133,7 @@ class ModelManager:
                 device_map=str(torch_device),
                 trust_remote_code=trust_remote_code,
             )
-            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+            processor = load_processor(path, trust_remote_code=trust_remote_code)
         return cls(model, processor, source, random_weights=random_weights)
 
     def _require_processor(self) -> None:

@@ -1,0 +1,204 @@
+"""Latency / FLOPs / memory of baseline vs VTW at several K, as a table like the paper's Table 4.
+
+Inputs are either a real image and prompt through the model's processor, or (random-weight models,
+which have no processor) a synthetic prompt of the family's real shape: one image's worth of vision
+tokens plus `text_tokens` text tokens. Every setting is warmed up once, then timed `repeats` times with
+the device synchronised; the table reports medians. Generation ignores EOS so every run decodes the
+same number of tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.image_processing_utils import select_best_resolution
+
+from vtw_core.errors import InputError
+from vtw_core.generate import GenerationStats, SamplingConfig, generate_tokens
+from vtw_core.manager import ModelManager
+
+
+def llava_next_image_tokens(config: Any, height: int, width: int) -> int:
+    """Vision tokens LLaVA-NeXT's processor gives an image of this size (anyres tiles, unpadded, newlines)."""
+    tile = config.vision_config.image_size
+    patches = tile // config.vision_config.patch_size
+    best_height, best_width = select_best_resolution([height, width], config.image_grid_pinpoints)
+    grid_height, grid_width = patches * (best_height // tile), patches * (best_width // tile)
+    # Crop the grid to the image's aspect ratio, as the model's `unpad_image` does.
+    if width / height > grid_width / grid_height:
+        new_height = int(round(height * (grid_width / width), 7))
+        grid_height -= 2 * ((grid_height - new_height) // 2)
+    else:
+        new_width = int(round(width * (grid_height / height), 7))
+        grid_width -= 2 * ((grid_width - new_width) // 2)
+    base = patches * patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+    return base + grid_height * grid_width + grid_height  # one newline token per grid row
+
+
+def synthetic_inputs(
+    model: nn.Module, text_tokens: int = 62, image_size: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """A one-image prompt of the model's real shape: text, the image's vision tokens, more text."""
+    config = model.config
+    device, dtype = model.device, model.dtype
+    family = config.model_type
+    inputs: dict[str, torch.Tensor] = {}
+    if family in ("llava", "llava_next"):
+        tile = config.vision_config.image_size
+        height, width = image_size or (tile, tile)
+        if family == "llava":
+            vision_tokens = (tile // config.vision_config.patch_size) ** 2
+            vision_tokens += 1 if config.vision_feature_select_strategy == "full" else 0
+            inputs["pixel_values"] = torch.randn(1, 3, tile, tile, device=device, dtype=dtype)
+        else:
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            crops = image_size_to_num_patches((height, width), config.image_grid_pinpoints, tile)
+            vision_tokens = llava_next_image_tokens(config, height, width)
+            inputs["pixel_values"] = torch.randn(1, crops, 3, tile, tile, device=device, dtype=dtype)
+            inputs["image_sizes"] = torch.tensor([[height, width]], device=device)
+        image_token = config.image_token_id
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        vision = config.vision_config
+        patch, merge = vision.patch_size, vision.spatial_merge_size
+        height, width = image_size or (448, 448)
+        grid = (1, height // patch, width // patch)
+        vision_tokens = grid[0] * grid[1] * grid[2] // merge**2
+        features = vision.in_channels * vision.temporal_patch_size * patch * patch
+        inputs["pixel_values"] = torch.randn(grid[0] * grid[1] * grid[2], features, device=device, dtype=dtype)
+        inputs["image_grid_thw"] = torch.tensor([grid], device=device)
+        image_token = config.image_token_id
+    else:
+        raise InputError(f"no synthetic input for model type {family!r}")
+    head = _text_ids(config, min(5, text_tokens))
+    tail = _text_ids(config, text_tokens - len(head), seed=1)
+    input_ids = torch.cat([head, torch.full((vision_tokens,), image_token), tail])[None].to(device)
+    inputs["input_ids"] = input_ids
+    inputs["attention_mask"] = torch.ones_like(input_ids)
+    if "mm_token_type_ids" in inspect.signature(model.model.forward).parameters:
+        # Qwen's multimodal rope reads the token types the processor would return: 1 marks image tokens.
+        inputs["mm_token_type_ids"] = (input_ids == image_token).long()
+    return inputs
+
+
+def _text_ids(config: Any, count: int, seed: int = 0) -> torch.Tensor:
+    """Ordinary text ids, avoiding every special id the configs name (image, video, pad, bos, eos ...)."""
+    vocab = config.get_text_config().vocab_size
+    special = set()
+    for cfg in (config, config.get_text_config()):
+        for name, value in vars(cfg).items():
+            if name.endswith("_token_id") or name.endswith("_token_index"):
+                special.update(value if isinstance(value, list) else [value])
+    ordinary = torch.tensor([i for i in range(3, min(vocab, 32000)) if i not in special])
+    picks = torch.randint(len(ordinary), (count,), generator=torch.Generator().manual_seed(seed))
+    return ordinary[picks]
+
+
+@dataclass
+class BenchRow:
+    label: str
+    k: int | None
+    ttft_s: float
+    total_s: float
+    tokens_per_s: float
+    prefill_flops: int
+    total_flops: int
+    kv_cache_bytes: int
+    peak_memory_bytes: int | None
+    prompt_tokens: int
+    vision_tokens: int
+    new_tokens: int
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_run(model: nn.Module, inputs: dict[str, torch.Tensor], k: int | None, new_tokens: int) -> GenerationStats:
+    device = model.device
+    stats = GenerationStats(k=k, num_layers=model.config.get_text_config().num_hidden_layers)
+    memory_before = 0
+    if device.type == "cuda":
+        _synchronize(device)
+        memory_before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    steps = generate_tokens(model, inputs, k=k, sampling=SamplingConfig(max_new_tokens=new_tokens), stats=stats)
+    for _ in steps:
+        _synchronize(device)
+        if stats.ttft_s is None:
+            stats.ttft_s = time.perf_counter() - start
+    _synchronize(device)
+    stats.total_s = time.perf_counter() - start
+    if device.type == "cuda":
+        stats.peak_memory_bytes = torch.cuda.max_memory_allocated(device) - memory_before
+    return stats
+
+
+def run_bench(
+    manager: ModelManager,
+    ks: list[int],
+    *,
+    new_tokens: int = 64,
+    repeats: int = 3,
+    inputs: dict[str, torch.Tensor] | None = None,
+) -> list[BenchRow]:
+    """Baseline then each K: one warm-up run, then medians of `repeats` timed runs."""
+    model = manager.model
+    inputs = inputs if inputs is not None else synthetic_inputs(model)
+    rows = []
+    for k in [None, *ks]:
+        with manager.lock:
+            _timed_run(model, inputs, k, new_tokens)  # warm-up: allocator, kernels, caches
+            runs = [_timed_run(model, inputs, k, new_tokens) for _ in range(repeats)]
+        last = runs[-1]
+        ttft = statistics.median(run.ttft_s for run in runs)
+        total = statistics.median(run.total_s for run in runs)
+        decode_time = total - ttft
+        rows.append(
+            BenchRow(
+                label="baseline" if k is None else f"VTW K={k}",
+                k=k,
+                ttft_s=ttft,
+                total_s=total,
+                tokens_per_s=(last.new_tokens - 1) / decode_time if decode_time > 0 else float("nan"),
+                prefill_flops=last.prefill_flops,
+                total_flops=last.prefill_flops + last.decode_flops,
+                kv_cache_bytes=last.kv_cache_bytes,
+                peak_memory_bytes=last.peak_memory_bytes,
+                prompt_tokens=last.prompt_tokens,
+                vision_tokens=last.vision_tokens,
+                new_tokens=last.new_tokens,
+            )
+        )
+    return rows
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """A Markdown table with ratios to the baseline (first row)."""
+    base = rows[0]
+
+    def ratio(value: float | None, reference: float | None) -> str:
+        return f"{value / reference:.2f}" if value and reference else "-"
+
+    header = (
+        "| setting | TTFT ms | total ms | decode tok/s | prefill TFLOPs | prefill ratio | TTFT ratio "
+        "| total ratio | KV MB | peak MB |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows:
+        peak = f"{row.peak_memory_bytes / 2**20:.0f}" if row.peak_memory_bytes is not None else "CPU"
+        lines.append(
+            f"| {row.label} | {row.ttft_s * 1e3:.1f} | {row.total_s * 1e3:.1f} | {row.tokens_per_s:.1f} "
+            f"| {row.prefill_flops / 1e12:.4g} | {ratio(row.prefill_flops, base.prefill_flops)} "
+            f"| {ratio(row.ttft_s, base.ttft_s)} | {ratio(row.total_s, base.total_s)} "
+            f"| {row.kv_cache_bytes / 2**20:.2f} | {peak} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""`python -m vtw_core`: generate, flops and bench from the command line.
+
+Every command that prints a result with `--json` prints exactly one JSON object, as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from vtw_core.defaults import require_model
+from vtw_core.errors import VTWError
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="hub id or local folder (default: the embedded default model)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument(
+        "--attention", default="auto", help="auto (flash-attn if installed on CUDA, else sdpa), sdpa, eager, ..."
+    )
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+
+
+def _load(args: argparse.Namespace, random_weights: bool = False):
+    from vtw_core.manager import ModelManager
+
+    return ModelManager.load(
+        require_model(args.model),
+        device=args.device,
+        dtype=args.dtype,
+        attention=args.attention,
+        trust_remote_code=args.trust_remote_code,
+        random_weights=random_weights,
+    )
+
+
+def _print_json(payload: dict[str, Any]) -> None:
+    print(json.dumps(payload, ensure_ascii=False))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from vtw_core.generate import SamplingConfig
+    from vtw_core.images import load_image
+    from vtw_core.prompts import user_message
+
+    images = [load_image(path) for path in args.image]
+    messages = [user_message(args.prompt, num_images=len(images))]
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    manager = _load(args)
+    last = None
+    for event in manager.stream(messages, images, k=args.k, position_mode=args.position_mode, sampling=sampling):
+        if not args.json:
+            print(event.text_delta, end="", flush=True)
+        last = event
+    assert last is not None
+    if args.json:
+        _print_json({"text": last.text, "token_ids": last.token_ids, "stats": last.stats.to_dict()})
+        return
+    print()
+    stats = last.stats
+    side = "baseline" if args.k is None else f"VTW K={args.k}"
+    print(
+        f"[{side}] ttft {stats.ttft_s:.3f}s, total {stats.total_s:.3f}s, "
+        f"{stats.new_tokens} new tokens, prefill {stats.prefill_flops / 1e12:.4g} TFLOPs, "
+        f"KV cache {stats.kv_cache_bytes / 2**20:.2f} MB",
+        file=sys.stderr,
+    )
+
+
+def cmd_flops(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
+    from vtw_core.flops import request_flops
+    from vtw_core.manager import resolve_source
+
+    source = require_model(args.model)
+    try:
+        config = AutoConfig.from_pretrained(resolve_source(source))
+    except (OSError, ValueError) as error:
+        raise VTWError(f"cannot load a model config from {source!r}: {error}") from error
+    result = request_flops(config, args.vision_tokens, args.text_tokens, args.k, args.new_tokens)
+    if args.json:
+        _print_json(result)
+        return
+    print(f"{result['num_layers']} layers, {args.vision_tokens} vision + {args.text_tokens} text tokens, K={args.k}")
+    for side in ("baseline", "vtw"):
+        figures = result[side]
+        print(
+            f"  {side:8s} prefill {figures['prefill_flops'] / 1e12:.3f} TFLOPs, "
+            f"decode {figures['decode_flops'] / 1e12:.3f}, total {figures['total_flops'] / 1e12:.3f}"
+        )
+    print(f"  VTW / baseline: prefill {result['prefill_ratio']:.3f}, total {result['total_ratio']:.3f}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from vtw_core.bench import format_table, run_bench
+    from vtw_core.images import load_image
+    from vtw_core.prompts import build_model_inputs, user_message
+
+    manager = _load(args, random_weights=args.random_weights)
+    inputs = None
+    if args.image:
+        if manager.processor is None:
+            raise VTWError("--image needs a model with a processor (not --random-weights)")
+        image = load_image(args.image)
+        messages = [user_message(args.prompt, num_images=1)]
+        model = manager.model
+        inputs = build_model_inputs(manager.processor, [messages], [[image]], model.device, model.dtype)
+    rows = run_bench(manager, args.k, new_tokens=args.new_tokens, repeats=args.repeats, inputs=inputs)
+    print(manager.info.describe())
+    print(
+        f"{rows[0].prompt_tokens} prompt tokens ({rows[0].vision_tokens} vision), {args.new_tokens} new tokens, "
+        f"median of {args.repeats} runs after a warm-up"
+    )
+    print(format_table(rows))
+    if args.json:
+        _print_json({"model": manager.info.describe(), "rows": [asdict(row) for row in rows]})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vtw_core", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="answer a question about images, streaming the text")
+    _add_model_options(generate)
+    generate.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    generate.add_argument("--prompt", required=True, help="the question")
+    generate.add_argument("--k", type=int, default=None, help="withdraw vision tokens after K layers (none: baseline)")
+    generate.add_argument("--position-mode", choices=["original", "rearrange"], default="original")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    generate.set_defaults(handler=cmd_generate)
+
+    flops = commands.add_parser("flops", help="analytic FLOPs of baseline vs VTW from the config alone")
+    flops.add_argument("--model", help="hub id, folder with config.json, or a shipped config name")
+    flops.add_argument("--vision-tokens", type=int, required=True)
+    flops.add_argument("--text-tokens", type=int, required=True)
+    flops.add_argument("--k", type=int, required=True)
+    flops.add_argument("--new-tokens", type=int, default=0)
+    flops.add_argument("--json", action="store_true")
+    flops.set_defaults(handler=cmd_flops)
+
+    bench = commands.add_parser("bench", help="latency, FLOPs and memory of baseline vs VTW at several K")
+    _add_model_options(bench)
+    bench.add_argument("--random-weights", action="store_true", help="build the architecture from its config only")
+    bench.add_argument("--k", type=int, nargs="+", default=[16], help="one or more K to compare with the baseline")
+    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--image", help="a real image (needs a processor); default: a synthetic prompt")
+    bench.add_argument("--prompt", default="Describe the image in detail.")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except VTWError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
