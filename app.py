@@ -1,0 +1,55 @@
+"""Start the VTW Chat web app: `python app.py [--model ID_OR_PATH] [--host H] [--port P] [--share]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=os.environ.get("VTW_MODEL"), help="hub id or local folder (or VTW_MODEL)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    args = parser.parse_args()
+
+    from app.ui import CSS, build_demo
+    from vtw_core.defaults import DEFAULT_MODEL
+    from vtw_core.errors import VTWError
+    from vtw_core.manager import ModelManager
+
+    banner = ""
+    source = args.model or DEFAULT_MODEL
+    if source is None:
+        from vtw_core.tiny import build_tiny_model
+
+        # Until a trained default model ships, a tiny random-weight LLaVA makes the page work offline.
+        source = str(Path.home() / ".cache" / "vtw-chat" / "tiny-llava-demo")
+        if not (Path(source) / "config.json").exists():
+            build_tiny_model("llava", source, num_layers=8)
+        banner = "⚠️ Demo model with **random weights**: the answers are noise; the mechanics and counters are real."
+    try:
+        manager = ModelManager.load(
+            source,
+            device=args.device,
+            dtype=args.dtype,
+            attention=args.attention,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except VTWError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    demo = build_demo(manager, banner)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
