@@ -20,7 +20,7 @@ def main() -> int:
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args()
 
-    from app.ui import CSS, build_demo
+    from app.ui import build_demo, launch_options
     from vtw_core.defaults import DEFAULT_MODEL
     from vtw_core.errors import VTWError
     from vtw_core.manager import ModelManager
@@ -47,7 +47,7 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     demo = build_demo(manager, banner)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
     return 0
 
 

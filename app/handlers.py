@@ -1,107 +1,241 @@
-"""Event handlers as plain functions (no Gradio objects), so they can be tested without a browser."""
+"""Event handlers as plain functions (no Gradio objects), so they can be tested without a browser.
+
+A chat is a list of user turns (text + image paths) and, per side, the answers given so far. Each side
+sees its own earlier answers, as a user chatting with that model alone would. The two sides run one
+after the other on the shared device (honest, uncontended numbers), or at once in "race" mode.
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-from vtw_core.errors import VTWError
+from vtw_core.errors import InputError, ResourceError, VTWError
 from vtw_core.generate import SamplingConfig
 from vtw_core.images import load_image
 from vtw_core.manager import ModelManager
-from vtw_core.prompts import assistant_message, user_message
+from vtw_core.prompts import Message, assistant_message, user_message
 
 SIDES = ("baseline", "vtw")
+RunMode = Literal["sequential", "race"]
+NO_ANSWER = "_no answer yet_"
+MAX_IMAGES_PER_TURN = 4
+
+
+@dataclass
+class Turn:
+    text: str
+    image_paths: list[str]
 
 
 @dataclass
 class ChatState:
-    """One browser session's conversation: the shared user turns and each side's own answers."""
+    """One browser session's conversation. Plain data, so Gradio can copy it per session."""
 
-    messages: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {side: [] for side in SIDES})
-    image_paths: list[str] = field(default_factory=list)
-    display: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {side: [] for side in SIDES})
+    turns: list[Turn] = field(default_factory=list)
+    answers: dict[str, list[str]] = field(default_factory=lambda: {side: [] for side in SIDES})
+    results: dict[str, dict[str, Any] | None] = field(default_factory=lambda: {side: None for side in SIDES})
+    k_used: int | None = None
+
+    def display(self, side: str) -> list[dict[str, Any]]:
+        """The side's chat as Gradio messages: each turn's images, its question, then the answer so far."""
+        messages: list[dict[str, Any]] = []
+        for index, turn in enumerate(self.turns):
+            messages.extend({"role": "user", "content": {"path": path}} for path in turn.image_paths)
+            messages.append({"role": "user", "content": turn.text})
+            if index < len(self.answers[side]):
+                messages.append({"role": "assistant", "content": self.answers[side][index] or "…"})
+        return messages
+
+    def conversation(self, side: str) -> tuple[list[Message], list[str]]:
+        """The model's view of the chat for one side: messages ending with the last user turn, and image paths."""
+        messages: list[Message] = []
+        paths: list[str] = []
+        for index, turn in enumerate(self.turns):
+            messages.append(user_message(turn.text, num_images=len(turn.image_paths)))
+            paths.extend(turn.image_paths)
+            if index < len(self.turns) - 1:
+                messages.append(assistant_message(self.answers[side][index]))
+        return messages, paths
+
+
+def check_image_path(path: str | Path, allowed_roots: list[Path]) -> Path:
+    """The path, resolved, if it lies under one of the allowed folders (uploads, assets); else InputError."""
+    resolved = Path(path).resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in allowed_roots):
+        raise InputError("images can only come from uploads or the bundled examples")
+    return resolved
+
+
+def add_turn(state: ChatState, text: str | None, image_paths: list[str], allowed_roots: list[Path]) -> ChatState:
+    """Validate a new user turn (question and images) and append it; nothing changes if it is invalid."""
+    text = (text or "").strip()
+    if not text:
+        raise InputError("please type a question")
+    if len(image_paths) > MAX_IMAGES_PER_TURN:
+        raise InputError(f"at most {MAX_IMAGES_PER_TURN} images per turn")
+    paths = [str(check_image_path(path, allowed_roots)) for path in image_paths]
+    for path in paths:
+        load_image(path)  # a clear message now for non-images, corrupt files and decompression bombs
+    if not paths and not any(turn.image_paths for turn in state.turns):
+        raise InputError("please upload an image with your first question")
+    state.turns.append(Turn(text, paths))
+    return state
+
+
+def drop_last_answers(state: ChatState) -> ChatState:
+    """For Regenerate: forget the answers to the last turn (the turn itself stays)."""
+    if not state.turns:
+        raise InputError("nothing to regenerate yet")
+    for side in SIDES:
+        del state.answers[side][len(state.turns) - 1 :]
+    return state
+
+
+def undo_last_turn(state: ChatState) -> ChatState:
+    """After a failed turn: remove it and any partial answers, so the chat stays consistent."""
+    if state.turns:
+        for side in SIDES:
+            del state.answers[side][len(state.turns) - 1 :]
+        state.turns.pop()
+    return state
+
+
+def answer_last_turn(
+    manager: ModelManager,
+    state: ChatState,
+    k: int,
+    sampling: SamplingConfig,
+    mode: RunMode = "sequential",
+    stop_event: threading.Event | None = None,
+) -> Iterator[tuple[ChatState, dict[str, str]]]:
+    """Answer the last turn on both sides; yields the state and the counters' Markdown as tokens stream.
+
+    With sampling, both sides get the same seed, so at K = N they still agree token for token.
+    """
+    if not state.turns:
+        raise InputError("ask a question first")
+    if not 1 <= int(k) <= manager.info.num_layers:
+        raise InputError(f"K must be between 1 and {manager.info.num_layers}")
+    state.k_used = int(k)
+    state.results = {side: None for side in SIDES}
+    requests = {}
+    for side in SIDES:
+        messages, paths = state.conversation(side)
+        requests[side] = {
+            "messages": messages,
+            "images": [load_image(path) for path in paths],
+            "k": None if side == "baseline" else int(k),
+            "sampling": sampling,
+            "stop_event": stop_event,
+        }
+        state.answers[side].append("")
+    events = manager.race(requests) if mode == "race" else _one_after_the_other(manager, requests, stop_event)
+    for side, event in events:
+        state.answers[side][-1] = event.text
+        state.results[side] = {"text": event.text, "token_ids": event.token_ids, "stats": event.stats.to_dict()}
+        yield state, counters(state.results, mode)
+
+
+def _one_after_the_other(
+    manager: ModelManager, requests: dict[str, dict[str, Any]], stop_event: threading.Event | None
+) -> Iterator[tuple[str, Any]]:
+    for side, request in requests.items():
+        if stop_event is not None and stop_event.is_set():
+            return  # Stop pressed during the baseline: don't start VTW
+        for event in manager.stream(**request):
+            yield side, event
+
+
+def compare_once(manager: ModelManager, image_path: str, question: str, k: int, max_new_tokens: int) -> dict[str, Any]:
+    """The `/compare` API: one greedy question about one image, baseline then VTW, as plain JSON."""
+    messages = [user_message(question, num_images=1)]
+    image = load_image(image_path)
+    sampling = SamplingConfig(max_new_tokens=int(max_new_tokens))
+    output: dict[str, Any] = {}
+    for side, side_k in (("baseline", None), ("vtw", int(k))):
+        result = manager.generate(messages, [image], k=side_k, sampling=sampling)
+        output[side] = {"text": result.text, "token_ids": result.token_ids, "stats": result.stats.to_dict()}
+    output["vtw"] = {"k": int(k), **output["vtw"]}
+    return output
 
 
 def format_stats(stats: dict[str, Any] | None) -> str:
     """One side's counters as a short Markdown list."""
     if not stats:
-        return "_no answer yet_"
+        return NO_ANSWER
     peak = stats.get("peak_memory_bytes")
-    memory = f"{peak / 2**20:.1f} MB" if peak is not None else "CPU (not measured)"
+    memory = f"{peak / 2**20:.1f} MB" if peak is not None else "CPU"
     rate = stats.get("decode_tokens_per_s")
+    ttft = stats.get("ttft_s")
+    total = stats.get("total_s")
+    state = {"eos": "done", "length": "done (max tokens)", "stopped": "stopped"}.get(stats.get("finish_reason"), "…")
     return "\n".join(
         [
-            f"- time to first token: **{stats['ttft_s']:.3f} s**" if stats.get("ttft_s") is not None else "- waiting…",
-            f"- total: {stats['total_s']:.3f} s" if stats.get("total_s") is not None else "- total: …",
-            f"- decode: {rate:.1f} tokens/s" if rate else "- decode: …",
-            f"- prefill: {stats['prefill_flops'] / 1e12:.4f} TFLOPs · "
-            f"decode: {stats['decode_flops'] / 1e12:.4f} TFLOPs",
+            f"- time to first token: **{ttft:.3f} s**" if ttft is not None else "- time to first token: …",
+            f"- total time: {total:.3f} s ({state})" if total is not None else "- total time: …",
+            f"- decode speed: {rate:.1f} tokens/s" if rate else "- decode speed: …",
+            f"- prefill: {stats['prefill_flops'] / 1e12:.4f} TFLOPs · decode: {stats['decode_flops'] / 1e12:.4f} "
+            f"TFLOPs · vision tower: {stats['vision_flops'] / 1e12:.4f} TFLOPs",
             f"- KV cache: {stats['kv_cache_bytes'] / 2**20:.2f} MB · GPU peak: {memory}",
             f"- tokens: {stats['prompt_tokens']} prompt ({stats['vision_tokens']} vision), {stats['new_tokens']} new",
         ]
     )
 
 
-def format_summary(baseline: dict[str, Any] | None, vtw: dict[str, Any] | None, same_text: bool | None) -> str:
-    """VTW against the baseline as ratios, once both have answered."""
-    if same_text is None or not baseline or not vtw:
-        return "Both sides run one after the other on the same device, so each side's numbers are its own."
+def _ratio(vtw: dict[str, Any], baseline: dict[str, Any], key: str) -> str:
+    value, reference = vtw.get(key), baseline.get(key)
+    return f"{value / reference:.2f}×" if value is not None and reference else "–"
 
-    def ratio(key: str) -> str:
-        return f"{vtw[key] / baseline[key]:.2f}×" if baseline.get(key) and vtw.get(key) is not None else "–"
 
-    verdict = "identical" if same_text else "different"
+def format_summary(results: dict[str, dict[str, Any] | None], mode: RunMode = "sequential") -> str:
+    """VTW against the baseline as ratios once both have answered, and how the two were run."""
+    how = (
+        "**Race mode**: both sides ran at the same time on one device, so their timings are *contended*."
+        if mode == "race"
+        else "The two sides run one after the other on the same device: each side's numbers are its own."
+    )
+    baseline, vtw = results.get("baseline"), results.get("vtw")
+    if not baseline or not vtw or not vtw["stats"].get("finish_reason") or not baseline["stats"].get("finish_reason"):
+        return how
+    b, v = baseline["stats"], vtw["stats"]
+    b_total = {"total_flops": b["prefill_flops"] + b["decode_flops"]}
+    v_total = {"total_flops": v["prefill_flops"] + v["decode_flops"]}
+    same = baseline["token_ids"] == vtw["token_ids"]
+    verdict = "identical" if same else "different"
+    memory = f" · GPU peak {_ratio(v, b, 'peak_memory_bytes')}" if b.get("peak_memory_bytes") else ""
     return (
-        f"**VTW / baseline** · TTFT {ratio('ttft_s')} · total time {ratio('total_s')} · "
-        f"prefill FLOPs {ratio('prefill_flops')} · KV cache {ratio('kv_cache_bytes')} · answers **{verdict}**  \n"
-        "Run one after the other on the same device: each side's numbers are its own, not contention."
+        f"**VTW / baseline** · TTFT {_ratio(v, b, 'ttft_s')} · total time {_ratio(v, b, 'total_s')} · "
+        f"prefill FLOPs {_ratio(v, b, 'prefill_flops')} · all FLOPs {_ratio(v_total, b_total, 'total_flops')} · "
+        f"KV cache {_ratio(v, b, 'kv_cache_bytes')}{memory} · answers **{verdict}**  \n{how}"
     )
 
 
-def compare(
-    manager: ModelManager,
-    state: ChatState,
-    text: str,
-    image_paths: list[str],
-    k: int,
-    max_new_tokens: int,
-) -> Iterator[tuple[ChatState, dict[str, str]]]:
-    """Answer one user turn on both sides, baseline first; yields the state and the counters as they stream."""
-    images = [load_image(path) for path in image_paths]
-    turn = user_message(text, num_images=len(images))
-    all_images = [load_image(path) for path in state.image_paths] + images
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
-    results: dict[str, dict[str, Any] | None] = {side: None for side in SIDES}
-    for side in SIDES:
-        state.display[side].extend({"role": "user", "content": {"path": path}} for path in image_paths)
-        state.display[side].append({"role": "user", "content": text.strip()})
-        state.display[side].append({"role": "assistant", "content": ""})
-    state.image_paths.extend(image_paths)
-    for side in SIDES:
-        messages = [*state.messages[side], turn]
-        for event in manager.stream(messages, all_images, k=None if side == "baseline" else k, sampling=sampling):
-            state.display[side][-1]["content"] = event.text
-            results[side] = {"text": event.text, "token_ids": event.token_ids, "stats": event.stats.to_dict()}
-            yield state, counters(results)
-        state.messages[side] = [*messages, assistant_message(results[side]["text"])]
-
-
-def counters(results: dict[str, dict[str, Any] | None]) -> dict[str, str]:
+def counters(results: dict[str, dict[str, Any] | None], mode: RunMode = "sequential") -> dict[str, str]:
     """Markdown for each side's counters and the summary row."""
-    baseline, vtw = results["baseline"], results["vtw"]
-    same = None
-    if baseline and vtw and vtw["stats"]["finish_reason"]:
-        same = baseline["token_ids"] == vtw["token_ids"]
     return {
-        "baseline": format_stats(baseline and baseline["stats"]),
-        "vtw": format_stats(vtw and vtw["stats"]),
-        "summary": format_summary(baseline and baseline["stats"], vtw and vtw["stats"], same),
+        "baseline": format_stats(results["baseline"] and results["baseline"]["stats"]),
+        "vtw": format_stats(results["vtw"] and results["vtw"]["stats"]),
+        "summary": format_summary(results, mode),
     }
 
 
-def error_message(error: Exception) -> str:
+def header(manager: ModelManager) -> str:
+    info = manager.info
+    weights = " · ⚠️ random weights: answers are noise, mechanics and counters are real" if info.random_weights else ""
+    return (
+        f"**Model** `{info.source}` ({info.family}, {info.num_layers} decoder layers) · **device** {info.device} · "
+        f"**dtype** {info.dtype} · **attention** {info.attention}{weights}"
+    )
+
+
+def error_message(error: BaseException) -> str:
+    """What the user reads when a request fails; the app keeps serving."""
+    if isinstance(error, ResourceError):
+        return f"Out of memory: {error}"
     if isinstance(error, VTWError):
         return str(error)
-    return f"unexpected error: {type(error).__name__}: {error}"
+    return f"Unexpected error ({type(error).__name__}): {error}"

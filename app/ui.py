@@ -1,68 +1,247 @@
-"""The Gradio page: one question, two panes streaming the baseline and the VTW answer, live counters."""
+"""The Gradio page: one question, two panes streaming the baseline and the VTW answer, live counters.
+
+Layout and wiring only; what happens on each event lives in `app.handlers` as plain functions.
+"""
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+from typing import Any
+
 import gradio as gr
 
-from app.handlers import ChatState, compare, error_message
+from app import handlers
+from app.gpu import on_gpu
+from app.handlers import ChatState
+from vtw_core.errors import InputError
+from vtw_core.generate import SamplingConfig
 from vtw_core.manager import ModelManager
 
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EXAMPLES = ASSETS / "examples"
 CSS = """
-.counters { font-size: 0.9em; }
+.counters { font-size: 0.88em; }
+.counters ul { margin: 0; }
+#summary { min-height: 3em; }
 """
+EXAMPLE_QUESTIONS = {
+    "astronaut": "Who or what is in this picture?",
+    "coffee": "What is on the table?",
+    "chelsea": "What animal is this, and what colour is it?",
+    "rocket": "What is happening in this photo?",
+}
+
+
+def example_inputs() -> list[dict[str, Any]]:
+    """Examples for the question box: every image under assets/examples with a question."""
+    examples = []
+    for path in sorted(EXAMPLES.glob("*.jpg")) + sorted(EXAMPLES.glob("*.png")):
+        question = EXAMPLE_QUESTIONS.get(path.stem, "What is in this picture?")
+        examples.append({"text": question, "files": [str(path)]})
+    return examples
+
+
+class StopEvents:
+    """One stop flag per browser session, so Stop ends only that session's answer."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def fresh(self, session: str) -> threading.Event:
+        with self._lock:
+            event = self._events[session] = threading.Event()
+            return event
+
+    def stop(self, session: str) -> None:
+        with self._lock:
+            if session in self._events:
+                self._events[session].set()
 
 
 def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
     info = manager.info
+    default_k = max(1, info.num_layers // 2)
+    allowed_roots = [Path(gr.utils.get_upload_folder()), ASSETS]
+    stop_events = StopEvents()
+
+    @on_gpu
+    def stream_answers(state: ChatState, k: int, params: SamplingConfig, mode: str, session: str):
+        # Only plain values cross this boundary (ZeroGPU runs it in another process).
+        yield from handlers.answer_last_turn(manager, state, k, params, mode, stop_events.fresh(session))
+
+    @on_gpu
+    def compare_on_device(image: str, question: str, k: int, max_new_tokens: int) -> dict[str, Any]:
+        return handlers.compare_once(manager, image, question, k, max_new_tokens)
+
+    def compare_api(image: str | None, question: str, k: float, max_new_tokens: float) -> dict[str, Any]:
+        try:
+            if not image:
+                raise InputError("an image file is required")
+            handlers.check_image_path(image, allowed_roots)
+            return compare_on_device(image, question, int(k), int(max_new_tokens))
+        except Exception as error:  # API callers get the reason, not a bare "error"
+            raise gr.Error(handlers.error_message(error)) from error
+
     with gr.Blocks(title="VTW Chat") as demo:
-        gr.Markdown(f"# VTW Chat: Visual Tokens Withdrawal, side by side\n**Model:** {info.describe()}  \n{banner}")
+        gr.Markdown(
+            "# VTW Chat · Visual Tokens Withdrawal, side by side\n"
+            "The first **K** decoder layers see the image; then every vision token is withdrawn and the deeper "
+            "layers see only text. Same weights, same question: the baseline on the left, VTW on the right.\n\n"
+            f"{handlers.header(manager)}" + (f"\n\n{banner}" if banner else "")
+        )
         state = gr.State(ChatState())
-        with gr.Row():
+        with gr.Row(equal_height=True):
             with gr.Column():
-                baseline_chat = gr.Chatbot(label="Baseline", height=420)
-                baseline_counters = gr.Markdown("_no answer yet_", elem_classes="counters")
+                baseline_chat = gr.Chatbot(label="Baseline", height=420, elem_id="baseline-chat")
+                baseline_counters = gr.Markdown(handlers.NO_ANSWER, elem_classes="counters", elem_id="baseline-stats")
             with gr.Column():
-                vtw_chat = gr.Chatbot(label=f"VTW (K = {info.num_layers // 2})", height=420)
-                vtw_counters = gr.Markdown("_no answer yet_", elem_classes="counters")
-        summary = gr.Markdown("Both sides run one after the other on the same device.")
+                vtw_chat = gr.Chatbot(label=f"VTW (K = {default_k})", height=420, elem_id="vtw-chat")
+                vtw_counters = gr.Markdown(handlers.NO_ANSWER, elem_classes="counters", elem_id="vtw-stats")
+        summary = gr.Markdown(handlers.format_summary({}), elem_id="summary")
         question = gr.MultimodalTextbox(
-            placeholder="Upload an image and ask about it", file_types=["image"], file_count="multiple"
+            placeholder="Upload or paste an image, then ask about it",
+            file_types=["image"],
+            file_count="multiple",
+            sources=["upload"],
+            label="Your question",
+            elem_id="question",
         )
         with gr.Row():
-            k = gr.Slider(1, info.num_layers, value=info.num_layers // 2, step=1, label="K: layers that see vision")
-            max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="max new tokens")
+            k = gr.Slider(
+                1,
+                info.num_layers,
+                value=default_k,
+                step=1,
+                label="K: decoder layers that still see the image",
+                info=f"{info.num_layers} = the unchanged model",
+                elem_id="k-slider",
+            )
+            mode = gr.Radio(
+                [("one after the other (honest timings)", "sequential"), ("race (concurrent, contended)", "race")],
+                value="sequential",
+                label="How the two sides run",
+            )
         with gr.Row():
-            stop = gr.Button("Stop", variant="stop")
-            clear = gr.Button("Clear")
+            stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            regenerate = gr.Button("Regenerate", elem_id="regenerate")
+            clear = gr.Button("Clear", elem_id="clear")
+        with gr.Accordion("Parameters", open=False):
+            with gr.Row():
+                max_new_tokens = gr.Slider(1, 1024, value=128, step=1, label="max new tokens")
+                do_sample = gr.Checkbox(False, label="sample (greedy when off: answers comparable token for token)")
+            with gr.Row():
+                temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="temperature")
+                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p")
+                seed = gr.Number(0, precision=0, label="seed (both sides)")
+        gr.Examples(example_inputs(), inputs=[question], label="Examples")
 
-        def on_submit(message, chat_state, k_value, max_tokens):
-            text = (message or {}).get("text", "")
-            files = (message or {}).get("files", [])
+        chat_outputs = [state, baseline_chat, vtw_chat, baseline_counters, vtw_counters, summary]
+
+        def render(chat: ChatState, shown: dict[str, str]) -> tuple:
+            return (
+                chat,
+                chat.display("baseline"),
+                chat.display("vtw"),
+                shown["baseline"],
+                shown["vtw"],
+                shown["summary"],
+            )
+
+        def run_turn(chat, k_value, mode_value, params, request: gr.Request):
+            shown = handlers.counters({"baseline": None, "vtw": None}, mode_value)
+            latest = chat
             try:
-                for updated, counters in compare(manager, chat_state, text, list(files), int(k_value), int(max_tokens)):
-                    yield (
-                        updated,
-                        updated.display["baseline"],
-                        updated.display["vtw"],
-                        counters["baseline"],
-                        counters["vtw"],
-                        counters["summary"],
-                        None,
-                    )
-            except Exception as error:  # the page must keep serving: show the reason, keep the session
-                raise gr.Error(error_message(error)) from error
+                for latest, shown in stream_answers(chat, int(k_value), params, mode_value, request.session_hash):
+                    yield render(latest, shown)
+            except Exception as error:  # the page keeps serving: say why, keep the chat consistent
+                gr.Warning(handlers.error_message(error))
+                handlers.undo_last_turn(latest)
+                yield render(latest, {**shown, "summary": f"⚠️ {handlers.error_message(error)}"})
 
-        outputs = [state, baseline_chat, vtw_chat, baseline_counters, vtw_counters, summary, question]
-        run = question.submit(
-            on_submit, [question, state, k, max_new_tokens], outputs, concurrency_limit=1, api_name=False
+        def params_of(tokens, sample, temp, nucleus, seed_value) -> SamplingConfig:
+            if not sample:  # greedy: the two answers are comparable token for token
+                return SamplingConfig(max_new_tokens=int(tokens))
+            return SamplingConfig(int(tokens), True, float(temp), float(nucleus), seed=int(seed_value or 0))
+
+        def on_submit(
+            message, chat, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, request: gr.Request
+        ):
+            message = message or {}
+            try:
+                handlers.add_turn(chat, message.get("text"), list(message.get("files", [])), allowed_roots)
+            except Exception as error:
+                gr.Warning(handlers.error_message(error))
+                shown = {**handlers.counters(chat.results), "summary": f"⚠️ {handlers.error_message(error)}"}
+                # Keep the typed question, drop the files: a rejected image would only be rejected again.
+                kept = {"text": message.get("text") or "", "files": []}
+                yield (*render(chat, shown), gr.MultimodalTextbox(value=kept))
+                return
+            params = params_of(tokens, sample, temp, nucleus, seed_value)
+            for rendered in run_turn(chat, k_value, mode_value, params, request):
+                yield (*rendered, gr.MultimodalTextbox(value=None))
+
+        def on_regenerate(chat, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, request: gr.Request):
+            try:
+                handlers.drop_last_answers(chat)
+            except Exception as error:
+                gr.Warning(handlers.error_message(error))
+                yield render(chat, handlers.counters(chat.results))
+                return
+            params = params_of(tokens, sample, temp, nucleus, seed_value)
+            yield from run_turn(chat, k_value, mode_value, params, request)
+
+        parameters = [k, mode, max_new_tokens, do_sample, temperature, top_p, seed]
+        question.submit(
+            on_submit,
+            [question, state, *parameters],
+            [*chat_outputs, question],
+            concurrency_limit=1,
+            concurrency_id="device",
+            api_visibility="private",
         )
-        stop.click(None, cancels=[run])
-        k.change(lambda value: gr.Chatbot(label=f"VTW (K = {int(value)})"), k, vtw_chat, api_name=False)
+        regenerate.click(
+            on_regenerate,
+            [state, *parameters],
+            chat_outputs,
+            concurrency_limit=1,
+            concurrency_id="device",
+            api_visibility="private",
+        )
+
+        def on_stop(request: gr.Request) -> None:
+            stop_events.stop(request.session_hash)
+
+        stop.click(on_stop, None, None, queue=False, api_visibility="private")
 
         def on_clear():
             fresh = ChatState()
-            return fresh, [], [], "_no answer yet_", "_no answer yet_", ""
+            return render(fresh, handlers.counters(fresh.results))
 
-        clear.click(on_clear, None, outputs[:-1], api_name=False)
+        clear.click(on_clear, None, chat_outputs, queue=False, api_visibility="private")
+        k.change(lambda value: gr.Chatbot(label=f"VTW (K = {int(value)})"), k, vtw_chat, api_visibility="private")
+
+        with gr.Row(visible=False):  # the API's own inputs; the page never shows them
+            api_image = gr.File(file_types=["image"], type="filepath", label="image")
+            api_question = gr.Textbox(label="question")
+            api_k = gr.Number(default_k, precision=0, label="k")
+            api_tokens = gr.Number(64, precision=0, label="max_new_tokens")
+            api_result = gr.JSON(label="result")
+            api_compare = gr.Button("compare")
+        api_compare.click(
+            compare_api,
+            [api_image, api_question, api_k, api_tokens],
+            api_result,
+            api_name="compare",
+            api_description="Greedy answers of the baseline and of VTW at K for one image and question, with stats.",
+            concurrency_limit=1,
+            concurrency_id="device",
+        )
     demo.queue(max_size=32, default_concurrency_limit=1)
     return demo
+
+
+def launch_options() -> dict[str, Any]:
+    """Options for `demo.launch`: theme and CSS (Gradio 6 takes them there), upload limits."""
+    return {"css": CSS, "theme": gr.themes.Soft(), "max_file_size": "20mb", "allowed_paths": [str(EXAMPLES)]}

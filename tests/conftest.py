@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 # Set before transformers reads them: every test must pass without network access to a model hub, and any
 # accidental hub lookup should fail loudly instead of downloading.
@@ -55,3 +56,23 @@ def sample_images() -> list[Image.Image]:
         _shape_image((48, 80), "black", "square", "blue"),
         _shape_image((96, 64), "yellow", "triangle", "green"),
     ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served_app(tiny_model_path):
+    """The app on a tiny LLaVA, served on a free local port: (manager, url). One per test module."""
+    from app.ui import build_demo, launch_options
+    from vtw_core.manager import ModelManager
+
+    manager = ModelManager.load(str(tiny_model_path("llava")), device="cpu")
+    demo = build_demo(manager)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options())
+    yield manager, f"http://127.0.0.1:{port}/"
+    demo.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -164,7 +165,61 @@ class ModelManager:
                 stop_event=stop_event,
             )
 
+    def race(self, requests: dict[str, dict[str, Any]]) -> Iterator[tuple[str, StreamEvent]]:
+        """Run several `stream` requests at once on the device, yielding (name, event) as they come.
+
+        Their timings are contended (they share the device), unlike requests run one after the other.
+        Closing the iterator early stops every request and waits for them.
+        """
+        self._require_processor()
+        events: queue.Queue = queue.Queue()
+        abandon = threading.Event()
+        done = object()
+
+        def run(name: str, options: dict[str, Any]) -> None:
+            stop = options.pop("stop_event", None)
+            merged_stop = _AnyEvent(abandon, stop)
+            try:
+                for event in stream_generate(self.model, self.processor, stop_event=merged_stop, **options):
+                    events.put((name, event))
+            except Exception as error:  # handed to the consumer, which re-raises it
+                events.put((name, error))
+            finally:
+                events.put((name, done))
+
+        with self.lock:
+            threads = [
+                threading.Thread(target=run, args=(name, dict(options)), daemon=True)
+                for name, options in requests.items()
+            ]
+            for thread in threads:
+                thread.start()
+            try:
+                running = len(threads)
+                while running:
+                    name, item = events.get()
+                    if item is done:
+                        running -= 1
+                    elif isinstance(item, Exception):
+                        raise item
+                    else:
+                        yield name, item
+            finally:
+                abandon.set()
+                for thread in threads:
+                    thread.join()
+
     def generate(self, messages: list[Message], images: list[Image.Image], **options: Any) -> GenerationResult:
         self._require_processor()
         with self.lock:
             return generate(self.model, self.processor, messages, images, **options)
+
+
+class _AnyEvent:
+    """Set when any of the given events is set: the engine reads only `is_set()`."""
+
+    def __init__(self, *events: threading.Event | None):
+        self.events = [event for event in events if event is not None]
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self.events)

@@ -1,0 +1,48 @@
+"""The app served_app for real on a tiny model, driven through gradio_client."""
+
+from __future__ import annotations
+
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from vtw_core.generate import SamplingConfig
+from vtw_core.prompts import user_message
+
+
+@pytest.fixture()
+def image_path(tmp_path, sample_images):
+    path = tmp_path / "shape.png"
+    sample_images[2].save(path)
+    return path
+
+
+def test_compare_api_equals_the_engine(served_app, image_path):
+    manager, url = served_app
+    client = Client(url, verbose=False)
+    result = client.predict(handle_file(str(image_path)), "What colour is it?", 2, 6, api_name="/compare")
+    messages, images = [user_message("What colour is it?")], [Image.open(image_path)]
+    direct = {k: manager.generate(messages, images, k=k, sampling=SamplingConfig(6)) for k in (None, 2)}
+    assert result["baseline"]["token_ids"] == direct[None].token_ids
+    assert result["vtw"]["token_ids"] == direct[2].token_ids and result["vtw"]["k"] == 2
+    assert result["vtw"]["stats"]["prefill_flops"] < result["baseline"]["stats"]["prefill_flops"]
+
+
+def test_compare_api_reports_bad_input(served_app, tmp_path):
+    _, url = served_app
+    client = Client(url, verbose=False)
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(Exception, match=r"notes\.png is not an image"):
+        client.predict(handle_file(str(bad)), "What?", 2, 4, api_name="/compare")
+    # The server keeps serving after a failed request.
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 40), "blue").save(good)
+    assert client.predict(handle_file(str(good)), "What?", 4, 3, api_name="/compare")["vtw"]["k"] == 4
+
+
+def test_only_the_documented_endpoints_are_public(served_app):
+    _, url = served_app
+    endpoints = Client(url, verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert "/compare" in endpoints
+    assert not any(name.startswith(("/on_", "/lambda")) for name in endpoints)
