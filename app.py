@@ -14,9 +14,9 @@ def main() -> int:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--device", default=os.environ.get("VTW_DEVICE", "auto"), help="auto, cpu, cuda")
+    parser.add_argument("--dtype", default=os.environ.get("VTW_DTYPE", "auto"), help="auto, bfloat16, ...")
+    parser.add_argument("--attention", default=os.environ.get("VTW_ATTENTION", "auto"), help="auto, sdpa, eager, ...")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args()
 
