@@ -88,12 +88,15 @@ def test_flops_from_a_folder_with_only_config(capsys, tmp_path):
 def test_bench_on_a_tiny_model(capsys, tiny_model_path, image_file):
     code, out, _ = run_cli(
         capsys, "bench", "--model", str(tiny_model_path("llava")), "--k", "1", "3", "--new-tokens", "4",
-        "--repeats", "1", "--json",
+        "--repeats", "1", "--engine", "plain", "static", "--bandwidth-gb-s", "100", "--json",
     )  # fmt: skip
     assert code == 0
-    assert "| VTW K=3 |" in out
+    assert "| static | VTW K=3 |" in out
     rows = last_json(out)["rows"]
-    assert [row["k"] for row in rows] == [None, 1, 3]
+    assert [(row["engine"], row["k"]) for row in rows] == [
+        (engine, k) for engine in ("plain", "static") for k in (None, 1, 3)
+    ]
+    rows = rows[:3]
     assert rows[1]["prefill_flops"] < rows[2]["prefill_flops"] < rows[0]["prefill_flops"]
     assert all(row["new_tokens"] == 4 for row in rows)
     code, out, _ = run_cli(

@@ -104,7 +104,9 @@ def _text_ids(config: Any, count: int, seed: int = 0) -> torch.Tensor:
 class BenchRow:
     label: str
     k: int | None
+    engine: str
     ttft_s: float
+    decode_ms_per_token: float
     total_s: float
     tokens_per_s: float
     prefill_flops: int
@@ -121,7 +123,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_run(model: nn.Module, inputs: dict[str, torch.Tensor], k: int | None, new_tokens: int) -> GenerationStats:
+def _timed_run(
+    model: nn.Module, inputs: dict[str, torch.Tensor], k: int | None, new_tokens: int, engine: str
+) -> GenerationStats:
     device = model.device
     stats = GenerationStats(k=k, num_layers=model.config.get_text_config().num_hidden_layers)
     memory_before = 0
@@ -130,7 +134,8 @@ def _timed_run(model: nn.Module, inputs: dict[str, torch.Tensor], k: int | None,
         memory_before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    steps = generate_tokens(model, inputs, k=k, sampling=SamplingConfig(max_new_tokens=new_tokens), stats=stats)
+    sampling = SamplingConfig(max_new_tokens=new_tokens)
+    steps = generate_tokens(model, inputs, k=k, sampling=sampling, stats=stats, engine=engine)
     for _ in steps:
         _synchronize(device)
         if stats.ttft_s is None:
@@ -149,56 +154,72 @@ def run_bench(
     new_tokens: int = 64,
     repeats: int = 3,
     inputs: dict[str, torch.Tensor] | None = None,
+    engines: tuple[str, ...] = ("auto",),
 ) -> list[BenchRow]:
-    """Baseline then each K: one warm-up run, then medians of `repeats` timed runs."""
+    """For each engine, the baseline then each K: one warm-up run, then medians of `repeats` timed runs."""
     model = manager.model
     inputs = inputs if inputs is not None else synthetic_inputs(model)
     rows = []
-    for k in [None, *ks]:
-        with manager.lock:
-            _timed_run(model, inputs, k, new_tokens)  # warm-up: allocator, kernels, caches
-            runs = [_timed_run(model, inputs, k, new_tokens) for _ in range(repeats)]
-        last = runs[-1]
-        ttft = statistics.median(run.ttft_s for run in runs)
-        total = statistics.median(run.total_s for run in runs)
-        decode_time = total - ttft
-        rows.append(
-            BenchRow(
-                label="baseline" if k is None else f"VTW K={k}",
-                k=k,
-                ttft_s=ttft,
-                total_s=total,
-                tokens_per_s=(last.new_tokens - 1) / decode_time if decode_time > 0 else float("nan"),
-                prefill_flops=last.prefill_flops,
-                total_flops=last.prefill_flops + last.decode_flops,
-                kv_cache_bytes=last.kv_cache_bytes,
-                peak_memory_bytes=last.peak_memory_bytes,
-                prompt_tokens=last.prompt_tokens,
-                vision_tokens=last.vision_tokens,
-                new_tokens=last.new_tokens,
+    for engine in engines:
+        for k in [None, *ks]:
+            with manager.lock:
+                _timed_run(model, inputs, k, new_tokens, engine)  # warm-up: allocator, kernels, caches
+                runs = [_timed_run(model, inputs, k, new_tokens, engine) for _ in range(repeats)]
+            last = runs[-1]
+            ttft = statistics.median(run.ttft_s for run in runs)
+            total = statistics.median(run.total_s for run in runs)
+            decode_time = total - ttft
+            steps = last.new_tokens - 1
+            rows.append(
+                BenchRow(
+                    label="baseline" if k is None else f"VTW K={k}",
+                    k=k,
+                    engine=last.engine,
+                    ttft_s=ttft,
+                    decode_ms_per_token=decode_time / steps * 1e3 if steps > 0 else float("nan"),
+                    total_s=total,
+                    tokens_per_s=steps / decode_time if decode_time > 0 else float("nan"),
+                    prefill_flops=last.prefill_flops,
+                    total_flops=last.prefill_flops + last.decode_flops,
+                    kv_cache_bytes=last.kv_cache_bytes,
+                    peak_memory_bytes=last.peak_memory_bytes,
+                    prompt_tokens=last.prompt_tokens,
+                    vision_tokens=last.vision_tokens,
+                    new_tokens=last.new_tokens,
+                )
             )
-        )
     return rows
 
 
-def format_table(rows: list[BenchRow]) -> str:
-    """A Markdown table with ratios to the baseline (first row)."""
-    base = rows[0]
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def format_table(rows: list[BenchRow], bandwidth_gb_s: float | None = None, weights: int | None = None) -> str:
+    """A Markdown table with ratios to each engine's baseline; the decode floor if a bandwidth is given.
+
+    The floor is the time to read every weight once per token (weights / memory bandwidth): a decode step
+    cannot beat it at batch 1.
+    """
+    floor = f"{weights / (bandwidth_gb_s * 1e9) * 1e3:.2f}" if bandwidth_gb_s and weights else "-"
 
     def ratio(value: float | None, reference: float | None) -> str:
         return f"{value / reference:.2f}" if value and reference else "-"
 
     header = (
-        "| setting | TTFT ms | total ms | decode tok/s | prefill TFLOPs | prefill ratio | TTFT ratio "
-        "| total ratio | KV MB | peak MB |"
+        "| engine | setting | TTFT ms | TTFT ratio | prefill TFLOPs | FLOPs ratio | decode ms/token | floor ms "
+        "| total ms | total ratio | KV MB | peak MB |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    base = rows[0]
     for row in rows:
+        if row.k is None:
+            base = row
         peak = f"{row.peak_memory_bytes / 2**20:.0f}" if row.peak_memory_bytes is not None else "CPU"
         lines.append(
-            f"| {row.label} | {row.ttft_s * 1e3:.1f} | {row.total_s * 1e3:.1f} | {row.tokens_per_s:.1f} "
+            f"| {row.engine} | {row.label} | {row.ttft_s * 1e3:.1f} | {ratio(row.ttft_s, base.ttft_s)} "
             f"| {row.prefill_flops / 1e12:.4g} | {ratio(row.prefill_flops, base.prefill_flops)} "
-            f"| {ratio(row.ttft_s, base.ttft_s)} | {ratio(row.total_s, base.total_s)} "
+            f"| {row.decode_ms_per_token:.2f} | {floor} | {row.total_s * 1e3:.1f} | {ratio(row.total_s, base.total_s)} "
             f"| {row.kv_cache_bytes / 2**20:.2f} | {peak} |"
         )
     return "\n".join(lines)

@@ -105,26 +105,33 @@ def cmd_flops(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from vtw_core.bench import format_table, run_bench
+    from vtw_core.bench import format_table, run_bench, weight_bytes
     from vtw_core.images import load_image
     from vtw_core.prompts import build_model_inputs, user_message
 
     manager = _load(args, random_weights=args.random_weights)
     inputs = None
-    if args.image:
+    if args.synthetic_image_size:
+        from vtw_core.bench import synthetic_inputs
+
+        height, width = args.synthetic_image_size
+        inputs = synthetic_inputs(manager.model, text_tokens=args.text_tokens, image_size=(height, width))
+    elif args.image:
         if manager.processor is None:
             raise VTWError("--image needs a model with a processor (not --random-weights)")
         image = load_image(args.image)
         messages = [user_message(args.prompt, num_images=1)]
         model = manager.model
         inputs = build_model_inputs(manager.processor, [messages], [[image]], model.device, model.dtype)
-    rows = run_bench(manager, args.k, new_tokens=args.new_tokens, repeats=args.repeats, inputs=inputs)
+    rows = run_bench(
+        manager, args.k, new_tokens=args.new_tokens, repeats=args.repeats, inputs=inputs, engines=tuple(args.engine)
+    )
     print(manager.info.describe())
     print(
         f"{rows[0].prompt_tokens} prompt tokens ({rows[0].vision_tokens} vision), {args.new_tokens} new tokens, "
         f"median of {args.repeats} runs after a warm-up"
     )
-    print(format_table(rows))
+    print(format_table(rows, args.bandwidth_gb_s, weight_bytes(manager.model)))
     if args.json:
         _print_json({"model": manager.info.describe(), "rows": [asdict(row) for row in rows]})
 
@@ -165,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--image", help="a real image (needs a processor); default: a synthetic prompt")
     bench.add_argument("--prompt", default="Describe the image in detail.")
+    bench.add_argument(
+        "--synthetic-image-size", type=int, nargs=2, metavar=("H", "W"),
+        help="synthetic prompt for an image of this size (LLaVA-NeXT 672 672: the paper's 2880 vision tokens)",
+    )  # fmt: skip
+    bench.add_argument("--text-tokens", type=int, default=62, help="text tokens of the synthetic prompt")
+    bench.add_argument(
+        "--engine", nargs="+", default=["auto"], choices=["auto", "plain", "static", "graph"],
+        help="decode engines to compare (auto: CUDA graph on CUDA, plain elsewhere)",
+    )  # fmt: skip
+    bench.add_argument("--bandwidth-gb-s", type=float, help="device memory bandwidth, for the decode floor column")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=cmd_bench)
     return parser

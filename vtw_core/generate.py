@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -21,10 +21,13 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from vtw_core import flops
 from vtw_core.embed import embed_prompt
-from vtw_core.engine import PositionMode, decode_step, prefill, withdrawal_selector
+from vtw_core.engine import DecodeState, PositionMode, decode_step, prefill, withdrawal_selector
 from vtw_core.errors import InputError, ResourceError
 from vtw_core.families import num_decoder_layers
+from vtw_core.fast import GraphedDecodeStep, fast_state_from_prefill, static_decode_step
 from vtw_core.prompts import Message, build_model_inputs
+
+DecodeEngine = Literal["auto", "plain", "static", "graph"]
 
 
 @dataclass(frozen=True)
@@ -173,11 +176,14 @@ def generate_tokens(
     pad_token_id: int = 0,
     stop_event: threading.Event | None = None,
     stats: GenerationStats | None = None,
+    engine: DecodeEngine = "auto",
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (batch,) until every row has ended or the stop event is set.
 
     Rows that already ended receive `pad_token_id`, as stock `generate()` does. When `stats` is given, the
-    token counts, FLOPs and KV-cache size are filled in as generation proceeds.
+    token counts, FLOPs and KV-cache size are filled in as generation proceeds. `engine`: "plain" (growing
+    caches), "static" (preallocated buffers, vtw_core.fast), "graph" (static + the step as a CUDA graph),
+    or "auto" (graph on CUDA where supported, plain elsewhere); `stats.engine` says which one ran.
     """
     sampling.validate()
     num_layers = num_decoder_layers(model.config)
@@ -200,6 +206,10 @@ def generate_tokens(
         stats.vision_flops = _vision_flops(model.config, model_inputs)
         stats.kv_cache_bytes = state.kv_cache_bytes()
 
+    decode = _decoder_for(model, state, engine, sampling.max_new_tokens, stats)
+    if stats is not None:
+        stats.kv_cache_bytes = decode.kv_cache_bytes()
+
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     decode_steps = [0] * rows
     eos = torch.tensor(sorted(eos_token_ids), device=device, dtype=torch.long)
@@ -216,13 +226,54 @@ def generate_tokens(
             break
         for row in range(rows):
             decode_steps[row] += int(not finished[row])
-        logits = decode_step(model, state, tokens[:, None])
+        logits = decode(tokens)
         if stats is not None:
             stats.decode_flops = sum(
                 flops.decode_flops(dims, layers, steps)
                 for layers, steps in zip(per_row_layers, decode_steps, strict=True)
             )
-            stats.kv_cache_bytes = state.kv_cache_bytes()
+            stats.kv_cache_bytes = decode.kv_cache_bytes()
+
+
+class _Decoder:
+    """Runs decode steps on the chosen engine; falls back from the CUDA graph to the eager static step."""
+
+    def __init__(self, model: nn.Module, state: DecodeState, engine: str, max_new_tokens: int, stats):
+        self.model, self.state, self.engine, self.stats = model, state, engine, stats
+        self.fast = fast_state_from_prefill(state, max_new_tokens) if engine != "plain" else None
+        self.graphed: GraphedDecodeStep | None = None
+        if stats is not None:
+            stats.engine = engine
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.fast is None:
+            return decode_step(self.model, self.state, tokens[:, None])
+        self.fast.input_ids.copy_(tokens[:, None])
+        if self.engine == "graph":
+            if self.graphed is None:
+                try:
+                    self.graphed = GraphedDecodeStep(self.model, self.fast)
+                except RuntimeError:  # capture failed or disagreed with the eager step: stay eager
+                    self.engine = "static"
+                    if self.stats is not None:
+                        self.stats.engine = "static (graph capture failed)"
+                    return static_decode_step(self.model, self.fast)
+            return self.graphed()
+        return static_decode_step(self.model, self.fast)
+
+    def kv_cache_bytes(self) -> int:
+        return self.state.kv_cache_bytes() if self.fast is None else self.fast.cache.kv_cache_bytes()
+
+
+def _decoder_for(model: nn.Module, state: DecodeState, engine: str, max_new_tokens: int, stats) -> _Decoder:
+    if engine not in ("auto", "plain", "static", "graph"):
+        raise InputError(f"engine must be auto, plain, static or graph; got {engine!r}")
+    graph_ok = state.cache.layers[0].keys.is_cuda and state.attention_implementation in ("sdpa", "eager")
+    if engine == "auto":
+        engine = "graph" if graph_ok else "plain"
+    elif engine == "graph" and not graph_ok:
+        raise InputError("the CUDA-graph engine needs a CUDA device and sdpa or eager attention")
+    return _Decoder(model, state, engine, max_new_tokens, stats)
 
 
 def stream_generate(
@@ -235,6 +286,7 @@ def stream_generate(
     position_mode: PositionMode = "original",
     sampling: SamplingConfig = SamplingConfig(),
     stop_event: threading.Event | None = None,
+    engine: DecodeEngine = "auto",
 ) -> Iterator[StreamEvent]:
     """Answer one conversation, yielding text deltas with live stats; the last event has finished=True."""
     start = time.perf_counter()
@@ -269,6 +321,7 @@ def stream_generate(
             eos_token_ids=eos_ids,
             stop_event=stop_event,
             stats=stats,
+            engine=engine,
         )
         for tokens in steps:
             token = int(tokens[0])
@@ -330,6 +383,7 @@ def generate_batch(
     k: int | None = None,
     position_mode: PositionMode = "original",
     sampling: SamplingConfig = SamplingConfig(),
+    engine: DecodeEngine = "auto",
 ) -> list[list[int]]:
     """Generated token ids per conversation, batched with left padding; each row ends at its first EOS."""
     model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype)
@@ -346,6 +400,7 @@ def generate_batch(
             sampling=sampling,
             eos_token_ids=eos_ids,
             pad_token_id=pad,
+            engine=engine,
         )
     )
     outputs = []

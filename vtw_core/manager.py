@@ -18,7 +18,7 @@ from vtw_core.configs import shipped_config_path
 from vtw_core.engine import ATTENTION_IMPLEMENTATIONS, PositionMode
 from vtw_core.errors import InputError, VTWError
 from vtw_core.families import SUPPORTED_FAMILIES, model_family, num_decoder_layers
-from vtw_core.generate import GenerationResult, SamplingConfig, StreamEvent, generate, stream_generate
+from vtw_core.generate import DecodeEngine, GenerationResult, SamplingConfig, StreamEvent, generate, stream_generate
 from vtw_core.prompts import Message
 from vtw_core.tiny import load_processor
 
@@ -150,6 +150,7 @@ class ModelManager:
         position_mode: PositionMode = "original",
         sampling: SamplingConfig = SamplingConfig(),
         stop_event: threading.Event | None = None,
+        engine: DecodeEngine = "auto",
     ) -> Iterator[StreamEvent]:
         """Stream one answer; the device is held for the whole answer, so each request's numbers are its own."""
         self._require_processor()
@@ -163,6 +164,7 @@ class ModelManager:
                 position_mode=position_mode,
                 sampling=sampling,
                 stop_event=stop_event,
+                engine=engine,
             )
 
     def race(self, requests: dict[str, dict[str, Any]]) -> Iterator[tuple[str, StreamEvent]]:

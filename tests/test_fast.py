@@ -1,0 +1,72 @@
+"""The fast decode path (preallocated per-layer buffers) against the plain path, on CPU without graph capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import FAMILIES, NUM_LAYERS, build_model, left_pad, prompt_inputs
+
+from vtw_core.embed import embed_prompt
+from vtw_core.engine import decode_step, prefill, withdrawal_selector
+from vtw_core.errors import InputError
+from vtw_core.fast import fast_state_from_prefill, static_decode_step
+from vtw_core.generate import GenerationStats, SamplingConfig, generate_tokens
+
+
+def tokens(model, inputs, k, engine, sampling=SamplingConfig(max_new_tokens=10)):
+    stats = GenerationStats(k=k, num_layers=NUM_LAYERS)
+    steps = generate_tokens(model, inputs, k=k, sampling=sampling, engine=engine, stats=stats)
+    return torch.stack(list(steps), 1).tolist(), stats
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_static_equals_plain(family, attention):
+    model = build_model(family, attention)
+    inputs = prompt_inputs(model, family)
+    for k in (None, 0, 1, 3):
+        plain, plain_stats = tokens(model, inputs, k, "plain")
+        static, static_stats = tokens(model, inputs, k, "static")
+        assert static == plain, (family, attention, k)
+        assert (plain_stats.engine, static_stats.engine) == ("plain", "static")
+        assert static_stats.decode_flops == plain_stats.decode_flops
+
+
+def test_static_logits_match_step_by_step():
+    model = build_model("qwen2_vl")
+    inputs = prompt_inputs(model, "qwen2_vl")
+    prompt = embed_prompt(model, inputs)
+    logits, plain_state = prefill(model, prompt, withdrawal_selector(2, NUM_LAYERS))
+    _, copied = prefill(model, prompt, withdrawal_selector(2, NUM_LAYERS))
+    fast = fast_state_from_prefill(copied, max_new_tokens=6)
+    for _ in range(5):
+        token = logits.argmax(-1)
+        logits = decode_step(model, plain_state, token[:, None])
+        fast.input_ids.copy_(token[:, None])
+        torch.testing.assert_close(static_decode_step(model, fast), logits, rtol=1e-4, atol=1e-5)
+    # Buffers are sized per layer: the full prompt below K, only its text from K on, plus the new tokens.
+    lengths = [buffer.shape[2] for buffer in fast.cache.keys]
+    assert lengths[:2] == [prompt.inputs_embeds.shape[1] + 6] * 2
+    assert lengths[2:] == [int((~prompt.vision_mask).sum()) + 6] * 2
+
+
+def test_static_left_padded_batch_and_sampling():
+    model = build_model("llava")
+    rows = [torch.tensor([1, 30, 31, 32, 33, 34, 35]), torch.tensor([1, 40, 41])]
+    ids, mask = left_pad(rows)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    for k in (None, 1):
+        assert tokens(model, batch, k, "static")[0] == tokens(model, batch, k, "plain")[0]
+    sampling = SamplingConfig(max_new_tokens=12, do_sample=True, temperature=1.2, top_p=0.9, seed=4)
+    inputs = prompt_inputs(model, "llava")
+    assert tokens(model, inputs, 2, "static", sampling)[0] == tokens(model, inputs, 2, "plain", sampling)[0]
+
+
+def test_engine_choice():
+    model = build_model("llava")
+    inputs = prompt_inputs(model, "llava")
+    assert tokens(model, inputs, 2, "auto")[1].engine == "plain"  # CPU: no graph, the plain path
+    with pytest.raises(InputError, match="needs a CUDA device"):
+        tokens(model, inputs, 2, "graph")
+    with pytest.raises(InputError, match="engine must be"):
+        tokens(model, inputs, 2, "turbo")
