@@ -181,7 +181,8 @@ def format_stats(stats: dict[str, Any] | None) -> str:
             f"- prefill: {stats['prefill_flops'] / 1e12:.4f} TFLOPs · decode: {stats['decode_flops'] / 1e12:.4f} "
             f"TFLOPs · vision tower: {stats['vision_flops'] / 1e12:.4f} TFLOPs",
             f"- KV cache: {stats['kv_cache_bytes'] / 2**20:.2f} MB · GPU peak: {memory}",
-            f"- tokens: {stats['prompt_tokens']} prompt ({stats['vision_tokens']} vision), {stats['new_tokens']} new",
+            f"- tokens: {stats['prompt_tokens']} prompt ({stats['vision_tokens']} vision), {stats['new_tokens']} new"
+            f" · decode engine: {stats.get('engine', 'plain')}",
         ]
     )
 
