@@ -148,3 +148,29 @@ def test_messages_and_counters():
     assert "TTFT 0.50×" in summary and "prefill FLOPs 0.50×" in summary and "all FLOPs 0.75×" in summary
     assert "GPU peak 0.50×" in summary and "answers **different**" in summary
     assert "400.0 MB" not in handlers.format_stats(vtw) and "GPU peak: 0.0 MB" in handlers.format_stats(vtw)
+
+
+def test_prompt_beyond_the_context_and_out_of_memory_are_clear(manager, uploads, monkeypatch):
+    import torch
+
+    import vtw_core.generate
+
+    state = ChatState()
+    limit = manager.model.config.get_text_config().max_position_embeddings
+    handlers.add_turn(state, "word " * limit, [str(uploads / "image0.png")], [uploads])
+    with pytest.raises(InputError, match="exceeds the model's context"):
+        list(handlers.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=4)))
+    handlers.undo_last_turn(state)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(vtw_core.generate, "prefill", out_of_memory)
+    handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
+    with pytest.raises(ResourceError) as caught:
+        list(handlers.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=4)))
+    assert handlers.error_message(caught.value).startswith("Out of memory: the device ran out of memory")
+    monkeypatch.undo()
+    # The manager's lock was released: the next request is served.
+    handlers.undo_last_turn(state)
+    assert ask(manager, state, "What?", [uploads / "image0.png"], [uploads])[-1][0].results["vtw"] is not None
