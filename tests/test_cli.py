@@ -176,3 +176,36 @@ def test_module_entry_point():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert last_json(result.stdout)["k"] == 16
+
+
+def test_search_k_json_and_plot(capsys, tiny_model_path, tmp_path):
+    plot = tmp_path / "kl.png"
+    code, out, _ = run_cli(
+        capsys, "search-k", "--model", str(tiny_model_path("llava", 8)), "--data", "default", "--limit", "3",
+        "--start", "2", "--eta", "1e9", "--plot", str(plot), "--json",
+    )  # fmt: skip
+    assert code == 0
+    result = last_json(out)
+    assert set(result) == {"k", "eta", "curve"} and result["k"] == 2 and result["eta"] == 1e9
+    assert [point["k"] for point in result["curve"]] == list(range(2, 8))
+    assert plot.stat().st_size > 10_000 and Image.open(plot).size[0] > 500
+    code, out, _ = run_cli(
+        capsys, "search-k", "--model", str(tiny_model_path("llava", 8)), "--limit", "2", "--eta", "0", "--json",
+    )  # fmt: skip
+    assert last_json(out)["k"] is None
+
+
+def test_attention_json_and_plot(capsys, tiny_model_path, image_file, tmp_path):
+    plot = tmp_path / "attention.png"
+    code, out, _ = run_cli(
+        capsys, "attention", "--model", str(tiny_model_path("llava")), "--image", image_file, "--prompt", "What?",
+        "--max-new-tokens", "3", "--plot", str(plot), "--json",
+    )  # fmt: skip
+    assert code == 0
+    report = last_json(out)
+    assert len(report["prompt"]) == 4 and report["segments"] == ["system", "vision", "instruction", "output"]
+    assert all(sum(shares.values()) == pytest.approx(1, abs=1e-4) for shares in report["prompt"])
+    assert plot.stat().st_size > 10_000
+    code, out, _ = run_cli(capsys, "attention", "--model", str(tiny_model_path("llava")), "--image", image_file,
+                           "--prompt", "What?", "--k", "2")  # fmt: skip
+    assert code == 0 and "last prompt token" in out

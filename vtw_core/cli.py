@@ -1,4 +1,4 @@
-"""`python -m vtw_core`: generate, flops and bench from the command line.
+"""`python -m vtw_core`: generate, flops, bench, search-k and attention from the command line.
 
 Every command that prints a result with `--json` prints exactly one JSON object, as the last line.
 """
@@ -136,6 +136,68 @@ def cmd_bench(args: argparse.Namespace) -> None:
         _print_json({"model": manager.info.describe(), "rows": [asdict(row) for row in rows]})
 
 
+def cmd_search_k(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from vtw_core.calibration import load_calibration
+    from vtw_core.search import search_k
+
+    samples = load_calibration(args.data, limit=args.limit)
+    manager = _load(args)
+    if manager.processor is None:
+        raise VTWError("the K search needs a model with a processor")
+    with tqdm(total=len(samples), desc="K search", unit="sample", disable=args.json) as bar, manager.lock:
+        result = search_k(
+            manager.model,
+            manager.processor,
+            samples,
+            eta=args.eta,
+            start=args.start,
+            progress=lambda done, total: bar.update(done - bar.n),
+            naive=args.naive,
+        )
+    payload = result.to_dict()
+    if args.plot:
+        from vtw_core.plots import kl_curve_figure
+
+        kl_curve_figure(payload).savefig(args.plot, dpi=150)
+    if args.json:
+        _print_json({"k": payload["k"], "eta": payload["eta"], "curve": payload["curve"]})
+        return
+    print(f"{manager.info.describe()}, {len(samples)} calibration samples, eta {args.eta:g}")
+    for point in payload["curve"]:
+        mark = "  <- K" if point["k"] == payload["k"] else ""
+        print(f"  K={point['k']:3d}  KL={point['kl']:.6f}{mark}")
+    print(f"K = {payload['k']}" if payload["k"] is not None else f"no K from {args.start} meets eta = {args.eta:g}")
+
+
+def cmd_attention(args: argparse.Namespace) -> None:
+    from vtw_core.attention import analyze_attention
+    from vtw_core.images import load_image
+    from vtw_core.prompts import user_message
+
+    images = [load_image(path) for path in args.image]
+    messages = [user_message(args.prompt, num_images=len(images))]
+    manager = _load(args)
+    if manager.processor is None:
+        raise VTWError("the attention analysis needs a model with a processor")
+    with manager.lock:
+        report = analyze_attention(
+            manager.model, manager.processor, messages, images, k=args.k, max_new_tokens=args.max_new_tokens
+        ).to_dict()
+    if args.plot:
+        from vtw_core.plots import attention_figure
+
+        attention_figure(report).savefig(args.plot, dpi=150)
+    if args.json:
+        _print_json(report)
+        return
+    print(f"{manager.info.describe()}; prompt tokens per segment: {report['segment_tokens']}")
+    print("layer  " + "  ".join(f"{name:>11s}" for name in report["segments"]) + "   (last prompt token)")
+    for layer, shares in enumerate(report["prompt"]):
+        print(f"{layer:5d}  " + "  ".join(f"{shares[name]:11.3f}" for name in report["segments"]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vtw_core", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--bandwidth-gb-s", type=float, help="device memory bandwidth, for the decode floor column")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=cmd_bench)
+    search = commands.add_parser("search-k", help="choose K with the paper's KL criterion (Algorithm 1)")
+    _add_model_options(search)
+    search.add_argument("--data", default="default", help="JSONL of {image, question}, or 'default' (bundled)")
+    search.add_argument("--eta", type=float, default=0.003, help="KL threshold (default 0.003, as the paper)")
+    search.add_argument("--start", type=int, default=5, help="first K to try (default 5)")
+    search.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    search.add_argument("--naive", action="store_true", help="one full VTW pass per K (slow; for checking)")
+    search.add_argument("--plot", help="save the KL-vs-K curve to this PNG")
+    search.add_argument("--json", action="store_true")
+    search.set_defaults(handler=cmd_search_k)
+
+    attention = commands.add_parser("attention", help="per-layer attention shares of the last token (Fig. 4/5)")
+    _add_model_options(attention)
+    attention.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    attention.add_argument("--prompt", required=True)
+    attention.add_argument("--k", type=int, default=None, help="analyse VTW at K (default: the baseline)")
+    attention.add_argument("--max-new-tokens", type=int, default=16)
+    attention.add_argument("--plot", help="save the stacked per-layer shares to this PNG")
+    attention.add_argument("--json", action="store_true")
+    attention.set_defaults(handler=cmd_attention)
     return parser
 
 

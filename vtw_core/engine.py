@@ -12,6 +12,7 @@ A later per-layer schedule (FastV, G-Search) is another selector; nothing else c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -81,6 +82,7 @@ class LayerGroup:
     next_position: torch.Tensor  # (batch,) or (3, batch): position id of the next token in these layers
     attention_mask: torch.Tensor | None = None
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    prompt_index: torch.Tensor | None = None  # (batch, cached prompt tokens): each slot's index in the prompt
 
 
 @dataclass
@@ -178,33 +180,55 @@ def attention_implementation(decoder: nn.Module) -> str:
     return implementation
 
 
+LayerObserver = Callable[[int, torch.Tensor, "TokenState"], None]
+
+
 @torch.no_grad()
 def prefill(
     model: nn.Module,
     prompt: PromptEmbeddings,
     selector: TokenSelector | None = None,
     position_mode: PositionMode = "original",
+    observer: LayerObserver | None = None,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Run the prompt through every decoder layer; return next-token logits (batch, vocab) and decode state."""
-    if position_mode not in ("original", "rearrange"):
-        raise InputError(f"position_mode must be 'original' or 'rearrange', got {position_mode!r}")
-    decoder = language_model(model)
-    implementation = attention_implementation(decoder)
     batch_size, prompt_length, _ = prompt.inputs_embeds.shape
-    device = prompt.inputs_embeds.device
-    cache = DynamicCache(config=decoder.config)
-
-    hidden_states = prompt.inputs_embeds
     tokens = TokenState(
-        prompt_index=torch.arange(prompt_length, device=device).expand(batch_size, -1),
+        prompt_index=torch.arange(prompt_length, device=prompt.inputs_embeds.device).expand(batch_size, -1),
         valid=prompt.attention_mask,
         vision=prompt.vision_mask,
         position_ids=prompt.position_ids,
     )
+    return run_decoder(model, prompt.inputs_embeds, tokens, selector=selector, position_mode=position_mode,
+                       observer=observer)  # fmt: skip
+
+
+@torch.no_grad()
+def run_decoder(
+    model: nn.Module,
+    hidden_states: torch.Tensor,
+    tokens: TokenState,
+    *,
+    first_layer: int = 0,
+    selector: TokenSelector | None = None,
+    position_mode: PositionMode = "original",
+    observer: LayerObserver | None = None,
+) -> tuple[torch.Tensor, DecodeState]:
+    """Run decoder layers `first_layer`.. on `hidden_states` (the input of that layer) and its tokens.
+
+    `observer(layer_idx, hidden_states, tokens)` sees each layer's input after token selection; the K
+    search uses it to branch off VTW passes from one baseline pass, the attention analysis to keep query rows.
+    """
+    if position_mode not in ("original", "rearrange"):
+        raise InputError(f"position_mode must be 'original' or 'rearrange', got {position_mode!r}")
+    decoder = language_model(model)
+    implementation = attention_implementation(decoder)
+    cache = DynamicCache(config=decoder.config)
     groups: list[LayerGroup] = []
-    group_of_layer: list[int] = []
-    tokens_per_layer: list[torch.Tensor] = []
-    for layer_idx, layer in enumerate(decoder.layers):
+    group_of_layer: list[int] = [0] * first_layer  # layers before first_layer are not run and cache nothing
+    tokens_per_layer: list[torch.Tensor] = [tokens.valid.sum(1)] * first_layer
+    for layer_idx in range(first_layer, len(decoder.layers)):
+        layer = decoder.layers[layer_idx]
         keep = selector.keep(layer_idx, hidden_states, tokens, cache) if selector is not None else None
         if keep is not None:
             keep = keep & tokens.valid
@@ -221,10 +245,13 @@ def prefill(
                         tokens.valid, tokens.valid.shape[1], implementation, hidden_states.dtype
                     ),
                     rotary=decoder.rotary_emb(hidden_states, tokens.position_ids),
+                    prompt_index=tokens.prompt_index,
                 )
             )
         group_of_layer.append(len(groups) - 1)
         tokens_per_layer.append(tokens.valid.sum(1))
+        if observer is not None:
+            observer(layer_idx, hidden_states, tokens)
         hidden_states = _run_layer(layer, hidden_states, groups[-1], cache)
 
     state = DecodeState(cache, groups, group_of_layer, implementation, tokens_per_layer)
@@ -232,8 +259,16 @@ def prefill(
 
 
 @torch.no_grad()
-def decode_step(model: nn.Module, state: DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
-    """Feed one new token per row (batch, 1) through every layer; return the next logits (batch, vocab)."""
+def decode_step(
+    model: nn.Module,
+    state: DecodeState,
+    input_ids: torch.Tensor,
+    observer: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Feed one new token per row (batch, 1) through every layer; return the next logits (batch, vocab).
+
+    `observer(layer_idx, hidden_states)` sees each layer's input (batch, 1, hidden).
+    """
     decoder = language_model(model)
     hidden_states = decoder.embed_tokens(input_ids)
     batch_size = input_ids.shape[0]
@@ -244,5 +279,7 @@ def decode_step(model: nn.Module, state: DecodeState, input_ids: torch.Tensor) -
         group.rotary = decoder.rotary_emb(hidden_states, group.next_position[..., None])
         group.next_position = group.next_position + 1
     for layer_idx, layer in enumerate(decoder.layers):
+        if observer is not None:
+            observer(layer_idx, hidden_states)
         hidden_states = _run_layer(layer, hidden_states, state.groups[state.group_of_layer[layer_idx]], state.cache)
     return _logits(model, decoder, hidden_states)

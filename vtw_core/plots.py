@@ -1,0 +1,65 @@
+"""Figures for the K search and the attention analysis (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files and the web app only; never a window
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+SEGMENT_COLOURS = {"system": "#8c8c8c", "vision": "#e4572e", "instruction": "#2e86ab", "output": "#76b041"}
+
+
+def kl_curve_figure(result: dict[str, Any]) -> Figure:
+    """Mean KL(P_vtw || P_baseline) against K, log scale, with eta and the chosen K marked."""
+    figure, axes = plt.subplots(figsize=(6.4, 3.6), layout="constrained")
+    ks = [point["k"] for point in result["curve"]]
+    kls = [max(point["kl"], 1e-12) for point in result["curve"]]  # log scale: a zero would vanish
+    axes.plot(ks, kls, marker="o", color="#2e86ab", label="mean KL over the calibration set")
+    axes.axhline(result["eta"], color="#e4572e", linestyle="--", label=f"eta = {result['eta']:g}")
+    if result["k"] is not None:
+        chosen = ks.index(result["k"])
+        axes.scatter([result["k"]], [kls[chosen]], s=160, facecolors="none", edgecolors="#e4572e", linewidths=2,
+                     zorder=3, label=f"chosen K = {result['k']}")  # fmt: skip
+    axes.set_yscale("log")
+    axes.set_xlabel("K (decoder layers that see the image)")
+    axes.set_ylabel("KL(P_vtw || P_baseline)")
+    title = f"K search: K = {result['k']}" if result["k"] is not None else "K search: no K meets eta"
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return figure
+
+
+def attention_figure(report: dict[str, Any], token: str = "prompt") -> Figure:
+    """Stacked per-layer shares of the last token's attention: system, vision, instruction, output."""
+    if token == "prompt" or not report["generated"]:
+        per_layer, label = report["prompt"], "last prompt token"
+    else:
+        # The mean over generated tokens, as the paper's Figure 5 averages over the output.
+        steps = report["generated"]
+        per_layer = [
+            {name: sum(step[layer][name] for step in steps) / len(steps) for name in report["segments"]}
+            for layer in range(report["num_layers"])
+        ]
+        label = f"generated tokens (mean of {len(steps)})"
+    figure, axes = plt.subplots(figsize=(7.2, 3.6), layout="constrained")
+    layers = list(range(report["num_layers"]))
+    bottom = [0.0] * len(layers)
+    for name in report["segments"]:
+        values = [shares[name] for shares in per_layer]
+        axes.bar(layers, values, bottom=bottom, color=SEGMENT_COLOURS.get(name), label=name, width=0.85)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    if report.get("k") is not None:
+        axes.axvline(report["k"] - 0.5, color="black", linestyle="--", linewidth=1)
+        axes.text(report["k"] - 0.4, 1.02, f"K = {report['k']}", fontsize=8)
+    axes.set_xlabel("decoder layer")
+    axes.set_ylabel("share of attention")
+    axes.set_ylim(0, 1.08)
+    axes.set_title(f"Where the {label} looks, per layer")
+    axes.legend(ncols=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, -0.42))
+    return figure

@@ -1,0 +1,126 @@
+"""Choosing K (the paper's Algorithm 1): the first layer after which withdrawing vision barely moves the answer.
+
+For each calibration sample, take the next-token distribution at the last prompt position from the baseline
+and from VTW at every K in start..N-1, score K by KL(P_vtw || P_baseline) (the official code's direction)
+averaged over samples, and pick the first K whose mean is below eta.
+
+VTW at K runs layers < K exactly as the baseline does. So one baseline pass per sample suffices: when it
+reaches layer K, a branch runs only layers K..N-1 on that layer's input with the vision tokens withdrawn.
+Branches run as the baseline pass goes deeper, so only the current layer's states are alive at any time
+(memory stays that of one pass), and the numbers equal N separate VTW passes (tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from vtw_core.embed import PromptEmbeddings, embed_prompt
+from vtw_core.engine import TokenState, Withdrawal, prefill, run_decoder, withdrawal_selector
+from vtw_core.errors import InputError
+from vtw_core.families import num_decoder_layers
+from vtw_core.prompts import build_model_inputs, user_message
+
+DEFAULT_ETA = 0.003
+DEFAULT_START = 5
+Progress = Callable[[int, int], None]  # (samples done, samples in all)
+
+
+@dataclass
+class KSearchResult:
+    k: int | None  # None: no K in the range meets eta
+    eta: float
+    num_layers: int
+    curve: list[tuple[int, float]]  # (K, mean KL over samples), K ascending
+    samples: int
+    per_sample: list[list[float]] = field(default_factory=list, repr=False)  # [sample][K index]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "eta": self.eta,
+            "num_layers": self.num_layers,
+            "samples": self.samples,
+            "curve": [{"k": k, "kl": kl} for k, kl in self.curve],
+        }
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per row from logits (batch, vocab), in float32."""
+    log_p = torch.log_softmax(logits_p.float(), dim=-1)
+    log_q = torch.log_softmax(logits_q.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def candidate_ks(num_layers: int, start: int = DEFAULT_START) -> list[int]:
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise InputError(f"start must be a non-negative integer, got {start!r}")
+    return list(range(start, num_layers))
+
+
+@torch.no_grad()
+def kl_per_k(model: nn.Module, prompt: PromptEmbeddings, ks: Sequence[int]) -> torch.Tensor:
+    """KL(P_vtw@K || P_baseline) for each K in `ks` and each row: (len(ks), batch), one baseline pass."""
+    wanted = set(ks)
+    branch_logits: dict[int, torch.Tensor] = {}
+
+    def branch(layer_idx: int, hidden_states: torch.Tensor, tokens: TokenState) -> None:
+        if layer_idx in wanted:
+            logits, _ = run_decoder(model, hidden_states, tokens, first_layer=layer_idx, selector=Withdrawal(layer_idx))
+            branch_logits[layer_idx] = logits
+
+    baseline_logits, _ = prefill(model, prompt, observer=branch)
+    if not ks:
+        return baseline_logits.new_zeros(0, baseline_logits.shape[0])
+    return torch.stack([kl_divergence(branch_logits[k], baseline_logits) for k in ks])
+
+
+@torch.no_grad()
+def kl_per_k_naive(model: nn.Module, prompt: PromptEmbeddings, ks: Sequence[int]) -> torch.Tensor:
+    """The same as `kl_per_k` by definition: a full VTW pass per K. For tests and timing."""
+    num_layers = num_decoder_layers(model.config)
+    baseline_logits, _ = prefill(model, prompt)
+    rows = [kl_divergence(prefill(model, prompt, withdrawal_selector(k, num_layers))[0], baseline_logits) for k in ks]
+    return torch.stack(rows) if rows else baseline_logits.new_zeros(0, baseline_logits.shape[0])
+
+
+@dataclass
+class CalibrationSample:
+    question: str
+    images: list[Image.Image]
+
+
+def search_k(
+    model: nn.Module,
+    processor: Any,
+    samples: Sequence[CalibrationSample],
+    *,
+    eta: float = DEFAULT_ETA,
+    start: int = DEFAULT_START,
+    progress: Progress | None = None,
+    naive: bool = False,
+) -> KSearchResult:
+    """Algorithm 1 over `samples` (each through the model's chat template as one user turn)."""
+    if not samples:
+        raise InputError("the calibration set is empty")
+    if not eta >= 0:
+        raise InputError(f"eta must be >= 0, got {eta!r}")
+    num_layers = num_decoder_layers(model.config)
+    ks = candidate_ks(num_layers, start)
+    per_sample: list[list[float]] = []
+    measure = kl_per_k_naive if naive else kl_per_k
+    for done, sample in enumerate(samples, start=1):
+        messages = [user_message(sample.question, num_images=len(sample.images))]
+        inputs = build_model_inputs(processor, [messages], [sample.images], model.device, model.dtype)
+        per_sample.append(measure(model, embed_prompt(model, inputs), ks)[:, 0].tolist())
+        if progress is not None:
+            progress(done, len(samples))
+    means = [sum(values) / len(values) for values in zip(*per_sample, strict=True)] if ks else []
+    curve = list(zip(ks, means, strict=True))
+    chosen = next((k for k, kl in curve if kl < eta), None)
+    return KSearchResult(chosen, eta, num_layers, curve, len(samples), per_sample)
