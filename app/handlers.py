@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vtw_core.attention import analyze_attention
+from vtw_core.calibration import load_calibration
 from vtw_core.errors import InputError, ResourceError, VTWError
 from vtw_core.generate import SamplingConfig
 from vtw_core.images import load_image
 from vtw_core.manager import ModelManager
 from vtw_core.prompts import Message, assistant_message, user_message
+from vtw_core.search import CalibrationSample, Progress, search_k
 
 SIDES = ("baseline", "vtw")
 RunMode = Literal["sequential", "race"]
@@ -161,6 +164,70 @@ def compare_once(manager: ModelManager, image_path: str, question: str, k: int, 
         output[side] = {"text": result.text, "token_ids": result.token_ids, "stats": result.stats.to_dict()}
     output["vtw"] = {"k": int(k), **output["vtw"]}
     return output
+
+
+def calibration_for(source: str, state: ChatState) -> list[CalibrationSample]:
+    """The bundled calibration set, or the chat's last question with its images (source "turn")."""
+    if source == "bundled":
+        return load_calibration("default")
+    if not state.turns:
+        raise InputError("ask a question first, or search K on the bundled calibration set")
+    paths = [path for turn in state.turns for path in turn.image_paths]
+    return [CalibrationSample(state.turns[-1].text, [load_image(path) for path in paths])]
+
+
+def search_k_result(
+    manager: ModelManager, samples: list[CalibrationSample], eta: float, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Algorithm 1 on the shared model, holding the device; plain JSON (k, eta, curve, ...)."""
+    if manager.processor is None:
+        raise InputError("this model has no processor; it cannot run the K search")
+    with manager.lock:
+        result = search_k(manager.model, manager.processor, samples, eta=float(eta), progress=progress)
+    return result.to_dict()
+
+
+def describe_search(result: dict[str, Any], source: str) -> str:
+    where = "the bundled calibration set" if source == "bundled" else "the current turn"
+    if result["k"] is None:
+        first = result["curve"][0]["k"] if result["curve"] else "-"
+        return (
+            f"No K from {first} to {result['num_layers'] - 1} keeps the mean KL under eta = {result['eta']:g} on "
+            f"{where} ({result['samples']} sample(s)); the slider is unchanged."
+        )
+    kl = next(point["kl"] for point in result["curve"] if point["k"] == result["k"])
+    return (
+        f"**K = {result['k']}** of {result['num_layers']} layers: the first K whose mean KL ({kl:.2e}) is under "
+        f"eta = {result['eta']:g} on {where} ({result['samples']} sample(s)). The slider moved to it."
+    )
+
+
+def attention_report(manager: ModelManager, state: ChatState, side: str, k: int, max_new_tokens: int = 16) -> dict:
+    """Attention shares per layer for the chat's last turn, on the baseline or on VTW at K."""
+    if not state.turns:
+        raise InputError("ask a question first: the analysis runs on the current turn")
+    messages, paths = state.conversation(side)
+    with manager.lock:
+        report = analyze_attention(
+            manager.model,
+            manager.processor,
+            messages,
+            [load_image(path) for path in paths],
+            k=None if side == "baseline" else int(k),
+            max_new_tokens=int(max_new_tokens),
+        )
+    return report.to_dict()
+
+
+def describe_attention(report: dict[str, Any]) -> str:
+    shares = report["prompt"]
+    first, last = shares[0]["vision"], shares[-1]["vision"]
+    middle = len(shares) // 2
+    return (
+        f"Vision tokens ({report['segment_tokens']['vision']} of the prompt) receive {first:.0%} of the last prompt "
+        f"token's attention in layer 0, {shares[middle]['vision']:.0%} in layer {middle} and {last:.0%} in the last "
+        "layer (mean over heads)."
+    )
 
 
 def format_stats(stats: dict[str, Any] | None) -> str:

@@ -17,6 +17,7 @@ from app.handlers import ChatState
 from vtw_core.errors import InputError
 from vtw_core.generate import SamplingConfig
 from vtw_core.manager import ModelManager
+from vtw_core.plots import attention_figure, kl_curve_figure
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = ASSETS / "examples"
@@ -74,6 +75,21 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
     @on_gpu
     def compare_on_device(image: str, question: str, k: int, max_new_tokens: int) -> dict[str, Any]:
         return handlers.compare_once(manager, image, question, k, max_new_tokens)
+
+    @on_gpu
+    def search_on_device(samples: list, eta: float, progress: Any = None) -> dict[str, Any]:
+        return handlers.search_k_result(manager, samples, eta, progress)
+
+    @on_gpu
+    def attention_on_device(chat: ChatState, side: str, k: int) -> dict[str, Any]:
+        return handlers.attention_report(manager, chat, side, k)
+
+    def search_api(eta: float) -> dict[str, Any]:
+        try:
+            result = search_on_device(handlers.calibration_for("bundled", ChatState()), float(eta))
+            return {"k": result["k"], "eta": result["eta"], "curve": result["curve"]}
+        except Exception as error:
+            raise gr.Error(handlers.error_message(error)) from error
 
     def compare_api(image: str | None, question: str, k: float, max_new_tokens: float) -> dict[str, Any]:
         try:
@@ -135,6 +151,32 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
                 temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="temperature")
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p")
                 seed = gr.Number(0, precision=0, label="seed (both sides)")
+        with gr.Accordion("Search K (the paper's KL criterion)", open=False):
+            gr.Markdown(
+                "For each calibration sample, the next-token distribution of VTW at every K from 5 to N-1 is "
+                "compared with the baseline's (KL divergence at the last prompt position); K is the first one "
+                "whose mean KL is under eta."
+            )
+            with gr.Row():
+                search_source = gr.Radio(
+                    [("bundled calibration set (20 photos)", "bundled"), ("the current turn", "turn")],
+                    value="bundled",
+                    label="calibrate on",
+                )
+                eta = gr.Number(0.003, label="eta", minimum=0)
+                search_button = gr.Button("Search K", variant="primary", elem_id="search-k")
+            search_text = gr.Markdown(elem_id="search-result")
+            search_plot = gr.Plot(label="KL vs K", elem_id="search-plot")
+        with gr.Accordion("Attention per layer (paper Fig. 4)", open=False):
+            with gr.Row():
+                attention_side = gr.Radio(
+                    [("baseline", "baseline"), ("VTW at the slider's K", "vtw")], value="baseline", label="model"
+                )
+                attention_button = gr.Button("Analyse the current turn", elem_id="attention")
+            attention_text = gr.Markdown()
+            with gr.Row():
+                attention_prompt_plot = gr.Plot(label="last prompt token")
+                attention_output_plot = gr.Plot(label="generated tokens")
         gr.Examples(example_inputs(), inputs=[question], label="Examples")
 
         chat_outputs = [state, baseline_chat, vtw_chat, baseline_counters, vtw_counters, summary]
@@ -222,6 +264,44 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
         clear.click(on_clear, None, chat_outputs, queue=False, api_visibility="private")
         k.change(lambda value: gr.Chatbot(label=f"VTW (K = {int(value)})"), k, vtw_chat, api_visibility="private")
 
+        def on_search(source, eta_value, chat, k_value, progress=gr.Progress()):
+            try:
+                progress(0, desc="K search")
+                samples = handlers.calibration_for(source, chat)
+                result = search_on_device(samples, float(eta_value), lambda done, total: progress((done, total)))
+            except Exception as error:
+                gr.Warning(handlers.error_message(error))
+                return gr.Slider(value=k_value), f"⚠️ {handlers.error_message(error)}", None
+            new_k = result["k"] if result["k"] is not None else k_value
+            return gr.Slider(value=new_k), handlers.describe_search(result, source), kl_curve_figure(result)
+
+        search_button.click(
+            on_search,
+            [search_source, eta, state, k],
+            [k, search_text, search_plot],
+            concurrency_limit=1,
+            concurrency_id="device",
+            api_visibility="private",
+        )
+
+        def on_attention(chat, side, k_value):
+            try:
+                report = attention_on_device(chat, side, int(k_value))
+            except Exception as error:
+                gr.Warning(handlers.error_message(error))
+                return f"⚠️ {handlers.error_message(error)}", None, None
+            output_plot = attention_figure(report, "generated") if report["generated"] else None
+            return handlers.describe_attention(report), attention_figure(report, "prompt"), output_plot
+
+        attention_button.click(
+            on_attention,
+            [state, attention_side, k],
+            [attention_text, attention_prompt_plot, attention_output_plot],
+            concurrency_limit=1,
+            concurrency_id="device",
+            api_visibility="private",
+        )
+
         with gr.Row(visible=False):  # the API's own inputs; the page never shows them
             api_image = gr.File(file_types=["image"], type="filepath", label="image")
             api_question = gr.Textbox(label="question")
@@ -229,12 +309,24 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
             api_tokens = gr.Number(64, precision=0, label="max_new_tokens")
             api_result = gr.JSON(label="result")
             api_compare = gr.Button("compare")
+            api_eta = gr.Number(0.003, label="eta")
+            api_search_result = gr.JSON(label="search result")
+            api_search = gr.Button("search_k")
         api_compare.click(
             compare_api,
             [api_image, api_question, api_k, api_tokens],
             api_result,
             api_name="compare",
             api_description="Greedy answers of the baseline and of VTW at K for one image and question, with stats.",
+            concurrency_limit=1,
+            concurrency_id="device",
+        )
+        api_search.click(
+            search_api,
+            [api_eta],
+            api_search_result,
+            api_name="search_k",
+            api_description="The K search (KL criterion) on the bundled calibration set: {k, eta, curve}.",
             concurrency_limit=1,
             concurrency_id="device",
         )

@@ -66,11 +66,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served_app(tiny_model_path):
-    """The app on a tiny LLaVA, served on a free local port: (manager, url). One per test module."""
+    """The app on a tiny 8-layer LLaVA, served on a free local port: (manager, url). One per test module.
+
+    Eight layers, so the K search (K from 5 to N-1) has candidates.
+    """
     from app.ui import build_demo, launch_options
     from vtw_core.manager import ModelManager
 
-    manager = ModelManager.load(str(tiny_model_path("llava")), device="cpu")
+    manager = ModelManager.load(str(tiny_model_path("llava", 8)), device="cpu")
     demo = build_demo(manager)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options())

@@ -74,10 +74,7 @@ def test_ask_move_slider_and_read_counters(page, tmp_path, sample_images):
     slider_number = page.locator("#k-slider input[type=number]")
     slider_number.fill("3")
     slider_number.press("Enter")
-    page.wait_for_function(
-        "() => document.body.innerText.includes('VTW (K = 3)')",
-        timeout=10_000,
-    )
+    page.wait_for_function("() => document.body.innerText.includes('VTW (K = 3)')", timeout=10_000)
     # Ask again at the new K: a second turn, and the summary updates.
     ask(page, "And its colour?")
     page.wait_for_function(
@@ -99,3 +96,20 @@ def test_bad_upload_shows_a_message_and_the_app_keeps_serving(page, tmp_path):
     Image.new("RGB", (50, 50), "green").save(good)
     ask(page, "And this one?", good)
     wait_for_summary(page, "VTW / baseline")
+
+
+def test_search_k_moves_the_slider_and_shows_the_curve(page, served_app):
+    from vtw_core.calibration import load_calibration
+    from vtw_core.search import search_k
+
+    manager, _ = served_app
+    expected = search_k(manager.model, manager.processor, load_calibration("default")).k
+    assert expected is not None
+    page.get_by_text("Search K (the paper's KL criterion)").click()
+    page.locator("#search-k").click()
+    page.wait_for_function(
+        f"() => document.querySelector('#search-result').innerText.includes('K = {expected}')", timeout=60_000
+    )
+    assert page.locator("#k-slider input[type=number]").input_value() == str(expected)
+    page.wait_for_function(f"() => document.body.innerText.includes('VTW (K = {expected})')", timeout=10_000)
+    assert page.locator("#search-plot img, #search-plot canvas, #search-plot svg").count() >= 1

@@ -174,3 +174,25 @@ def test_prompt_beyond_the_context_and_out_of_memory_are_clear(manager, uploads,
     # The manager's lock was released: the next request is served.
     handlers.undo_last_turn(state)
     assert ask(manager, state, "What?", [uploads / "image0.png"], [uploads])[-1][0].results["vtw"] is not None
+
+
+def test_search_k_on_the_current_turn_and_attention(tiny_model_path, uploads):
+    manager = ModelManager.load(str(tiny_model_path("llava", 8)), device="cpu")
+    state = ChatState()
+    with pytest.raises(InputError, match="ask a question first"):
+        handlers.calibration_for("turn", state)
+    ask(manager, state, "What is it?", [uploads / "image0.png"], [uploads])
+    samples = handlers.calibration_for("turn", state)
+    assert len(samples) == 1 and samples[0].question == "What is it?" and len(samples[0].images) == 1
+    progress = []
+    result = handlers.search_k_result(manager, samples, 1e9, lambda done, total: progress.append(done))
+    assert result["k"] == 5 and progress == [1]
+    assert "**K = 5**" in handlers.describe_search(result, "turn")
+    none = handlers.search_k_result(manager, samples, 0.0)
+    assert none["k"] is None and "slider is unchanged" in handlers.describe_search(none, "turn")
+
+    report = handlers.attention_report(manager, state, "vtw", 3, max_new_tokens=2)
+    assert report["k"] == 3 and all(layer["vision"] == 0 for layer in report["prompt"][3:])
+    assert "Vision tokens (36 of the prompt)" in handlers.describe_attention(report)
+    with pytest.raises(InputError, match="ask a question first"):
+        handlers.attention_report(manager, ChatState(), "baseline", 3)

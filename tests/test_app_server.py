@@ -46,3 +46,16 @@ def test_only_the_documented_endpoints_are_public(served_app):
     endpoints = Client(url, verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert "/compare" in endpoints
     assert not any(name.startswith(("/on_", "/lambda")) for name in endpoints)
+
+
+def test_search_k_api_equals_the_library(served_app):
+    from vtw_core.calibration import load_calibration
+    from vtw_core.search import search_k
+
+    manager, url = served_app
+    result = Client(url, verbose=False).predict(0.003, api_name="/search_k")
+    direct = search_k(manager.model, manager.processor, load_calibration("default"), eta=0.003)
+    assert set(result) == {"k", "eta", "curve"}
+    assert result["k"] == direct.k and result["eta"] == 0.003
+    assert [point["k"] for point in result["curve"]] == [k for k, _ in direct.curve] == [5, 6, 7]
+    assert [point["kl"] for point in result["curve"]] == pytest.approx([kl for _, kl in direct.curve], rel=1e-5)
