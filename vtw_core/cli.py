@@ -1,4 +1,4 @@
-"""`python -m vtw_core`: generate, flops, bench, search-k and attention from the command line.
+"""`python -m vtw_core`: generate, flops, bench, search-k, attention and eval from the command line.
 
 Every command that prints a result with `--json` prints exactly one JSON object, as the last line.
 """
@@ -198,6 +198,55 @@ def cmd_attention(args: argparse.Namespace) -> None:
         print(f"{layer:5d}  " + "  ".join(f"{shares[name]:11.3f}" for name in report["segments"]))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from vtw_core.evaluate import auto_k, evaluate_side, load_items
+
+    items = load_items(args.data, args.split, args.limit)
+    manager = _load(args)
+    if manager.processor is None:
+        raise VTWError("evaluation needs a model with a processor")
+    model, processor = manager.model, manager.processor
+    num_layers = manager.info.num_layers
+    report: dict = {"num_layers": num_layers, "data": args.data, "split": args.split, "questions": len(items)}
+    with manager.lock:
+        k = args.k
+        if k == "auto":
+            search = auto_k(model, processor, eta=args.eta)
+            report["kl_curve"] = search.to_dict()["curve"]
+            if search.k is None:
+                raise VTWError(f"no K meets eta = {args.eta:g} on the train calibration samples")
+            k = search.k
+        elif k is not None:
+            k = int(k)
+
+        def run(side_k):
+            label = "baseline" if side_k is None else f"VTW K={side_k}"
+            with tqdm(total=len(items), desc=label, unit="q", disable=args.json, leave=False) as bar:
+                return evaluate_side(model, processor, items, side_k, batch_size=args.batch_size,
+                                     progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
+
+        baseline = run(None)
+        report["baseline"] = baseline.to_dict()
+        if k is not None:
+            report["vtw"] = run(k).to_dict()
+        if args.all_k:
+            report["accuracy_per_k"] = [{"k": i, **run(i).to_dict()} for i in range(1, num_layers)]
+    if args.json:
+        _print_json(report)
+        return
+    print(f"{manager.info.describe()}; {args.data} {args.split}: {len(items)} questions")
+    rows = [("baseline", report["baseline"])] + ([(f"VTW K={k}", report["vtw"])] if "vtw" in report else [])
+    rows += [(f"VTW K={row['k']}", row) for row in report.get("accuracy_per_k", [])]
+    print("| setting | accuracy | time s | prefill MFLOPs/question | FLOPs ratio |")
+    print("|---|---|---|---|---|")
+    for label, row in rows:
+        ratio = row["prefill_flops"] / report["baseline"]["prefill_flops"]
+        print(f"| {label} | {row['accuracy']:.4f} | {row['time_s']:.1f} | {row['prefill_flops'] / 1e6:.2f} "
+              f"| {ratio:.3f} |")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vtw_core", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--plot", help="save the stacked per-layer shares to this PNG")
     attention.add_argument("--json", action="store_true")
     attention.set_defaults(handler=cmd_attention)
+    evaluate = commands.add_parser("eval", help="VQA accuracy, time and FLOPs of the baseline and of VTW")
+    _add_model_options(evaluate)
+    evaluate.add_argument("--data", default="easy-vqa", help="easy-vqa, or a JSONL of {image, question, answer}")
+    evaluate.add_argument("--split", default="test", choices=["train", "test"], help="easy-vqa split")
+    evaluate.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    evaluate.add_argument("--k", default=None, help="K, or 'auto' (K search on 20 train-split samples)")
+    evaluate.add_argument("--eta", type=float, default=0.003, help="KL threshold for --k auto")
+    evaluate.add_argument("--all-k", action="store_true", help="also the accuracy at every K from 1 to N-1")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(handler=cmd_eval)
     return parser
 
 

@@ -384,8 +384,12 @@ def generate_batch(
     position_mode: PositionMode = "original",
     sampling: SamplingConfig = SamplingConfig(),
     engine: DecodeEngine = "auto",
+    stats: GenerationStats | None = None,
 ) -> list[list[int]]:
-    """Generated token ids per conversation, batched with left padding; each row ends at its first EOS."""
+    """Generated token ids per conversation, batched with left padding; each row ends at its first EOS.
+
+    `stats`, when given, receives the batch's token counts and FLOPs (summed over rows).
+    """
     model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype)
     _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
     eos_ids = _eos_token_ids(model, processor)
@@ -401,6 +405,7 @@ def generate_batch(
             eos_token_ids=eos_ids,
             pad_token_id=pad,
             engine=engine,
+            stats=stats,
         )
     )
     outputs = []

@@ -171,16 +171,20 @@ def _merges_of(tokenizer: Tokenizer) -> list[tuple[str, str]]:
     return [tuple(m.split(" ", 1)) if isinstance(m, str) else (m[0], m[1]) for m in merges]
 
 
-def _train_bpe(tokenizer: Tokenizer, trainer: trainers.BpeTrainer, expected_size: int) -> None:
+def _train_bpe(
+    tokenizer: Tokenizer, trainer: trainers.BpeTrainer, expected_size: int, lines: tuple[str, ...] | None = None
+) -> None:
     # One sequence per line, so no piece spans a line break: "\n" stays a single byte token, as in the real ones.
-    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    tokenizer.train_from_iterator(lines or CORPUS.splitlines(), trainer=trainer)
     if tokenizer.get_vocab_size() != expected_size:
         raise RuntimeError(f"tiny BPE reached {tokenizer.get_vocab_size()} pieces, expected {expected_size}")
 
 
 @cache
-def _llama_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    base_size = VOCAB_SIZE - 2  # <image> and <pad> come after the trained vocabulary, as in llava-hf
+def _llama_vocab_and_merges(
+    base_size: int = VOCAB_SIZE - 2, lines: tuple[str, ...] | None = None
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    # base_size: <image> and <pad> come after the trained vocabulary, as in llava-hf.
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     # Train on ▁-prefixed words (split=True) so that no merge crosses a word boundary, as in Llama's
     # sentencepiece model; LlamaTokenizer itself then runs Metaspace without splitting.
@@ -188,8 +192,20 @@ def _llama_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     trainer = trainers.BpeTrainer(
         vocab_size=base_size, special_tokens=LLAMA_SPECIALS + LLAMA_BYTES, min_frequency=2, show_progress=False
     )
-    _train_bpe(bpe, trainer, base_size)
+    _train_bpe(bpe, trainer, base_size, lines)
     return bpe.get_vocab(), _merges_of(bpe)
+
+
+def llava_tokenizer(lines: tuple[str, ...] | None = None, base_size: int = VOCAB_SIZE - 2) -> LlamaTokenizer:
+    """A Llama BPE tokenizer (byte fallback) trained on `lines`, then <image> and <pad>, in llava-hf's layout."""
+    vocab, merges = _llama_vocab_and_merges(base_size, lines)
+    tokenizer = LlamaTokenizer(
+        vocab=dict(vocab), merges=list(merges), add_bos_token=True, legacy=False, padding_side="left"
+    )
+    # One call each, in this order, so the ids are <image> = base_size, <pad> = base_size + 1 as in llava-hf.
+    tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
+    tokenizer.add_special_tokens({"pad_token": LLAVA_PAD_TOKEN})
+    return tokenizer
 
 
 @cache
@@ -217,13 +233,7 @@ def build_tiny_tokenizer(family: str) -> LlamaTokenizer | Qwen2Tokenizer:
     """
     _check_family(family)
     if family in ("llava", "llava_next"):
-        vocab, merges = _llama_vocab_and_merges()
-        tokenizer = LlamaTokenizer(
-            vocab=dict(vocab), merges=list(merges), add_bos_token=True, legacy=False, padding_side="left"
-        )
-        # One call each, in this order, so the ids are <image>=VOCAB_SIZE-2, <pad>=VOCAB_SIZE-1 as in llava-hf.
-        tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
-        tokenizer.add_special_tokens({"pad_token": LLAVA_PAD_TOKEN})
+        tokenizer = llava_tokenizer()
         expected = {LLAVA_IMAGE_TOKEN: LLAVA_IMAGE_TOKEN_ID, LLAVA_PAD_TOKEN: LLAVA_PAD_TOKEN_ID, "</s>": 2}
     else:
         vocab, merges = _qwen_vocab_and_merges()

@@ -1,0 +1,77 @@
+"""VQA evaluation: scoring rules, the eval command on a tiny model, and the train-only calibration."""
+
+from __future__ import annotations
+
+import json
+
+from vtw_core.cli import main
+from vtw_core.easyvqa import answer_sentence, answers, is_correct, load_split, normalise, predicted_answer
+from vtw_core.evaluate import evaluate_side, load_items, train_calibration
+from vtw_core.manager import ModelManager
+
+
+def test_easy_vqa_is_available_offline():
+    train, test = load_split("train"), load_split("test")
+    assert (len(train), len(test)) == (38575, 9673)
+    assert len({item.image for item in test}) == 1000
+    assert set(answers()) == {item.answer for item in test}
+    assert len(answers()) == 13
+
+
+def test_scoring_rules():
+    vocabulary = answers()
+    assert normalise("It is a Circle!") == ["it", "is", "a", "circle"]
+    assert predicted_answer("It is a circle.", vocabulary) == "circle"
+    assert is_correct("It is a circle.", "circle", vocabulary)
+    assert not is_correct("It is a red circle.", "circle", vocabulary)  # the first answer word counts
+    assert is_correct("Yes.", "yes", vocabulary) and not is_correct("No.", "yes", vocabulary)
+    assert not is_correct("I cannot tell.", "blue", vocabulary)
+    assert is_correct("There are 2 cats.", "2 cats", [])  # free-form answers: words in order
+    assert not is_correct("There are 22 cats.", "2 cats", [])
+    for answer in vocabulary:  # every reply the default model is taught scores as its answer
+        assert is_correct(answer_sentence(answer), answer, vocabulary)
+
+
+def test_calibration_comes_from_the_train_split():
+    samples = train_calibration(20)
+    train_questions = {item.question for item in load_split("train")}
+    assert len(samples) == 20 and all(sample.question in train_questions for sample in samples)
+    test_images = {item.image for item in load_split("test")}
+    assert not any(
+        sample.images[0].filename in test_images for sample in samples if hasattr(sample.images[0], "filename")
+    )
+
+
+def test_evaluate_counts_and_flops(tiny_model_path):
+    manager = ModelManager.load(str(tiny_model_path("llava", 8)), device="cpu")
+    items = load_items("easy-vqa", "test", limit=10)
+    seen = []
+    base = evaluate_side(manager.model, manager.processor, items, None, batch_size=4,
+                         progress=lambda done, total: seen.append(done))  # fmt: skip
+    vtw = evaluate_side(manager.model, manager.processor, items, 2, batch_size=4)
+    assert seen == [4, 8, 10] and base.questions == 10 and 0 <= base.correct <= 10
+    assert vtw.prefill_flops < base.prefill_flops and vtw.k == 2
+    # Batching doesn't change the answers: one by one gives the same score.
+    assert evaluate_side(manager.model, manager.processor, items, 2, batch_size=1).correct == vtw.correct
+
+
+def test_eval_command_json(capsys, tiny_model_path, tmp_path, sample_images):
+    sample_images[0].save(tmp_path / "red.png")
+    rows = [{"image": "red.png", "question": "What colour?", "answer": "red"}] * 3
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    model = str(tiny_model_path("llava", 8))
+    code = main(["eval", "--model", model, "--data", str(tmp_path / "set.jsonl"), "--k", "3", "--all-k", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["num_layers"] == 8 and report["questions"] == 3
+    assert report["vtw"]["k"] == 3 and {"accuracy", "time_s", "prefill_flops"} <= set(report["baseline"])
+    assert [row["k"] for row in report["accuracy_per_k"]] == list(range(1, 8))
+    code = main(["eval", "--model", model, "--data", "easy-vqa", "--limit", "4", "--k", "auto", "--eta", "1e9",
+                 "--json"])  # fmt: skip
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and report["vtw"]["k"] == 5 and [p["k"] for p in report["kl_curve"]] == [5, 6, 7]
+    assert main(["eval", "--model", model, "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["eval", "--model", model, "--limit", "2", "--k", "auto", "--eta", "0"]) == 2
+    assert "no K meets eta" in capsys.readouterr().err

@@ -1,0 +1,99 @@
+"""The easy-vqa dataset (PyPI `easy-vqa`, MIT): 64x64 images of one coloured shape, with questions.
+
+Answers are one of 13 words (3 shapes, 8 colours, yes/no). The default model answers in a short sentence
+("It is a circle.", "It is red.", "Yes."); scoring reads the answer word back out of the reply:
+
+    normalise(reply) = lower case, punctuation removed, split on spaces
+    predicted answer = the first word of the normalised reply that is one of the 13 answers
+    correct          = predicted answer == the dataset's answer
+
+Answers outside that vocabulary (a user's JSONL file) count as correct when their normalised words appear,
+in order, in the normalised reply.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from vtw_core.errors import InputError
+
+SHAPES = ("circle", "rectangle", "triangle")
+YES_NO = ("yes", "no")
+
+
+@dataclass(frozen=True)
+class VQAItem:
+    image: str  # path
+    question: str
+    answer: str
+
+
+def _easy_vqa():
+    try:
+        import easy_vqa
+    except ImportError as error:
+        raise InputError("the easy-vqa dataset needs its package: pip install easy-vqa") from error
+    return easy_vqa
+
+
+def answers() -> list[str]:
+    return list(_easy_vqa().get_answers())
+
+
+def load_split(split: str = "test") -> list[VQAItem]:
+    """Every question of a split, in the package's order."""
+    dataset = _easy_vqa()
+    if split == "train":
+        questions, labels, image_ids = dataset.get_train_questions()
+        paths = dataset.get_train_image_paths()
+    elif split == "test":
+        questions, labels, image_ids = dataset.get_test_questions()
+        paths = dataset.get_test_image_paths()
+    else:
+        raise InputError(f"easy-vqa has the splits train and test, not {split!r}")
+    return [VQAItem(paths[i], q, a) for q, a, i in zip(questions, labels, image_ids, strict=True)]
+
+
+def load_jsonl(path: str | Path) -> list[VQAItem]:
+    """Rows of {"image": path relative to the file, "question": ..., "answer": ...}."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"evaluation file not found: {path}")
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                items.append(VQAItem(str(path.parent / row["image"]), row["question"], str(row["answer"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise InputError(f"{path.name}, line {number}: expected image, question and answer") from error
+    return items
+
+
+def answer_sentence(answer: str) -> str:
+    """The reply the default model is trained to give for a dataset answer."""
+    if answer in YES_NO:
+        return answer.capitalize() + "."
+    if answer in SHAPES:
+        return f"It is a {answer}."
+    return f"It is {answer}."
+
+
+def normalise(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split()
+
+
+def predicted_answer(reply: str, vocabulary: list[str] | tuple[str, ...]) -> str | None:
+    words = set(vocabulary)
+    return next((word for word in normalise(reply) if word in words), None)
+
+
+def is_correct(reply: str, answer: str, vocabulary: list[str] | tuple[str, ...]) -> bool:
+    """Normalised match: the first answer word in the reply equals the expected answer (any answer vocabulary)."""
+    expected = " ".join(normalise(answer))
+    if expected not in vocabulary:  # free-form answers (JSONL): the answer's words, in order, in the reply
+        return f" {expected} " in f" {' '.join(normalise(reply))} "
+    return predicted_answer(reply, vocabulary) == expected

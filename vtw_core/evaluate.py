@@ -1,0 +1,99 @@
+"""Accuracy, time and FLOPs of the baseline and of VTW on a VQA set (easy-vqa, or a JSONL file).
+
+Questions go through the model's chat template one user turn each, in left-padded batches, greedy; the reply
+is scored by normalised match (vtw_core.easyvqa). `k="auto"` picks K with the K search on calibration
+samples from the *train* split, never from the evaluated one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import cache
+from typing import Any
+
+from torch import nn
+
+from vtw_core.easyvqa import VQAItem, answers, is_correct, load_jsonl, load_split
+from vtw_core.errors import InputError
+from vtw_core.families import num_decoder_layers
+from vtw_core.generate import GenerationStats, SamplingConfig, generate_batch
+from vtw_core.images import load_image
+from vtw_core.prompts import user_message
+from vtw_core.search import CalibrationSample, KSearchResult, search_k
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class SideResult:
+    k: int | None
+    accuracy: float
+    correct: int
+    questions: int
+    time_s: float
+    prefill_flops: float  # mean per question, language model
+    decode_flops: float  # mean per question
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@cache
+def _image(path: str):
+    return load_image(path)
+
+
+def load_items(data: str, split: str = "test", limit: int | None = None) -> list[VQAItem]:
+    items = load_split(split) if data == "easy-vqa" else load_jsonl(data)
+    if limit is not None:
+        if limit < 1:
+            raise InputError(f"--limit must be positive, got {limit}")
+        items = items[:limit]
+    return items
+
+
+def evaluate_side(
+    model: nn.Module,
+    processor: Any,
+    items: Sequence[VQAItem],
+    k: int | None,
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+    progress: Progress | None = None,
+) -> SideResult:
+    """Greedy replies for every item at one K (None: baseline), scored, timed, with analytic FLOPs."""
+    vocabulary = answers() if all(item.answer in answers() for item in items[:50]) else []
+    tokenizer = getattr(processor, "tokenizer", processor)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    correct = 0
+    prefill_flops = decode_flops = 0
+    started = time.perf_counter()
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        conversations = [[user_message(item.question, 1)] for item in chunk]
+        images = [[_image(item.image)] for item in chunk]
+        stats = GenerationStats(k=k, num_layers=num_decoder_layers(model.config))
+        outputs = generate_batch(model, processor, conversations, images, k=k, sampling=sampling, stats=stats)
+        prefill_flops += stats.prefill_flops
+        decode_flops += stats.decode_flops
+        for item, ids in zip(chunk, outputs, strict=True):
+            correct += is_correct(tokenizer.decode(ids, skip_special_tokens=True), item.answer, vocabulary)
+        if progress is not None:
+            progress(min(start + batch_size, len(items)), len(items))
+    elapsed = time.perf_counter() - started
+    count = max(len(items), 1)
+    return SideResult(k, correct / count, correct, len(items), elapsed, prefill_flops / count, decode_flops / count)
+
+
+def train_calibration(count: int = 20) -> list[CalibrationSample]:
+    """`count` train-split questions spread evenly over the split (never test data)."""
+    items = load_split("train")
+    step = len(items) // count
+    return [CalibrationSample(item.question, [_image(item.image)]) for item in items[::step][:count]]
+
+
+def auto_k(model: nn.Module, processor: Any, eta: float = 0.003, samples: int = 20) -> KSearchResult:
+    return search_k(model, processor, train_calibration(samples), eta=eta)
