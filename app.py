@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 
 def main() -> int:
@@ -21,23 +20,13 @@ def main() -> int:
     args = parser.parse_args()
 
     from app.ui import build_demo, launch_options
-    from vtw_core.defaults import DEFAULT_MODEL
+    from vtw_core.defaults import require_model
     from vtw_core.errors import VTWError
     from vtw_core.manager import ModelManager
 
-    banner = ""
-    source = args.model or DEFAULT_MODEL
-    if source is None:
-        from vtw_core.tiny import build_tiny_model
-
-        # Until a trained default model ships, a tiny random-weight LLaVA makes the page work offline.
-        source = str(Path.home() / ".cache" / "vtw-chat" / "tiny-llava-demo")
-        if not (Path(source) / "config.json").exists():
-            build_tiny_model("llava", source, num_layers=8)
-        banner = "⚠️ Demo model with **random weights**: the answers are noise; the mechanics and counters are real."
     try:
         manager = ModelManager.load(
-            source,
+            require_model(args.model),
             device=args.device,
             dtype=args.dtype,
             attention=args.attention,
@@ -46,7 +35,7 @@ def main() -> int:
     except VTWError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    demo = build_demo(manager, banner)
+    demo = build_demo(manager)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
     return 0
 

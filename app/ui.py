@@ -27,6 +27,9 @@ CSS = """
 #summary { min-height: 3em; }
 """
 EXAMPLE_QUESTIONS = {
+    "easyvqa-0": "what is the red shape?",
+    "easyvqa-1": "what is the color of the rectangle?",
+    "easyvqa-2": "is there a rectangle?",
     "astronaut": "Who or what is in this picture?",
     "coffee": "What is on the table?",
     "chelsea": "What animal is this, and what colour is it?",
@@ -37,7 +40,8 @@ EXAMPLE_QUESTIONS = {
 def example_inputs() -> list[dict[str, Any]]:
     """Examples for the question box: every image under assets/examples with a question."""
     examples = []
-    for path in sorted(EXAMPLES.glob("*.jpg")) + sorted(EXAMPLES.glob("*.png")):
+    # easy-vqa first: the embedded default model was trained on that kind of picture and question.
+    for path in sorted(EXAMPLES.glob("*.png")) + sorted(EXAMPLES.glob("*.jpg")):
         question = EXAMPLE_QUESTIONS.get(path.stem, "What is in this picture?")
         examples.append({"text": question, "files": [str(path)]})
     return examples

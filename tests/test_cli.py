@@ -145,7 +145,6 @@ def test_llava_next_token_count_matches_the_processor(tiny_model_path, sample_im
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["generate", "--prompt", "Hi"], "no --model given"),
         (["generate", "--model", "MODEL", "--image", "/no/such.png", "--prompt", "Hi"], "image file not found"),
         (["generate", "--model", "MODEL", "--image", "CORRUPT", "--prompt", "Hi"], "corrupt or truncated"),
         (["generate", "--model", "MODEL", "--image", "TEXT", "--prompt", "Hi"], "not an image"),
@@ -209,3 +208,11 @@ def test_attention_json_and_plot(capsys, tiny_model_path, image_file, tmp_path):
     code, out, _ = run_cli(capsys, "attention", "--model", str(tiny_model_path("llava")), "--image", image_file,
                            "--prompt", "What?", "--k", "2")  # fmt: skip
     assert code == 0 and "last prompt token" in out
+
+
+def test_missing_default_model_is_a_clear_error(capsys, monkeypatch, tmp_path):
+    import vtw_core.defaults
+
+    monkeypatch.setattr(vtw_core.defaults, "DEFAULT_MODEL_DIR", tmp_path / "nothing-here")
+    code, _, err = run_cli(capsys, "generate", "--prompt", "Hi")
+    assert code == 2 and "no --model given and the embedded default model is missing" in err

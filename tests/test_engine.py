@@ -64,19 +64,16 @@ def record_language_model_call(model, inputs) -> tuple[tuple, dict]:
     return output.hidden_states, seen
 
 
-def reference_vtw_logits(model, inputs, k: int, rearrange: bool = False) -> torch.Tensor:
-    """Layers < k on every token (stock forward), then a stock decoder made of layers >= k on text tokens only."""
-    hidden_states, seen = record_language_model_call(model, inputs)
-    input_ids = inputs["input_ids"][0]
-    keep = ~torch.isin(input_ids, torch.tensor([model.config.image_token_id]))
+def stock_positions(seen: dict, length: int) -> torch.Tensor:
+    """The position ids the stock model gave its language model: (1, seq) or (3, 1, seq)."""
     positions = seen.get("position_ids")
     if positions is None:
-        positions = torch.arange(len(input_ids))[None]
-    elif positions.ndim == 3 and positions.shape[0] == 4:
-        positions = positions[1:]
-    positions = positions[..., keep]
-    if rearrange:
-        positions = torch.arange(int(keep.sum()))[None].expand(*positions.shape[:-1], -1)
+        return torch.arange(length)[None]
+    return positions[1:] if positions.ndim == 3 and positions.shape[0] == 4 else positions
+
+
+def deep_layers_logits(model, layer_input, positions, k: int) -> torch.Tensor:
+    """A stock decoder made of layers >= k, run from layer k's input on the given (kept) tokens."""
     deep = copy.copy(model.model.language_model)
     deep._modules = dict(deep._modules)  # a shallow copy shares the submodule dict: don't cut the real model
     deep.config = copy.deepcopy(deep.config)
@@ -86,11 +83,20 @@ def reference_vtw_logits(model, inputs, k: int, rearrange: bool = False) -> torc
         deep.config.layer_types = deep.config.layer_types[k:]
     with torch.no_grad():
         # An explicit mask: with none, stock code reads the gap in the position ids as a packed-sequence boundary.
-        mask = torch.ones(1, int(keep.sum()), dtype=torch.long)
-        text_hidden = deep(
-            inputs_embeds=hidden_states[k][:, keep], attention_mask=mask, position_ids=positions, use_cache=False
-        )
-        return model.lm_head(text_hidden.last_hidden_state[:, -1]).float()
+        mask = torch.ones(1, layer_input.shape[1], dtype=torch.long)
+        hidden = deep(inputs_embeds=layer_input, attention_mask=mask, position_ids=positions, use_cache=False)
+        return model.lm_head(hidden.last_hidden_state[:, -1]).float()
+
+
+def reference_vtw_logits(model, inputs, k: int, rearrange: bool = False) -> torch.Tensor:
+    """Layers < k on every token (stock forward), then a stock decoder made of layers >= k on text tokens only."""
+    hidden_states, seen = record_language_model_call(model, inputs)
+    input_ids = inputs["input_ids"][0]
+    keep = ~torch.isin(input_ids, torch.tensor([model.config.image_token_id]))
+    positions = stock_positions(seen, len(input_ids))[..., keep]
+    if rearrange:
+        positions = torch.arange(int(keep.sum()))[None].expand(*positions.shape[:-1], -1)
+    return deep_layers_logits(model, hidden_states[k][:, keep], positions, k)
 
 
 def reference_vtw_tokens(model, inputs, k: int, steps: int = 8, rearrange: bool = False) -> list[int]:

@@ -64,28 +64,33 @@ def _rotate(attention: nn.Module, query: torch.Tensor, cos: torch.Tensor, sin: t
 
 
 def query_attention(
-    model: nn.Module, layer_idx: int, hidden_row: torch.Tensor, position_row: torch.Tensor, keys: torch.Tensor,
-    key_valid: torch.Tensor,
+    model: nn.Module, layer_idx: int, hidden_rows: torch.Tensor, position_rows: torch.Tensor, keys: torch.Tensor,
+    key_valid: torch.Tensor, query_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Attention probabilities (batch, keys), mean over heads, of one query row against cached keys.
+    """Attention probabilities (batch, queries, keys), mean over heads, of some query rows against cached keys.
 
-    hidden_row: the layer's input at the query token (batch, 1, hidden); position_row: its position ids
-    (batch, 1) or (3, batch, 1); keys: the layer's cache (batch, kv_heads, keys, head_dim), rotary applied;
-    key_valid: (batch, keys) bool.
+    hidden_rows: the layer's input at the query tokens (batch, queries, hidden); position_rows: their position
+    ids (batch, queries) or (3, batch, queries); keys: the layer's cache (batch, kv_heads, keys, head_dim),
+    rotary applied; key_valid: (batch, keys) bool; query_slots: each query's own slot in the cache (batch,
+    queries), so it sees only keys up to it (causal); None: every valid key (the newest token).
     """
     decoder = language_model(model)
     layer = decoder.layers[layer_idx]
     attention = layer.self_attn
-    batch = hidden_row.shape[0]
+    batch, queries, _ = hidden_rows.shape
     head_dim = keys.shape[-1]
-    normed = layer.input_layernorm(hidden_row)
-    query = attention.q_proj(normed).view(batch, 1, -1, head_dim).transpose(1, 2)  # (batch, heads, 1, head_dim)
-    cos, sin = decoder.rotary_emb(normed, position_row)
+    normed = layer.input_layernorm(hidden_rows)
+    query = attention.q_proj(normed).view(batch, queries, -1, head_dim).transpose(1, 2)  # (batch, heads, q, d)
+    cos, sin = decoder.rotary_emb(normed, position_rows)
     query = _rotate(attention, query, cos, sin)
     keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)  # grouped-query heads
-    scores = (query.float() @ keys.float().transpose(-1, -2)) * attention.scaling  # (batch, heads, 1, keys)
-    scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
-    return scores.softmax(-1).mean(1)[:, 0]
+    scores = (query.float() @ keys.float().transpose(-1, -2)) * attention.scaling  # (batch, heads, q, keys)
+    allowed = key_valid[:, None, :].expand(-1, queries, -1)  # (batch, q, keys)
+    if query_slots is not None:
+        slots = torch.arange(keys.shape[2], device=keys.device)
+        allowed = allowed & (slots[None, None, :] <= query_slots[:, :, None])
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return scores.softmax(-1).mean(1)
 
 
 def _layer_shares(
@@ -95,7 +100,7 @@ def _layer_shares(
     group = state.groups[state.group_of_layer[layer_idx]]
     keys = state.cache.layers[layer_idx].keys
     valid = group.valid[:, : keys.shape[2]]
-    probabilities = query_attention(model, layer_idx, hidden_row, position_row, keys, valid)[0]  # batch 1
+    probabilities = query_attention(model, layer_idx, hidden_row, position_row, keys, valid)[0, 0]  # batch 1
     prompt_slots = group.prompt_index.shape[1]
     slot_labels = torch.full((keys.shape[2],), OUTPUT, dtype=torch.long, device=keys.device)
     slot_labels[:prompt_slots] = labels[group.prompt_index[0]]

@@ -1,20 +1,27 @@
-"""The model used when the user names none."""
+"""The model used when the user names none: the small LLaVA trained on easy-vqa, shipped in assets/."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from vtw_core.errors import VTWError
 
-# The embedded default model (a small LLaVA trained on easy-vqa) is not shipped yet.
-DEFAULT_MODEL: str | None = None
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default-model"
+
+
+def default_model() -> str | None:
+    """The embedded default model's folder, if this checkout has it."""
+    return str(DEFAULT_MODEL_DIR) if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
 
 
 def require_model(model: str | None) -> str:
     """The model the user named, else the embedded default, else a message saying what to pass."""
     if model:
         return model
-    if DEFAULT_MODEL is not None:
-        return DEFAULT_MODEL
+    fallback = default_model()
+    if fallback is not None:
+        return fallback
     raise VTWError(
-        "no --model given and no embedded default model is installed yet; pass a hub id such as "
-        "llava-hf/llava-1.5-7b-hf or a local model folder"
+        f"no --model given and the embedded default model is missing ({DEFAULT_MODEL_DIR}); pass a hub id such "
+        "as llava-hf/llava-1.5-7b-hf or a local model folder"
     )

@@ -250,6 +250,9 @@ def run_decoder(
             )
         group_of_layer.append(len(groups) - 1)
         tokens_per_layer.append(tokens.valid.sum(1))
+        # Selectors that rank tokens by attention (FastV, G-Search) note the layer's actual input here.
+        if selector is not None and hasattr(selector, "observe"):
+            selector.observe(layer_idx, hidden_states, tokens)
         if observer is not None:
             observer(layer_idx, hidden_states, tokens)
         hidden_states = _run_layer(layer, hidden_states, groups[-1], cache)

@@ -26,6 +26,7 @@ from vtw_core.errors import InputError, ResourceError
 from vtw_core.families import num_decoder_layers
 from vtw_core.fast import GraphedDecodeStep, fast_state_from_prefill, static_decode_step
 from vtw_core.prompts import Message, build_model_inputs
+from vtw_core.schedules import Schedule, ScheduleSelector
 
 DecodeEngine = Literal["auto", "plain", "static", "graph"]
 
@@ -177,6 +178,7 @@ def generate_tokens(
     stop_event: threading.Event | None = None,
     stats: GenerationStats | None = None,
     engine: DecodeEngine = "auto",
+    schedule: Schedule | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (batch,) until every row has ended or the stop event is set.
 
@@ -184,10 +186,16 @@ def generate_tokens(
     token counts, FLOPs and KV-cache size are filled in as generation proceeds. `engine`: "plain" (growing
     caches), "static" (preallocated buffers, vtw_core.fast), "graph" (static + the step as a CUDA graph),
     or "auto" (graph on CUDA where supported, plain elsewhere); `stats.engine` says which one ran.
+    `schedule` (vtw_core.schedules) replaces K with a per-layer vision-token schedule (FastV, G-Search, ...).
     """
     sampling.validate()
     num_layers = num_decoder_layers(model.config)
-    selector = withdrawal_selector(k, num_layers)
+    if schedule is not None:
+        if k is not None:
+            raise InputError("pass either K (VTW) or a schedule, not both")
+        selector = ScheduleSelector(model, schedule, num_layers)  # per request: it holds ranking rows
+    else:
+        selector = withdrawal_selector(k, num_layers)
     device = model_inputs["input_ids"].device
     generator = None
     if sampling.do_sample:
