@@ -21,6 +21,7 @@ from vtw_core.families import num_decoder_layers
 from vtw_core.generate import GenerationStats, SamplingConfig, generate_batch
 from vtw_core.images import load_image
 from vtw_core.prompts import user_message
+from vtw_core.schedules import Schedule
 from vtw_core.search import CalibrationSample, KSearchResult, search_k
 
 Progress = Callable[[int, int], None]
@@ -29,6 +30,7 @@ Progress = Callable[[int, int], None]
 @dataclass
 class SideResult:
     k: int | None
+    method: str
     accuracy: float
     correct: int
     questions: int
@@ -60,6 +62,7 @@ def evaluate_side(
     items: Sequence[VQAItem],
     k: int | None,
     *,
+    schedule: Schedule | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 8,
     progress: Progress | None = None,
@@ -76,7 +79,9 @@ def evaluate_side(
         conversations = [[user_message(item.question, 1)] for item in chunk]
         images = [[_image(item.image)] for item in chunk]
         stats = GenerationStats(k=k, num_layers=num_decoder_layers(model.config))
-        outputs = generate_batch(model, processor, conversations, images, k=k, sampling=sampling, stats=stats)
+        outputs = generate_batch(
+            model, processor, conversations, images, k=k, sampling=sampling, stats=stats, schedule=schedule
+        )
         prefill_flops += stats.prefill_flops
         decode_flops += stats.decode_flops
         for item, ids in zip(chunk, outputs, strict=True):
@@ -85,7 +90,10 @@ def evaluate_side(
             progress(min(start + batch_size, len(items)), len(items))
     elapsed = time.perf_counter() - started
     count = max(len(items), 1)
-    return SideResult(k, correct / count, correct, len(items), elapsed, prefill_flops / count, decode_flops / count)
+    label = schedule.name if schedule is not None else ("baseline" if k is None else f"VTW K={k}")
+    return SideResult(
+        k, label, correct / count, correct, len(items), elapsed, prefill_flops / count, decode_flops / count
+    )
 
 
 def train_calibration(count: int = 20) -> list[CalibrationSample]:

@@ -295,6 +295,7 @@ def stream_generate(
     sampling: SamplingConfig = SamplingConfig(),
     stop_event: threading.Event | None = None,
     engine: DecodeEngine = "auto",
+    schedule: Schedule | None = None,
 ) -> Iterator[StreamEvent]:
     """Answer one conversation, yielding text deltas with live stats; the last event has finished=True."""
     start = time.perf_counter()
@@ -330,6 +331,7 @@ def stream_generate(
             stop_event=stop_event,
             stats=stats,
             engine=engine,
+            schedule=schedule,
         )
         for tokens in steps:
             token = int(tokens[0])
@@ -393,6 +395,7 @@ def generate_batch(
     sampling: SamplingConfig = SamplingConfig(),
     engine: DecodeEngine = "auto",
     stats: GenerationStats | None = None,
+    schedule: Schedule | None = None,
 ) -> list[list[int]]:
     """Generated token ids per conversation, batched with left padding; each row ends at its first EOS.
 
@@ -414,6 +417,7 @@ def generate_batch(
             pad_token_id=pad,
             engine=engine,
             stats=stats,
+            schedule=schedule,
         )
     )
     outputs = []

@@ -20,6 +20,7 @@ from vtw_core.errors import InputError, VTWError
 from vtw_core.families import SUPPORTED_FAMILIES, model_family, num_decoder_layers
 from vtw_core.generate import DecodeEngine, GenerationResult, SamplingConfig, StreamEvent, generate, stream_generate
 from vtw_core.prompts import Message
+from vtw_core.schedules import Schedule
 from vtw_core.tiny import load_processor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -151,6 +152,7 @@ class ModelManager:
         sampling: SamplingConfig = SamplingConfig(),
         stop_event: threading.Event | None = None,
         engine: DecodeEngine = "auto",
+        schedule: Schedule | None = None,
     ) -> Iterator[StreamEvent]:
         """Stream one answer; the device is held for the whole answer, so each request's numbers are its own."""
         self._require_processor()
@@ -165,6 +167,7 @@ class ModelManager:
                 sampling=sampling,
                 stop_event=stop_event,
                 engine=engine,
+                schedule=schedule,
             )
 
     def race(self, requests: dict[str, dict[str, Any]]) -> Iterator[tuple[str, StreamEvent]]:
