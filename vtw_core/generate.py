@@ -248,14 +248,18 @@ class _Decoder:
 
     def __init__(self, model: nn.Module, state: DecodeState, engine: str, max_new_tokens: int, stats):
         self.model, self.state, self.engine, self.stats = model, state, engine, stats
-        self.fast = fast_state_from_prefill(state, max_new_tokens) if engine != "plain" else None
+        self.max_new_tokens = max_new_tokens
+        self.fast = None  # built at the first decode step, so the first token is not delayed by the copy
         self.graphed: GraphedDecodeStep | None = None
         if stats is not None:
             stats.engine = engine
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.fast is None:
+        if self.engine == "plain":
             return decode_step(self.model, self.state, tokens[:, None])
+        if self.fast is None:
+            self.fast = fast_state_from_prefill(self.state, self.max_new_tokens)
+            self.state = None  # the buffers hold the caches now; let the prefill's cache go
         self.fast.input_ids.copy_(tokens[:, None])
         if self.engine == "graph":
             if self.graphed is None:
