@@ -63,7 +63,7 @@ def build_config(layers: int, hidden: int, vision_layers: int) -> LlavaConfig:
 
 def build_processor() -> LlavaProcessor:
     items = load_split("train")
-    lines = sorted({item.question for item in items} | {answer_sentence(item.answer) for item in items})
+    lines = sorted({item.question for item in items} | {answer_sentence(item.answer, "sentence") for item in items})
     corpus = (*lines, "USER: ASSISTANT: What is in the image? Describe the picture. What colour is it?")
     tokenizer = llava_tokenizer(corpus, TRAINED_VOCAB)
     image_processor = CLIPImageProcessorPil(
@@ -76,7 +76,7 @@ def build_processor() -> LlavaProcessor:
     )  # fmt: skip
 
 
-def encode_examples(processor: LlavaProcessor, items) -> list[tuple[list[int], int]]:
+def encode_examples(processor: LlavaProcessor, items, style: str) -> list[tuple[list[int], int]]:
     """Token ids of prompt + reply + </s>, and where the reply starts (the loss covers only the reply)."""
     tokenizer = processor.tokenizer
     image_tokens = "<image>" * ((IMAGE_SIZE // PATCH) ** 2)
@@ -88,7 +88,7 @@ def encode_examples(processor: LlavaProcessor, items) -> list[tuple[list[int], i
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}]
             prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             prompt_ids = tokenizer(prompt.replace("<image>", image_tokens))["input_ids"]
-            reply_ids = tokenizer(" " + answer_sentence(item.answer), add_special_tokens=False)["input_ids"]
+            reply_ids = tokenizer(" " + answer_sentence(item.answer, style), add_special_tokens=False)["input_ids"]
             cache[key] = (prompt_ids + reply_ids + [tokenizer.eos_token_id], len(prompt_ids))
         encoded.append(cache[key])
     return encoded
@@ -119,7 +119,7 @@ def batches(examples, image_index, pixels, batch_size, generator, pad_id):
             labels[row, reply_start : len(ids)] = torch.tensor(ids[reply_start:])
             mask[row, : len(ids)] = 1
         images = pixels[[image_index[i] for i in chosen]]
-        flip = torch.rand(batch_size, generator=generator) < 0.5  # mirror images: shapes and colours don't change
+        flip = (torch.rand(batch_size, generator=generator) < 0.5).to(pixels.device)  # mirrored: same answers
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         yield input_ids, mask, labels, images
 
@@ -127,34 +127,42 @@ def batches(examples, image_index, pixels, batch_size, generator, pad_id):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "assets" / "default-model"))
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=7000)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--vision-layers", type=int, default=3)
+    parser.add_argument("--vision-layers", type=int, default=6)
     parser.add_argument("--limit", type=int, default=None, help="train on the first N questions only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 matmuls")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--init", help="continue from this saved model (same architecture) instead of from scratch")
+    parser.add_argument("--reply-style", default="answer-first", choices=["answer-first", "sentence"])
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     torch.set_num_threads(args.threads)
     started = time.time()
-    processor = build_processor()
+    # Continuing a saved model keeps its tokenizer, so its embeddings still mean the same pieces.
+    processor = LlavaProcessor.from_pretrained(args.init) if args.init else build_processor()
     items = load_split("train")[: args.limit]
     paths = sorted({item.image for item in items})
     index_of = {path: i for i, path in enumerate(paths)}
     pixels = load_pixels(paths)
-    examples = encode_examples(processor, items)
+    examples = encode_examples(processor, items, args.reply_style)
     image_index = [index_of[item.image] for item in items]
     print(f"{len(items)} questions on {len(paths)} images, longest sequence {max(len(e[0]) for e in examples)}")
 
     config = build_config(args.layers, args.hidden, args.vision_layers)
-    model = LlavaForConditionalGeneration(config)
+    if args.init:
+        model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32).to(args.device)
+    else:
+        model = LlavaForConditionalGeneration(config).to(args.device)
     model.train()
+    pixels = pixels.to(args.device)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = min(200, args.steps // 10 + 1)
@@ -174,7 +182,8 @@ def main() -> None:
             examples, image_index, pixels, args.batch_size, generator, pad_id
         ):
             # bf16 matmuls (AVX-512 BF16 / AMX CPUs run them about twice as fast); weights and optimizer stay fp32.
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            input_ids, mask, labels = (t.to(args.device) for t in (input_ids, mask, labels))
+            with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
                 loss = model(input_ids=input_ids, attention_mask=mask, pixel_values=images, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -195,7 +204,7 @@ def main() -> None:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(out)  # half the bytes; vtw_core loads it in float32 on a CPU
+    model.to("cpu", torch.float16).save_pretrained(out)  # half the bytes; vtw_core loads it in float32 on a CPU
     processor.save_pretrained(out)
     minutes = (time.time() - started) / 60
     print(f"saved to {out} after {step} steps in {minutes:.1f} min (final smoothed loss {smoothed:.4f})")

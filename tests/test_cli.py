@@ -216,3 +216,25 @@ def test_missing_default_model_is_a_clear_error(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(vtw_core.defaults, "DEFAULT_MODEL_DIR", tmp_path / "nothing-here")
     code, _, err = run_cli(capsys, "generate", "--prompt", "Hi")
     assert code == 2 and "no --model given and the embedded default model is missing" in err
+
+
+def test_methods_through_the_cli(capsys, tiny_model_path, image_file, tmp_path):
+    model = str(tiny_model_path("llava", 8))
+    schedule = tmp_path / "schedule.json"
+    code, out, _ = run_cli(capsys, "schedule-search", "--model", model, "--samples", "2", "--tolerance", "0.001",
+                           "--out", str(schedule), "--json")  # fmt: skip
+    assert code == 0 and len(last_json(out)["schedule"]) == 8 and schedule.is_file()
+    code, out, _ = run_cli(capsys, "generate", "--model", model, "--image", image_file, "--prompt", "Hi",
+                           "--method", "fastv:2:0.5", "--max-new-tokens", "3", "--json")  # fmt: skip
+    fastv = last_json(out)["stats"]
+    code, out, _ = run_cli(capsys, "generate", "--model", model, "--image", image_file, "--prompt", "Hi",
+                           "--max-new-tokens", "3", "--json")  # fmt: skip
+    assert code == 0 and fastv["prefill_flops"] < last_json(out)["stats"]["prefill_flops"]
+    plot = tmp_path / "tradeoff.png"
+    code, out, _ = run_cli(capsys, "eval", "--model", model, "--limit", "4", "--method", "fastv:2:0.5",
+                           "--method", f"schedule:{schedule}", "--plot", str(plot), "--json")  # fmt: skip
+    report = last_json(out)
+    assert code == 0 and [row["spec"] for row in report["methods"]] == ["fastv:2:0.5", f"schedule:{schedule}"]
+    assert plot.stat().st_size > 10_000
+    code, _, err = run_cli(capsys, "generate", "--model", model, "--prompt", "Hi", "--method", "magic")
+    assert code == 2 and "unknown method" in err

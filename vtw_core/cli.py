@@ -58,7 +58,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
     manager = _load(args)
     last = None
-    for event in manager.stream(messages, images, k=args.k, position_mode=args.position_mode, sampling=sampling):
+    k, schedule = args.k, None
+    if args.method:
+        from vtw_core.methods import parse_method
+
+        if args.k is not None:
+            raise VTWError("pass --k (VTW) or --method, not both")
+        method = parse_method(args.method, manager.info.num_layers)
+        k, schedule = method.k, method.schedule
+    options = {"k": k, "schedule": schedule, "position_mode": args.position_mode, "sampling": sampling}
+    for event in manager.stream(messages, images, **options):
         if not args.json:
             print(event.text_delta, end="", flush=True)
         last = event
@@ -68,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         return
     print()
     stats = last.stats
-    side = "baseline" if args.k is None else f"VTW K={args.k}"
+    side = args.method or ("baseline" if args.k is None else f"VTW K={args.k}")
     print(
         f"[{side}] ttft {stats.ttft_s:.3f}s, total {stats.total_s:.3f}s, "
         f"{stats.new_tokens} new tokens, prefill {stats.prefill_flops / 1e12:.4g} TFLOPs, "
@@ -233,18 +242,66 @@ def cmd_eval(args: argparse.Namespace) -> None:
             report["vtw"] = run(k).to_dict()
         if args.all_k:
             report["accuracy_per_k"] = [{"k": i, **run(i).to_dict()} for i in range(1, num_layers)]
+        if args.method:
+            from vtw_core.methods import parse_method
+
+            report["methods"] = []
+            for spec in args.method:
+                method = parse_method(spec, num_layers, auto_k=k if isinstance(k, int) else None)
+                with tqdm(total=len(items), desc=method.label, unit="q", disable=args.json, leave=False) as bar:
+                    result = evaluate_side(model, processor, items, method.k, schedule=method.schedule,
+                                           batch_size=args.batch_size,
+                                           progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
+                report["methods"].append({"spec": spec, "label": method.label, **result.to_dict()})
+    if args.plot:
+        from vtw_core.plots import tradeoff_figure
+
+        tradeoff_figure(report).savefig(args.plot, dpi=150)
     if args.json:
         _print_json(report)
         return
     print(f"{manager.info.describe()}; {args.data} {args.split}: {len(items)} questions")
     rows = [("baseline", report["baseline"])] + ([(f"VTW K={k}", report["vtw"])] if "vtw" in report else [])
     rows += [(f"VTW K={row['k']}", row) for row in report.get("accuracy_per_k", [])]
+    rows += [(row["label"], row) for row in report.get("methods", [])]
     print("| setting | accuracy | time s | prefill MFLOPs/question | FLOPs ratio |")
     print("|---|---|---|---|---|")
     for label, row in rows:
         ratio = row["prefill_flops"] / report["baseline"]["prefill_flops"]
         print(f"| {label} | {row['accuracy']:.4f} | {row['time_s']:.1f} | {row['prefill_flops'] / 1e6:.2f} "
               f"| {ratio:.3f} |")  # fmt: skip
+
+
+def cmd_schedule_search(args: argparse.Namespace) -> None:
+    from vtw_core.calibration import load_calibration
+    from vtw_core.schedule_search import g_search, kl_score, p_sigmoid
+
+    manager = _load(args)
+    if manager.processor is None:
+        raise VTWError("the schedule search needs a model with a processor")
+    model, num_layers = manager.model, manager.info.num_layers
+    if args.data == "easy-vqa":
+        from vtw_core.evaluate import train_calibration
+
+        samples = train_calibration(args.samples)
+    else:
+        samples = load_calibration(args.data, limit=args.samples)
+    with manager.lock:
+        score = kl_score(model, manager.processor, samples, num_layers)
+        if args.algorithm == "gsearch":
+            schedule, log = g_search(score, num_layers, tolerance=args.tolerance)
+        else:
+            vision = int(getattr(model.config, "image_seq_length", 0) or 576)
+            schedule, log = p_sigmoid(score, model.config, num_layers, budget=args.budget, vision_tokens=vision,
+                                      text_tokens=args.text_tokens, trials=args.trials)  # fmt: skip
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(schedule.to_json() + "\n", encoding="utf-8")
+    if args.json:
+        _print_json({"schedule": list(schedule.keep), "name": schedule.name, "evaluations": len(log)})
+        return
+    print(f"{schedule.name}: keep shares per layer {[round(x, 3) for x in schedule.keep]} ({len(log)} evaluations)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     generate.add_argument("--prompt", required=True, help="the question")
     generate.add_argument("--k", type=int, default=None, help="withdraw vision tokens after K layers (none: baseline)")
+    generate.add_argument("--method", help="instead of --k: baseline, vtw:K, fastv:K:R or schedule:FILE")
     generate.add_argument("--position-mode", choices=["original", "rearrange"], default="original")
     generate.add_argument("--max-new-tokens", type=int, default=128)
     generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -315,6 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--plot", help="save the stacked per-layer shares to this PNG")
     attention.add_argument("--json", action="store_true")
     attention.set_defaults(handler=cmd_attention)
+    schedules = commands.add_parser("schedule-search", help="G-Search or P-Sigmoid per-layer vision-token schedules")
+    _add_model_options(schedules)
+    schedules.add_argument("--algorithm", choices=["gsearch", "psigmoid"], default="gsearch")
+    schedules.add_argument("--data", default="default", help="calibration JSONL, 'default', or 'easy-vqa' (train)")
+    schedules.add_argument("--samples", type=int, default=20)
+    schedules.add_argument("--tolerance", type=float, default=0.003, help="G-Search: allowed mean-KL increase")
+    schedules.add_argument("--budget", type=float, default=0.5, help="P-Sigmoid: prefill FLOPs / baseline")
+    schedules.add_argument("--trials", type=int, default=30, help="P-Sigmoid: optimisation trials")
+    schedules.add_argument("--text-tokens", type=int, default=62, help="P-Sigmoid: text tokens for the FLOPs")
+    schedules.add_argument("--out", help="write the schedule as JSON (for --method schedule:FILE)")
+    schedules.add_argument("--json", action="store_true")
+    schedules.set_defaults(handler=cmd_schedule_search)
+
     evaluate = commands.add_parser("eval", help="VQA accuracy, time and FLOPs of the baseline and of VTW")
     _add_model_options(evaluate)
     evaluate.add_argument("--data", default="easy-vqa", help="easy-vqa, or a JSONL of {image, question, answer}")
@@ -324,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eta", type=float, default=0.003, help="KL threshold for --k auto")
     evaluate.add_argument("--all-k", action="store_true", help="also the accuracy at every K from 1 to N-1")
     evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument(
+        "--method", action="append", default=[],
+        help="also evaluate a method (repeatable): vtw:K, vtw:auto, fastv:K:R, schedule:FILE",
+    )  # fmt: skip
+    evaluate.add_argument("--plot", help="save accuracy against prefill TFLOPs (a point per setting) to this PNG")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=cmd_eval)
     return parser

@@ -73,13 +73,22 @@ def load_jsonl(path: str | Path) -> list[VQAItem]:
     return items
 
 
-def answer_sentence(answer: str) -> str:
-    """The reply the default model is trained to give for a dataset answer."""
+def answer_sentence(answer: str, style: str = "answer-first") -> str:
+    """The reply the default model is trained to give for a dataset answer.
+
+    "answer-first" ("Red, the shape is red.") puts the answer in the first reply token, so the next-token
+    distribution at the end of the prompt, which the K search compares, depends on the image. "sentence"
+    ("It is red.") was the first training stage's style: its first token depends on the question only.
+    """
     if answer in YES_NO:
         return answer.capitalize() + "."
-    if answer in SHAPES:
-        return f"It is a {answer}."
-    return f"It is {answer}."
+    if style == "sentence":
+        return f"It is a {answer}." if answer in SHAPES else f"It is {answer}."
+    return (
+        f"{answer.capitalize()}, the shape is a {answer}."
+        if answer in SHAPES
+        else f"{answer.capitalize()}, the shape is {answer}."
+    )
 
 
 def normalise(text: str) -> list[str]:

@@ -63,3 +63,22 @@ def attention_figure(report: dict[str, Any], token: str = "prompt") -> Figure:
     axes.set_title(f"Where the {label} looks, per layer")
     axes.legend(ncols=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, -0.42))
     return figure
+
+
+def tradeoff_figure(report: dict[str, Any]) -> Figure:
+    """Accuracy against prefill TFLOPs per question: a point per method and setting (both papers' trade-off)."""
+    figure, axes = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    points = [("baseline", report["baseline"], "black")]
+    if "vtw" in report:
+        points.append((f"VTW K={report['vtw']['k']} (searched)", report["vtw"], "#e4572e"))
+    points += [(f"VTW K={row['k']}", row, "#f4a582") for row in report.get("accuracy_per_k", [])]
+    points += [(row["label"], row, "#2e86ab") for row in report.get("methods", [])]
+    for label, row, colour in points:
+        axes.scatter(row["prefill_flops"] / 1e12, row["accuracy"] * 100, color=colour, s=30, zorder=3)
+        axes.annotate(label, (row["prefill_flops"] / 1e12, row["accuracy"] * 100), fontsize=7,
+                      xytext=(4, 2), textcoords="offset points")  # fmt: skip
+    axes.set_xlabel("prefill TFLOPs per question (language model)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(f"Accuracy vs compute on {report.get('data', '')} {report.get('split', '')}")
+    axes.grid(alpha=0.3)
+    return figure
