@@ -9,6 +9,8 @@ import socket
 # accidental hub lookup should fail loudly instead of downloading.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Tiny models gain nothing from threads, and on a shared 2-core machine two OpenMP threads can stall each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from collections.abc import Callable
 from pathlib import Path
