@@ -19,6 +19,7 @@ from vtw_core.errors import InputError, ResourceError, VTWError
 from vtw_core.generate import SamplingConfig
 from vtw_core.images import load_image
 from vtw_core.manager import ModelManager
+from vtw_core.methods import Method, parse_method
 from vtw_core.prompts import Message, assistant_message, user_message
 from vtw_core.search import CalibrationSample, Progress, search_k
 
@@ -114,10 +115,12 @@ def answer_last_turn(
     sampling: SamplingConfig,
     mode: RunMode = "sequential",
     stop_event: threading.Event | None = None,
+    method: str = "vtw",
 ) -> Iterator[tuple[ChatState, dict[str, str]]]:
     """Answer the last turn on both sides; yields the state and the counters' Markdown as tokens stream.
 
-    With sampling, both sides get the same seed, so at K = N they still agree token for token.
+    The accelerated side runs `method` (vtw_core.methods: "vtw" uses the slider's K, "fastv:R" FastV from
+    layer K keeping 1 - R, "schedule:FILE" a saved schedule). With sampling, both sides get the same seed.
     """
     if not state.turns:
         raise InputError("ask a question first")
@@ -125,13 +128,15 @@ def answer_last_turn(
         raise InputError(f"K must be between 1 and {manager.info.num_layers}")
     state.k_used = int(k)
     state.results = {side: None for side in SIDES}
+    accelerated = accelerated_method(method, int(k), manager.info.num_layers)
     requests = {}
     for side in SIDES:
         messages, paths = state.conversation(side)
         requests[side] = {
             "messages": messages,
             "images": [load_image(path) for path in paths],
-            "k": None if side == "baseline" else int(k),
+            "k": None if side == "baseline" else accelerated.k,
+            "schedule": None if side == "baseline" else accelerated.schedule,
             "sampling": sampling,
             "stop_event": stop_event,
         }
@@ -141,6 +146,15 @@ def answer_last_turn(
         state.answers[side][-1] = event.text
         state.results[side] = {"text": event.text, "token_ids": event.token_ids, "stats": event.stats.to_dict()}
         yield state, counters(state.results, mode)
+
+
+def accelerated_method(method: str, k: int, num_layers: int) -> Method:
+    """The right pane's method: VTW at the slider's K, FastV at K with its ratio, or a schedule file."""
+    if method == "vtw":
+        return parse_method(f"vtw:{k}", num_layers)
+    if method.startswith("fastv:"):
+        return parse_method(f"fastv:{min(max(k, 1), num_layers - 1)}:{method.split(':', 1)[1]}", num_layers)
+    return parse_method(method, num_layers)
 
 
 def _one_after_the_other(

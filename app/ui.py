@@ -37,6 +37,14 @@ EXAMPLE_QUESTIONS = {
 }
 
 
+def method_choices() -> list[tuple[str, str]]:
+    """VTW, FastV, and every schedule JSON under assets/schedules (e.g. from `schedule-search --out`)."""
+    choices = [("VTW (K from the slider)", "vtw"), ("FastV (from layer K, cut R)", "fastv")]
+    for path in sorted((ASSETS / "schedules").glob("*.json")):
+        choices.append((f"schedule: {path.stem}", f"schedule:{path}"))
+    return choices
+
+
 def example_inputs() -> list[dict[str, Any]]:
     """Examples for the question box: every image under assets/examples with a question."""
     examples = []
@@ -72,9 +80,9 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
     stop_events = StopEvents()
 
     @on_gpu
-    def stream_answers(state: ChatState, k: int, params: SamplingConfig, mode: str, session: str):
+    def stream_answers(state: ChatState, k: int, params: SamplingConfig, mode: str, session: str, method: str):
         # Only plain values cross this boundary (ZeroGPU runs it in another process).
-        yield from handlers.answer_last_turn(manager, state, k, params, mode, stop_events.fresh(session))
+        yield from handlers.answer_last_turn(manager, state, k, params, mode, stop_events.fresh(session), method)
 
     @on_gpu
     def compare_on_device(image: str, question: str, k: int, max_new_tokens: int) -> dict[str, Any]:
@@ -138,6 +146,14 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
                 info=f"{info.num_layers} = the unchanged model",
                 elem_id="k-slider",
             )
+            method = gr.Dropdown(
+                method_choices(),
+                value="vtw",
+                label="Accelerated side",
+                info="FastV cuts from layer K (the slider) with ratio R; schedules come from assets/schedules",
+                elem_id="method",
+            )
+            fastv_ratio = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="FastV R (share of vision tokens cut)")
             mode = gr.Radio(
                 [("one after the other (honest timings)", "sequential"), ("race (concurrent, contended)", "race")],
                 value="sequential",
@@ -195,11 +211,15 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
                 shown["summary"],
             )
 
-        def run_turn(chat, k_value, mode_value, params, request: gr.Request):
+        def method_of(choice: str, ratio: float) -> str:
+            return f"fastv:{float(ratio):g}" if choice == "fastv" else choice
+
+        def run_turn(chat, k_value, mode_value, params, request: gr.Request, method_value="vtw"):
             shown = handlers.counters({"baseline": None, "vtw": None}, mode_value)
             latest = chat
             try:
-                for latest, shown in stream_answers(chat, int(k_value), params, mode_value, request.session_hash):
+                answers = stream_answers(chat, int(k_value), params, mode_value, request.session_hash, method_value)
+                for latest, shown in answers:
                     yield render(latest, shown)
             except Exception as error:  # the page keeps serving: say why, keep the chat consistent
                 gr.Warning(handlers.error_message(error))
@@ -212,8 +232,9 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
             return SamplingConfig(int(tokens), True, float(temp), float(nucleus), seed=int(seed_value or 0))
 
         def on_submit(
-            message, chat, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, request: gr.Request
-        ):
+            message, chat, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio,
+            request: gr.Request,
+        ):  # fmt: skip
             message = message or {}
             try:
                 handlers.add_turn(chat, message.get("text"), list(message.get("files", [])), allowed_roots)
@@ -225,10 +246,12 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
                 yield (*render(chat, shown), gr.MultimodalTextbox(value=kept))
                 return
             params = params_of(tokens, sample, temp, nucleus, seed_value)
-            for rendered in run_turn(chat, k_value, mode_value, params, request):
+            for rendered in run_turn(chat, k_value, mode_value, params, request, method_of(choice, ratio)):
                 yield (*rendered, gr.MultimodalTextbox(value=None))
 
-        def on_regenerate(chat, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, request: gr.Request):
+        def on_regenerate(
+            chat, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio, request: gr.Request
+        ):
             try:
                 handlers.drop_last_answers(chat)
             except Exception as error:
@@ -236,9 +259,9 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
                 yield render(chat, handlers.counters(chat.results))
                 return
             params = params_of(tokens, sample, temp, nucleus, seed_value)
-            yield from run_turn(chat, k_value, mode_value, params, request)
+            yield from run_turn(chat, k_value, mode_value, params, request, method_of(choice, ratio))
 
-        parameters = [k, mode, max_new_tokens, do_sample, temperature, top_p, seed]
+        parameters = [k, mode, max_new_tokens, do_sample, temperature, top_p, seed, method, fastv_ratio]
         question.submit(
             on_submit,
             [question, state, *parameters],
@@ -266,7 +289,16 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
             return render(fresh, handlers.counters(fresh.results))
 
         clear.click(on_clear, None, chat_outputs, queue=False, api_visibility="private")
-        k.change(lambda value: gr.Chatbot(label=f"VTW (K = {int(value)})"), k, vtw_chat, api_visibility="private")
+
+        def pane_title(k_value, choice, ratio):
+            if choice == "vtw":
+                return gr.Chatbot(label=f"VTW (K = {int(k_value)})")
+            if choice == "fastv":
+                return gr.Chatbot(label=f"FastV (K = {int(k_value)}, R = {float(ratio):g})")
+            return gr.Chatbot(label=f"Schedule {Path(choice.split(':', 1)[1]).stem}")
+
+        for control in (k, method, fastv_ratio):
+            control.change(pane_title, [k, method, fastv_ratio], vtw_chat, api_visibility="private")
 
         def on_search(source, eta_value, chat, k_value, progress=gr.Progress()):
             try:

@@ -196,3 +196,23 @@ def test_search_k_on_the_current_turn_and_attention(tiny_model_path, uploads):
     assert "Vision tokens (36 of the prompt)" in handlers.describe_attention(report)
     with pytest.raises(InputError, match="ask a question first"):
         handlers.attention_report(manager, ChatState(), "baseline", 3)
+
+
+def test_the_accelerated_pane_can_run_fastv_or_a_schedule(manager, uploads, tmp_path):
+    from vtw_core.schedules import Schedule
+
+    state = ChatState()
+    handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
+    *_, (state, _) = handlers.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=3), method="fastv:0.5")
+    base, fastv = state.results["baseline"]["stats"], state.results["vtw"]["stats"]
+    assert fastv["prefill_flops"] < base["prefill_flops"] and fastv["k"] is None
+    schedule = tmp_path / "s.json"
+    schedule.write_text(Schedule((1.0, 1.0, 1.0, 1.0), "text", "keep-all").to_json())
+    handlers.drop_last_answers(state)
+    *_, (state, shown) = handlers.answer_last_turn(
+        manager, state, 2, SamplingConfig(max_new_tokens=3), method=f"schedule:{schedule}"
+    )
+    assert "answers **identical**" in shown["summary"]  # keeping everything is the baseline
+    assert handlers.accelerated_method("vtw", 3, 4).k == 3
+    with pytest.raises(InputError, match="unknown method"):
+        handlers.accelerated_method("turbo", 3, 4)
