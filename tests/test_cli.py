@@ -236,5 +236,8 @@ def test_methods_through_the_cli(capsys, tiny_model_path, image_file, tmp_path):
     report = last_json(out)
     assert code == 0 and [row["spec"] for row in report["methods"]] == ["fastv:2:0.5", f"schedule:{schedule}"]
     assert plot.stat().st_size > 10_000
+    code, out, _ = run_cli(capsys, "bench", "--model", model, "--k", "4", "--method", "fastv:2:0.5", "--new-tokens",
+                           "2", "--repeats", "1", "--json")  # fmt: skip
+    assert code == 0 and [row["label"] for row in last_json(out)["rows"]] == ["baseline", "VTW K=4", "FastV K=2 R=0.5"]
     code, _, err = run_cli(capsys, "generate", "--model", model, "--prompt", "Hi", "--method", "magic")
     assert code == 2 and "unknown method" in err

@@ -22,6 +22,8 @@ from transformers.image_processing_utils import select_best_resolution
 from vtw_core.errors import InputError
 from vtw_core.generate import GenerationStats, SamplingConfig, generate_tokens
 from vtw_core.manager import ModelManager
+from vtw_core.methods import Method
+from vtw_core.schedules import Schedule
 
 
 def llava_next_image_tokens(config: Any, height: int, width: int) -> int:
@@ -124,8 +126,9 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _timed_run(
-    model: nn.Module, inputs: dict[str, torch.Tensor], k: int | None, new_tokens: int, engine: str
-) -> GenerationStats:
+    model: nn.Module, inputs: dict[str, torch.Tensor], k: int | None, new_tokens: int, engine: str,
+    schedule: Schedule | None = None,
+) -> GenerationStats:  # fmt: skip
     device = model.device
     stats = GenerationStats(k=k, num_layers=model.config.get_text_config().num_hidden_layers)
     memory_before = 0
@@ -135,7 +138,7 @@ def _timed_run(
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     sampling = SamplingConfig(max_new_tokens=new_tokens)
-    steps = generate_tokens(model, inputs, k=k, sampling=sampling, stats=stats, engine=engine)
+    steps = generate_tokens(model, inputs, k=k, sampling=sampling, stats=stats, engine=engine, schedule=schedule)
     for _ in steps:
         _synchronize(device)
         if stats.ttft_s is None:
@@ -155,16 +158,19 @@ def run_bench(
     repeats: int = 3,
     inputs: dict[str, torch.Tensor] | None = None,
     engines: tuple[str, ...] = ("auto",),
+    methods: tuple[Method, ...] = (),
 ) -> list[BenchRow]:
-    """For each engine, the baseline then each K: one warm-up run, then medians of `repeats` timed runs."""
+    """For each engine, the baseline, each K, then each method: a warm-up run, then medians of `repeats` runs."""
     model = manager.model
     inputs = inputs if inputs is not None else synthetic_inputs(model)
+    settings = [Method("baseline"), *(Method(f"VTW K={k}", k=k) for k in ks), *methods]
     rows = []
     for engine in engines:
-        for k in [None, *ks]:
+        for setting in settings:
+            k, schedule = setting.k, setting.schedule
             with manager.lock:
-                _timed_run(model, inputs, k, new_tokens, engine)  # warm-up: allocator, kernels, caches
-                runs = [_timed_run(model, inputs, k, new_tokens, engine) for _ in range(repeats)]
+                _timed_run(model, inputs, k, new_tokens, engine, schedule)  # warm-up: allocator, kernels, caches
+                runs = [_timed_run(model, inputs, k, new_tokens, engine, schedule) for _ in range(repeats)]
             last = runs[-1]
             ttft = statistics.median(run.ttft_s for run in runs)
             total = statistics.median(run.total_s for run in runs)
@@ -172,7 +178,7 @@ def run_bench(
             steps = last.new_tokens - 1
             rows.append(
                 BenchRow(
-                    label="baseline" if k is None else f"VTW K={k}",
+                    label=setting.label,
                     k=k,
                     engine=last.engine,
                     ttft_s=ttft,
@@ -213,7 +219,7 @@ def format_table(rows: list[BenchRow], bandwidth_gb_s: float | None = None, weig
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     base = rows[0]
     for row in rows:
-        if row.k is None:
+        if row.label == "baseline":
             base = row
         peak = f"{row.peak_memory_bytes / 2**20:.0f}" if row.peak_memory_bytes is not None else "CPU"
         lines.append(

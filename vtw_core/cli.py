@@ -132,9 +132,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         messages = [user_message(args.prompt, num_images=1)]
         model = manager.model
         inputs = build_model_inputs(manager.processor, [messages], [[image]], model.device, model.dtype)
-    rows = run_bench(
-        manager, args.k, new_tokens=args.new_tokens, repeats=args.repeats, inputs=inputs, engines=tuple(args.engine)
-    )
+    from vtw_core.methods import parse_method
+
+    methods = tuple(parse_method(spec, manager.info.num_layers) for spec in args.method)
+    rows = run_bench(manager, args.k, new_tokens=args.new_tokens, repeats=args.repeats, inputs=inputs,
+                     engines=tuple(args.engine), methods=methods)  # fmt: skip
     print(manager.info.describe())
     print(
         f"{rows[0].prompt_tokens} prompt tokens ({rows[0].vision_tokens} vision), {args.new_tokens} new tokens, "
@@ -336,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="latency, FLOPs and memory of baseline vs VTW at several K")
     _add_model_options(bench)
     bench.add_argument("--random-weights", action="store_true", help="build the architecture from its config only")
-    bench.add_argument("--k", type=int, nargs="+", default=[16], help="one or more K to compare with the baseline")
+    bench.add_argument("--k", type=int, nargs="*", default=[16], help="one or more K to compare with the baseline")
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--image", help="a real image (needs a processor); default: a synthetic prompt")
@@ -351,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode engines to compare (auto: CUDA graph on CUDA, plain elsewhere)",
     )  # fmt: skip
     bench.add_argument("--bandwidth-gb-s", type=float, help="device memory bandwidth, for the decode floor column")
+    bench.add_argument("--method", action="append", default=[], help="also bench fastv:K:R or schedule:FILE")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=cmd_bench)
     search = commands.add_parser("search-k", help="choose K with the paper's KL criterion (Algorithm 1)")
