@@ -259,13 +259,18 @@ def format_stats(stats: dict[str, Any] | None) -> str:
             f"- time to first token: **{ttft:.3f} s**" if ttft is not None else "- time to first token: …",
             f"- total time: {total:.3f} s ({state})" if total is not None else "- total time: …",
             f"- decode speed: {rate:.1f} tokens/s" if rate else "- decode speed: …",
-            f"- prefill: {stats['prefill_flops'] / 1e12:.4f} TFLOPs · decode: {stats['decode_flops'] / 1e12:.4f} "
-            f"TFLOPs · vision tower: {stats['vision_flops'] / 1e12:.4f} TFLOPs",
+            f"- prefill: {_flops(stats['prefill_flops'])} · decode: {_flops(stats['decode_flops'])} · "
+            f"vision tower: {_flops(stats['vision_flops'])}",
             f"- KV cache: {stats['kv_cache_bytes'] / 2**20:.2f} MB · GPU peak: {memory}",
             f"- tokens: {stats['prompt_tokens']} prompt ({stats['vision_tokens']} vision), {stats['new_tokens']} new"
             f" · decode engine: {stats.get('engine', 'plain')}",
         ]
     )
+
+
+def _flops(value: float) -> str:
+    """TFLOPs for real models, GFLOPs for small ones (so the default model's numbers are not all zeros)."""
+    return f"{value / 1e12:.3f} TFLOPs" if value >= 1e10 else f"{value / 1e9:.3f} GFLOPs"
 
 
 def _ratio(vtw: dict[str, Any], baseline: dict[str, Any], key: str) -> str:

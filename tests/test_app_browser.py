@@ -66,7 +66,7 @@ def test_ask_move_slider_and_read_counters(page, tmp_path, sample_images):
     )
     for side in ("baseline", "vtw"):
         stats = page.locator(f"#{side}-stats").inner_text()
-        assert "TFLOPs" in stats and "KV cache" in stats and "GPU peak: CPU" in stats
+        assert "FLOPs" in stats and "KV cache" in stats and "GPU peak: CPU" in stats
         assert page.locator(f"#{side}-chat img").count() >= 1  # the uploaded image is shown in the pane
     assert "one after the other" in page.locator("#summary").inner_text()
 

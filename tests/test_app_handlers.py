@@ -41,7 +41,7 @@ def test_turns_stream_baseline_then_vtw(manager, uploads):
     assert sides_seen == sorted(sides_seen)  # every baseline update comes before any VTW update
     final, shown = updates[-1]
     assert [message["role"] for message in final.display("vtw")] == ["user", "user", "assistant"]
-    assert "TFLOPs" in shown["baseline"] and "KV cache" in shown["vtw"] and "GPU peak: CPU" in shown["vtw"]
+    assert "GFLOPs" in shown["baseline"] and "KV cache" in shown["vtw"] and "GPU peak: CPU" in shown["vtw"]
     assert "VTW / baseline" in shown["summary"] and "one after the other" in shown["summary"]
     # The answers equal the engine's own, called directly.
     direct = manager.generate(
@@ -216,3 +216,8 @@ def test_the_accelerated_pane_can_run_fastv_or_a_schedule(manager, uploads, tmp_
     assert handlers.accelerated_method("vtw", 3, 4).k == 3
     with pytest.raises(InputError, match="unknown method"):
         handlers.accelerated_method("turbo", 3, 4)
+
+
+def test_flops_are_shown_in_a_readable_unit():
+    assert handlers._flops(8.477e12) == "8.477 TFLOPs"
+    assert handlers._flops(7.0e8) == "0.700 GFLOPs"
