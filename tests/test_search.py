@@ -165,3 +165,22 @@ def test_prompt_segments():
     vision = torch.tensor([False, False, True, True, False, False])
     assert prompt_segments(vision).tolist() == [0, 0, 1, 1, 2, 2]
     assert prompt_segments(torch.zeros(3, dtype=torch.bool)).tolist() == [2, 2, 2]
+
+
+def test_reply_kl_variant(managers, sample_images):
+    from vtw_core.search import reply_kl_per_k
+
+    manager = managers("llava")
+    model = manager.model
+    inputs = build_model_inputs(manager.processor, [[user_message("What?")]], [[sample_images[0]]], "cpu",
+                                model.dtype)  # fmt: skip
+    prompt = embed_prompt(model, inputs)
+    one_token = torch.tensor([[5]])
+    # A one-token reply has one position: the last prompt position, i.e. the paper's criterion.
+    torch.testing.assert_close(reply_kl_per_k(model, prompt, one_token, [2, 5, 7]), kl_per_k(model, prompt, [2, 5, 7]))
+    longer = reply_kl_per_k(model, prompt, torch.tensor([[5, 9, 13, 2]]), [2, 5, NUM_LAYERS])
+    assert float(longer[-1]) == pytest.approx(0, abs=1e-7) and bool((longer[:-1] > 0).all())
+    result = search_k(model, manager.processor, samples(sample_images, 1), eta=1e9, start=2, over="reply")
+    assert result.k == 2
+    with pytest.raises(InputError, match="over"):
+        search_k(model, manager.processor, samples(sample_images, 1), over="everything")

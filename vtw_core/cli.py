@@ -166,6 +166,7 @@ def cmd_search_k(args: argparse.Namespace) -> None:
             start=args.start,
             progress=lambda done, total: bar.update(done - bar.n),
             naive=args.naive,
+            over=args.kl_over,
         )
     payload = result.to_dict()
     if args.plot:
@@ -224,7 +225,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     with manager.lock:
         k = args.k
         if k == "auto":
-            search = auto_k(model, processor, eta=args.eta)
+            search = auto_k(model, processor, eta=args.eta, over=args.kl_over)
             report["kl_curve"] = search.to_dict()["curve"]
             if search.k is None:
                 raise VTWError(f"no K meets eta = {args.eta:g} on the train calibration samples")
@@ -363,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--start", type=int, default=5, help="first K to try (default 5)")
     search.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     search.add_argument("--naive", action="store_true", help="one full VTW pass per K (slow; for checking)")
+    search.add_argument("--kl-over", choices=["prompt", "reply"], default="prompt",
+                        help="KL at the last prompt position (the paper) or over the baseline's reply")  # fmt: skip
     search.add_argument("--plot", help="save the KL-vs-K curve to this PNG")
     search.add_argument("--json", action="store_true")
     search.set_defaults(handler=cmd_search_k)
@@ -396,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="only the first N questions")
     evaluate.add_argument("--k", default=None, help="K, or 'auto' (K search on 20 train-split samples)")
     evaluate.add_argument("--eta", type=float, default=0.003, help="KL threshold for --k auto")
+    evaluate.add_argument(
+        "--kl-over", choices=["prompt", "reply"], default="prompt",
+        help="--k auto: KL at the last prompt position (the paper) or over the baseline's reply",
+    )  # fmt: skip
     evaluate.add_argument("--all-k", action="store_true", help="also the accuracy at every K from 1 to N-1")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument(

@@ -73,22 +73,19 @@ def load_jsonl(path: str | Path) -> list[VQAItem]:
     return items
 
 
-def answer_sentence(answer: str, style: str = "answer-first") -> str:
-    """The reply the default model is trained to give for a dataset answer.
+def answer_sentence(answer: str) -> str:
+    """The short sentence the default model is trained to give for easy-vqa's one-word answer.
 
-    "answer-first" ("Red, the shape is red.") puts the answer in the first reply token, so the next-token
-    distribution at the end of the prompt, which the K search compares, depends on the image. "sentence"
-    ("It is red.") was the first training stage's style: its first token depends on the question only.
+    For colour and shape questions the first reply words ("It is a", "The shape is") follow from the question
+    alone and the answer word comes last: the K search's KL at the last prompt position cannot see the image
+    there (docs/default-model.md), hence `search_k(..., over="reply")`.
     """
+    answer = answer.strip().lower()
     if answer in YES_NO:
         return answer.capitalize() + "."
-    if style == "sentence":
-        return f"It is a {answer}." if answer in SHAPES else f"It is {answer}."
-    return (
-        f"{answer.capitalize()}, the shape is a {answer}."
-        if answer in SHAPES
-        else f"{answer.capitalize()}, the shape is {answer}."
-    )
+    if answer in SHAPES:
+        return f"It is a {answer}."
+    return f"The shape is {answer}."
 
 
 def normalise(text: str) -> list[str]:

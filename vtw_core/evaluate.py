@@ -103,5 +103,7 @@ def train_calibration(count: int = 20) -> list[CalibrationSample]:
     return [CalibrationSample(item.question, [_image(item.image)]) for item in items[::step][:count]]
 
 
-def auto_k(model: nn.Module, processor: Any, eta: float = 0.003, samples: int = 20) -> KSearchResult:
-    return search_k(model, processor, train_calibration(samples), eta=eta)
+def auto_k(
+    model: nn.Module, processor: Any, eta: float = 0.003, samples: int = 20, over: str = "prompt"
+) -> KSearchResult:
+    return search_k(model, processor, train_calibration(samples), eta=eta, over=over)

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from vtw_core.embed import PromptEmbeddings, embed_prompt
-from vtw_core.engine import TokenState, Withdrawal, prefill, run_decoder, withdrawal_selector
+from vtw_core.engine import TokenState, Withdrawal, decode_step, prefill, run_decoder, withdrawal_selector
 from vtw_core.errors import InputError
 from vtw_core.families import num_decoder_layers
 from vtw_core.prompts import build_model_inputs, user_message
@@ -89,6 +89,33 @@ def kl_per_k_naive(model: nn.Module, prompt: PromptEmbeddings, ks: Sequence[int]
     return torch.stack(rows) if rows else baseline_logits.new_zeros(0, baseline_logits.shape[0])
 
 
+@torch.no_grad()
+def reply_kl_per_k(
+    model: nn.Module, prompt: PromptEmbeddings, reply_ids: torch.Tensor, ks: Sequence[int]
+) -> torch.Tensor:
+    """Mean KL(P_vtw@K || P_baseline) over the positions of a reply (1, T), teacher-forced: (len(ks), 1).
+
+    A variant of Algorithm 1 for models whose replies open with words that follow from the question alone
+    ("It is a ..."): the last prompt position then says nothing about the image, the answer word comes later.
+    One full VTW pass per K (no shared prefix here: the reply's positions need every layer's cache).
+    """
+    num_layers = num_decoder_layers(model.config)
+
+    def log_probs(selector) -> torch.Tensor:
+        logits, state = prefill(model, prompt, selector)
+        steps = [logits]
+        for t in range(reply_ids.shape[1] - 1):
+            steps.append(decode_step(model, state, reply_ids[:, t : t + 1]))
+        return torch.stack(steps, dim=1)  # (1, T, vocab)
+
+    baseline = log_probs(None)
+    rows = [
+        kl_divergence(log_probs(withdrawal_selector(k, num_layers)).flatten(0, 1), baseline.flatten(0, 1)).mean()[None]
+        for k in ks
+    ]
+    return torch.stack(rows) if rows else baseline.new_zeros(0, 1)
+
+
 @dataclass
 class CalibrationSample:
     question: str
@@ -104,8 +131,15 @@ def search_k(
     start: int = DEFAULT_START,
     progress: Progress | None = None,
     naive: bool = False,
+    over: str = "prompt",
 ) -> KSearchResult:
-    """Algorithm 1 over `samples` (each through the model's chat template as one user turn)."""
+    """Algorithm 1 over `samples` (each through the model's chat template as one user turn).
+
+    over="prompt" (the paper): KL at the last prompt position. over="reply": KL averaged over the baseline's
+    greedy reply (up to 32 tokens), teacher-forced (`reply_kl_per_k`).
+    """
+    if over not in ("prompt", "reply"):
+        raise InputError(f"over must be 'prompt' or 'reply', got {over!r}")
     if not samples:
         raise InputError("the calibration set is empty")
     if not eta >= 0:
@@ -117,10 +151,26 @@ def search_k(
     for done, sample in enumerate(samples, start=1):
         messages = [user_message(sample.question, num_images=len(sample.images))]
         inputs = build_model_inputs(processor, [messages], [sample.images], model.device, model.dtype)
-        per_sample.append(measure(model, embed_prompt(model, inputs), ks)[:, 0].tolist())
+        prompt = embed_prompt(model, inputs)
+        if over == "reply":
+            reply = _greedy_reply(model, processor, inputs)
+            per_sample.append(reply_kl_per_k(model, prompt, reply, ks)[:, 0].tolist())
+        else:
+            per_sample.append(measure(model, prompt, ks)[:, 0].tolist())
         if progress is not None:
             progress(done, len(samples))
     means = [sum(values) / len(values) for values in zip(*per_sample, strict=True)] if ks else []
     curve = list(zip(ks, means, strict=True))
     chosen = next((k for k, kl in curve if kl < eta), None)
     return KSearchResult(chosen, eta, num_layers, curve, len(samples), per_sample)
+
+
+def _greedy_reply(model: nn.Module, processor: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The unchanged model's greedy reply to one prompt, up to and including its end token: (1, T)."""
+    from vtw_core.generate import SamplingConfig, _eos_token_ids, generate_tokens
+
+    eos = _eos_token_ids(model, processor)
+    tokens = []
+    for column in generate_tokens(model, inputs, sampling=SamplingConfig(max_new_tokens=32), eos_token_ids=eos):
+        tokens.append(column)
+    return torch.stack(tokens, dim=1)

@@ -1,0 +1,398 @@
+"""Train the embedded default model: a small LLaVA, from scratch, on easy-vqa's train split.
+
+    python -m vtw_core.train_default --out assets/default-model
+
+reproduces the shipped weights (seeded; see docs/default-model.md for the time it took and on which hardware).
+Only the train split is read; the test split is never seen here.
+
+The model is a stock `LlavaForConditionalGeneration`: a CLIP vision tower over 60x60 images (easy-vqa's 64x64
+images are resized by the CLIP image processor) cut into 6x6 patches, so 100 vision tokens per image (CLS dropped
+by the "default" feature strategy), a two-layer GELU projector and a 12-layer Llama decoder. The tokenizer is a
+Llama-layout BPE (byte fallback, so any text encodes) trained in code on the train questions and answers, and
+the chat template is LLaVA-1.5's ("USER: <image>\\n{question} ASSISTANT: {answer}</s>").
+
+Answers are short sentences made from the dataset's one-word answer (`answer_sentence`): "Yes." / "No." for
+yes/no questions, "The shape is blue." for colours, "It is a circle." for shapes. Scoring (vtw_core.evaluate)
+matches the normalised answer word at the end of the sentence.
+
+Training packs all questions of one image into one row (`encode_image_questions`): the image's 100 vision tokens
+are shared by its ~10 questions, which is what makes CPU training affordable, and a block attention mask with
+per-segment positions (`segment_mask`) makes every question + answer exactly the single-turn prompt used at
+inference, blind to the other questions. The question order is shuffled every epoch; the loss is taken on the
+answer tokens (and their </s>) only. AdamW, cosine schedule with warm-up, seeded; one CPU thread by default
+(more threads were slower on a busy 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from vtw_core import easyvqa
+from vtw_core.easyvqa import answer_sentence
+from vtw_core.tiny import (
+    LLAMA_BYTES,
+    LLAMA_SPECIALS,
+    LLAVA_CHAT_TEMPLATE,
+    LLAVA_IMAGE_TOKEN,
+    LLAVA_PAD_TOKEN,
+    _merges_of,
+)
+
+IMAGE_SIZE = 60
+PATCH_SIZE = 6
+VISION_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 100
+
+# Sizes of the shipped model.
+HIDDEN = 64
+LAYERS = 12
+HEADS = 4
+VISION_HIDDEN = 128
+VISION_LAYERS = 6
+BPE_PIECES = 640  # upper bound for the trained BPE (specials + 256 bytes + merges); it stops earlier
+
+
+def load_split(split: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """[(image path, [(question, answer), ...]), ...] for easy-vqa's "train" or "test" split, by image."""
+    grouped: dict[str, list[tuple[str, str]]] = {}
+    for item in easyvqa.load_split(split):
+        grouped.setdefault(item.image, []).append((item.question, item.answer))
+    return sorted(grouped.items(), key=lambda entry: int(Path(entry[0]).stem))  # by image id
+
+
+def _corpus() -> list[str]:
+    lines = ["USER: ASSISTANT:", "USER:", "ASSISTANT:"]
+    for _path, pairs in load_split("train"):
+        for question, answer in pairs:
+            lines.append(f"USER: {question} ASSISTANT: {answer_sentence(answer)}")
+    return lines
+
+
+def build_tokenizer() -> LlamaTokenizer:
+    """Llama-layout BPE (<unk>/<s>/</s>, 256 byte pieces, merges, then <image>, <pad>) over the train corpus."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_PIECES, special_tokens=LLAMA_SPECIALS + LLAMA_BYTES, min_frequency=2, show_progress=False
+    )
+    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer = LlamaTokenizer(
+        vocab=bpe.get_vocab(), merges=_merges_of(bpe), add_bos_token=True, legacy=False, padding_side="left"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
+    tokenizer.add_special_tokens({"pad_token": LLAVA_PAD_TOKEN})
+    return tokenizer
+
+
+def build_processor() -> LlavaProcessor:
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by the "default" strategy
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+def build_config(
+    tokenizer: LlamaTokenizer,
+    *,
+    layers: int = LAYERS,
+    hidden: int = HIDDEN,
+    vision_hidden: int = VISION_HIDDEN,
+    vision_layers: int = VISION_LAYERS,
+) -> LlavaConfig:
+    image_id = tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN)
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=vision_hidden,
+            intermediate_size=4 * vision_hidden,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=HEADS,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE,
+            projection_dim=vision_hidden,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=HEADS,
+            num_key_value_heads=HEADS,
+            max_position_embeddings=1024,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        ),
+        image_token_id=image_id,
+        image_seq_length=VISION_TOKENS,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def encode_image_questions(
+    processor: LlavaProcessor, pairs: list[tuple[str, str]]
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """All questions about one image packed into one training row: (ids, labels, positions, segments).
+
+    The row is the shared prefix "<s>USER: <image>\\n" (image placeholder expanded to VISION_TOKENS tokens,
+    segment 0) followed by one segment per question, "{question} ASSISTANT: {answer}</s>" (segments 1, 2, ...).
+    With `segment_mask` each segment attends only to the prefix and to itself, and its positions continue
+    from the prefix, so every segment is computed exactly as the single-turn prompt + answer it came from
+    (no question sees another's answer), while the image is encoded once per row. Labels are -100 except on
+    the answer tokens and their </s>.
+    """
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN)
+    prefix: list[int] | None = None
+    ids: list[int] = []
+    labels: list[int] = []
+    segments: list[int] = []
+    for number, (question, answer) in enumerate(pairs, start=1):
+        message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        prompt = processor.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        full = tokenizer(prompt + " " + answer_sentence(answer))["input_ids"] + [tokenizer.eos_token_id]
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise RuntimeError(f"the prompt does not tokenize as a prefix of its answer: {prompt!r}")
+        cut = prompt_ids.index(image_id) + 2  # <s> USER: <image> \n: the same for every question
+        if prefix is None:
+            prefix = full[:cut]
+        elif full[:cut] != prefix:
+            raise RuntimeError(f"unexpected prompt prefix for {question!r}")
+        ids += full[cut:]
+        labels += [-100] * (len(prompt_ids) - cut) + full[len(prompt_ids) :]
+        segments += [number] * (len(full) - cut)
+    assert prefix is not None, "no questions"
+    expanded = [token for token in prefix for _ in range(VISION_TOKENS if token == image_id else 1)]
+    positions = list(range(len(expanded)))
+    for number in range(1, len(pairs) + 1):
+        positions += range(len(expanded), len(expanded) + segments.count(number))
+    return (
+        expanded + ids,
+        [-100] * len(expanded) + labels,
+        positions,
+        [0] * len(expanded) + segments,
+    )
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, L, L) boolean attention mask for packed rows: causal, within a segment or onto segment 0.
+
+    Padding carries segment -1 and attends only to itself (a fully masked row would give NaNs).
+    """
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    onto_prefix = (segments[:, None, :] == 0) & (segments[:, :, None] >= 0)
+    padding_self = (segments[:, :, None] < 0) & torch.eye(length, dtype=torch.bool)
+    return (((same | onto_prefix) & causal) | padding_self)[:, None]
+
+
+def _pixel_values(processor: LlavaProcessor, paths: list[str]) -> torch.Tensor:
+    images = [Image.open(path).convert("RGB") for path in paths]
+    return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def _batch(samples: list[tuple[torch.Tensor, list[int], list[int], list[int], list[int]]], pad_id: int) -> dict:
+    length = max(len(sample[1]) for sample in samples)
+    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), -100, dtype=torch.long)
+    positions = torch.zeros((len(samples), length), dtype=torch.long)
+    segments = torch.full((len(samples), length), -1, dtype=torch.long)
+    for row, (_pixels, ids, label, position, segment) in enumerate(samples):  # right padding: training only
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(label)
+        positions[row, : len(ids)] = torch.tensor(position)
+        segments[row, : len(ids)] = torch.tensor(segment)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": positions,
+        "attention_mask": segment_mask(segments),
+        "pixel_values": torch.stack([sample[0] for sample in samples]),
+    }
+
+
+def train(
+    out: str | Path,
+    *,
+    epochs: float = 3.2,
+    batch_images: int = 8,
+    lr: float = 1e-3,
+    warmup: int = 60,
+    seed: int = 0,
+    limit_images: int | None = None,
+    max_steps: int | None = None,
+    layers: int = LAYERS,
+    hidden: int = HIDDEN,
+    vision_hidden: int = VISION_HIDDEN,
+    vision_layers: int = VISION_LAYERS,
+    threads: int | None = 1,
+    log_every: int = 20,
+    checkpoint_every: int | None = None,
+) -> dict:
+    """Train from scratch and save the model + processor to `out` (fp16 weights). Returns a summary dict."""
+    started = time.time()
+    if threads:
+        torch.set_num_threads(threads)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    processor = build_processor()
+    tokenizer = processor.tokenizer
+    data = load_split("train")
+    if limit_images is not None:
+        data = data[:limit_images]
+    pixels = _pixel_values(processor, [path for path, _pairs in data])
+    config = build_config(
+        tokenizer, layers=layers, hidden=hidden, vision_hidden=vision_hidden, vision_layers=vision_layers
+    )
+    model = LlavaForConditionalGeneration(config).float()
+    model.config._attn_implementation = "sdpa"
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
+    )
+    steps_per_epoch = math.ceil(len(data) / batch_images)
+    total_steps = max_steps if max_steps is not None else int(epochs * steps_per_epoch)
+    rng = random.Random(seed)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    step, order, running = 0, [], []
+    while step < total_steps:
+        if not order:
+            order = list(range(len(data)))
+            rng.shuffle(order)
+        chosen, order = order[:batch_images], order[batch_images:]
+        samples = []
+        for index in chosen:
+            pairs = list(data[index][1])
+            rng.shuffle(pairs)
+            samples.append((pixels[index], *encode_image_questions(processor, pairs)))
+        batch = _batch(samples, tokenizer.pad_token_id)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        running.append(loss.item())
+        step += 1
+        if step % log_every == 0 or step == total_steps:
+            mean = sum(running) / len(running)
+            running = []
+            print(
+                f"step {step}/{total_steps} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                f"{time.time() - started:.0f}s",
+                flush=True,
+            )
+        if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
+            _save(model, processor, Path(out) / f"checkpoint-{step}", {"step": step})
+    summary = {
+        "steps": total_steps,
+        "batch_images": batch_images,
+        "lr": lr,
+        "seed": seed,
+        "hidden": hidden,
+        "vision_hidden": vision_hidden,
+        "vision_layers": vision_layers,
+        "train_images": len(data),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "wall_s": round(time.time() - started, 1),
+        "threads": torch.get_num_threads(),
+    }
+    _save(model, processor, Path(out), summary)
+    return summary
+
+
+def _save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: Path, summary: dict) -> None:
+    """Save an fp16 copy of the weights (the training model stays fp32), the processor and a summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = processor.tokenizer
+    with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the training's random stream
+        copy = LlavaForConditionalGeneration(model.config)
+    copy.load_state_dict(model.state_dict())
+    copy.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=16,
+        do_sample=False,
+    )
+    copy.half().save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vtw_core.train_default", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="assets/default-model", help="folder to save the model into")
+    parser.add_argument("--epochs", type=float, default=3.2)
+    parser.add_argument("--batch-images", type=int, default=8, help="images (conversations) per step")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit-images", type=int, default=None, help="train on the first N images only (smoke)")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after N steps (smoke)")
+    parser.add_argument("--layers", type=int, default=LAYERS)
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help="decoder width (MLP: 4x)")
+    parser.add_argument("--vision-hidden", type=int, default=VISION_HIDDEN, help="CLIP tower width (MLP: 4x)")
+    parser.add_argument("--vision-layers", type=int, default=VISION_LAYERS)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="also save every N steps")
+    args = parser.parse_args(argv)
+    summary = train(
+        args.out,
+        epochs=args.epochs,
+        batch_images=args.batch_images,
+        lr=args.lr,
+        seed=args.seed,
+        limit_images=args.limit_images,
+        max_steps=args.max_steps,
+        layers=args.layers,
+        hidden=args.hidden,
+        vision_hidden=args.vision_hidden,
+        vision_layers=args.vision_layers,
+        threads=args.threads,
+        checkpoint_every=args.checkpoint_every,
+    )
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
