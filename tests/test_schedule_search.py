@@ -63,3 +63,11 @@ def test_sigmoid_shape():
     assert keep[0] == 1.0 and keep[1] > 0.99 and keep[-1] == pytest.approx(0.1, abs=0.01)
     assert all(a >= b for a, b in itertools.pairwise(keep))
     assert keep[6] == pytest.approx(0.1 + 0.9 / 2)
+
+
+def test_reply_kl_score(scored, sample_images):
+    manager, _ = scored
+    samples = [CalibrationSample("What is it?", [image]) for image in sample_images[:2]]
+    score = kl_score(manager.model, manager.processor, samples, N, over="reply")
+    assert score(Schedule((1.0,) * N)) == pytest.approx(0, abs=1e-7)
+    assert score(Schedule.vtw(1, N)) < 0

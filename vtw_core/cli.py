@@ -290,7 +290,7 @@ def cmd_schedule_search(args: argparse.Namespace) -> None:
     else:
         samples = load_calibration(args.data, limit=args.samples)
     with manager.lock:
-        score = kl_score(model, manager.processor, samples, num_layers)
+        score = kl_score(model, manager.processor, samples, num_layers, over=args.kl_over)
         if args.algorithm == "gsearch":
             schedule, log = g_search(score, num_layers, tolerance=args.tolerance)
         else:
@@ -388,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     schedules.add_argument("--budget", type=float, default=0.5, help="P-Sigmoid: prefill FLOPs / baseline")
     schedules.add_argument("--trials", type=int, default=30, help="P-Sigmoid: optimisation trials")
     schedules.add_argument("--text-tokens", type=int, default=62, help="P-Sigmoid: text tokens for the FLOPs")
+    schedules.add_argument("--kl-over", choices=["prompt", "reply"], default="prompt",
+                           help="score by KL at the last prompt position or over the baseline's reply")  # fmt: skip
     schedules.add_argument("--out", help="write the schedule as JSON (for --method schedule:FILE)")
     schedules.add_argument("--json", action="store_true")
     schedules.set_defaults(handler=cmd_schedule_search)

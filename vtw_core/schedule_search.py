@@ -31,14 +31,17 @@ from vtw_core.engine import prefill
 from vtw_core.errors import InputError
 from vtw_core.prompts import build_model_inputs, user_message
 from vtw_core.schedules import Schedule, ScheduleSelector
-from vtw_core.search import CalibrationSample, kl_divergence
+from vtw_core.search import CalibrationSample, greedy_reply, kl_divergence, reply_kl
 
 Score = Callable[[Schedule], float]
 DEFAULT_GRID = tuple(round(i / 10, 1) for i in range(11))  # 0.0, 0.1, ..., 1.0
 
 
-def kl_score(model: nn.Module, processor: Any, samples: Sequence[CalibrationSample], num_layers: int) -> Score:
-    """-mean KL(P_schedule || P_baseline) at the last prompt position; prompts are embedded once."""
+def kl_score(
+    model: nn.Module, processor: Any, samples: Sequence[CalibrationSample], num_layers: int, over: str = "prompt"
+) -> Score:
+    """-mean KL(P_schedule || P_baseline) at the last prompt position, or over the baseline's greedy reply
+    (over="reply", as `search_k`); prompts are embedded once."""
     prompts: list[PromptEmbeddings] = []
     baselines: list[torch.Tensor] = []
     for sample in samples:
@@ -46,11 +49,16 @@ def kl_score(model: nn.Module, processor: Any, samples: Sequence[CalibrationSamp
         inputs = build_model_inputs(processor, [messages], [sample.images], model.device, model.dtype)
         prompt = embed_prompt(model, inputs)
         prompts.append(prompt)
-        baselines.append(prefill(model, prompt)[0])
+        baselines.append(greedy_reply(model, processor, inputs) if over == "reply" else prefill(model, prompt)[0])
 
     def score(schedule: Schedule) -> float:
         total = 0.0
         for prompt, baseline in zip(prompts, baselines, strict=True):
+            if over == "reply":
+                total += float(
+                    reply_kl(model, prompt, baseline, [lambda: ScheduleSelector(model, schedule, num_layers)])
+                )
+                continue
             logits, _ = prefill(model, prompt, ScheduleSelector(model, schedule, num_layers))
             total += float(kl_divergence(logits, baseline).mean())
         return -total / len(prompts)

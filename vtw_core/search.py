@@ -90,16 +90,15 @@ def kl_per_k_naive(model: nn.Module, prompt: PromptEmbeddings, ks: Sequence[int]
 
 
 @torch.no_grad()
-def reply_kl_per_k(
-    model: nn.Module, prompt: PromptEmbeddings, reply_ids: torch.Tensor, ks: Sequence[int]
+def reply_kl(
+    model: nn.Module, prompt: PromptEmbeddings, reply_ids: torch.Tensor, selectors: Sequence[Callable[[], Any]]
 ) -> torch.Tensor:
-    """Mean KL(P_vtw@K || P_baseline) over the positions of a reply (1, T), teacher-forced: (len(ks), 1).
+    """Mean KL(P_selector || P_baseline) over the positions of a reply (1, T), teacher-forced: (len(selectors), 1).
 
     A variant of Algorithm 1 for models whose replies open with words that follow from the question alone
     ("It is a ..."): the last prompt position then says nothing about the image, the answer word comes later.
-    One full VTW pass per K (no shared prefix here: the reply's positions need every layer's cache).
+    `selectors` are factories (a selector may hold per-request state); each needs its own full pass.
     """
-    num_layers = num_decoder_layers(model.config)
 
     def log_probs(selector) -> torch.Tensor:
         logits, state = prefill(model, prompt, selector)
@@ -108,12 +107,17 @@ def reply_kl_per_k(
             steps.append(decode_step(model, state, reply_ids[:, t : t + 1]))
         return torch.stack(steps, dim=1)  # (1, T, vocab)
 
-    baseline = log_probs(None)
-    rows = [
-        kl_divergence(log_probs(withdrawal_selector(k, num_layers)).flatten(0, 1), baseline.flatten(0, 1)).mean()[None]
-        for k in ks
-    ]
+    baseline = log_probs(None).flatten(0, 1)
+    rows = [kl_divergence(log_probs(make()).flatten(0, 1), baseline).mean()[None] for make in selectors]
     return torch.stack(rows) if rows else baseline.new_zeros(0, 1)
+
+
+def reply_kl_per_k(
+    model: nn.Module, prompt: PromptEmbeddings, reply_ids: torch.Tensor, ks: Sequence[int]
+) -> torch.Tensor:
+    """`reply_kl` for VTW at each K: (len(ks), 1)."""
+    num_layers = num_decoder_layers(model.config)
+    return reply_kl(model, prompt, reply_ids, [lambda k=k: withdrawal_selector(k, num_layers) for k in ks])
 
 
 @dataclass
@@ -153,7 +157,7 @@ def search_k(
         inputs = build_model_inputs(processor, [messages], [sample.images], model.device, model.dtype)
         prompt = embed_prompt(model, inputs)
         if over == "reply":
-            reply = _greedy_reply(model, processor, inputs)
+            reply = greedy_reply(model, processor, inputs)
             per_sample.append(reply_kl_per_k(model, prompt, reply, ks)[:, 0].tolist())
         else:
             per_sample.append(measure(model, prompt, ks)[:, 0].tolist())
@@ -165,7 +169,7 @@ def search_k(
     return KSearchResult(chosen, eta, num_layers, curve, len(samples), per_sample)
 
 
-def _greedy_reply(model: nn.Module, processor: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def greedy_reply(model: nn.Module, processor: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The unchanged model's greedy reply to one prompt, up to and including its end token: (1, T)."""
     from vtw_core.generate import SamplingConfig, _eos_token_ids, generate_tokens
 
