@@ -66,19 +66,22 @@ def attention_figure(report: dict[str, Any], token: str = "prompt") -> Figure:
 
 
 def tradeoff_figure(report: dict[str, Any]) -> Figure:
-    """Accuracy against prefill TFLOPs per question: a point per method and setting (both papers' trade-off)."""
-    figure, axes = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
-    points = [("baseline", report["baseline"], "black")]
+    """Accuracy against prefill FLOPs per question: a point per method and setting (both papers' trade-off)."""
+    figure, axes = plt.subplots(figsize=(7.6, 4.2), layout="constrained")
+    points = [("baseline", report["baseline"])]
     if "vtw" in report:
-        points.append((f"VTW K={report['vtw']['k']} (searched)", report["vtw"], "#e4572e"))
-    points += [(f"VTW K={row['k']}", row, "#f4a582") for row in report.get("accuracy_per_k", [])]
-    points += [(row["label"], row, "#2e86ab") for row in report.get("methods", [])]
-    for label, row, colour in points:
-        axes.scatter(row["prefill_flops"] / 1e12, row["accuracy"] * 100, color=colour, s=30, zorder=3)
-        axes.annotate(label, (row["prefill_flops"] / 1e12, row["accuracy"] * 100), fontsize=7,
-                      xytext=(4, 2), textcoords="offset points")  # fmt: skip
-    axes.set_xlabel("prefill TFLOPs per question (language model)")
+        points.append((f"VTW K={report['vtw']['k']} (searched)", report["vtw"]))
+    points += [(f"VTW K={row['k']}", row) for row in report.get("accuracy_per_k", [])]
+    points += [(row["label"], row) for row in report.get("methods", [])]
+    largest = max(row["prefill_flops"] for _, row in points)
+    scale, unit = (1e12, "TFLOPs") if largest >= 1e10 else (1e9, "GFLOPs")
+    markers = "osD^v<>pP*Xh"
+    for index, (label, row) in enumerate(points):
+        axes.scatter(row["prefill_flops"] / scale, row["accuracy"] * 100, s=45, zorder=3, label=label,
+                     marker=markers[index % len(markers)], color="black" if label == "baseline" else None)  # fmt: skip
+    axes.set_xlabel(f"prefill {unit} per question (language model)")
     axes.set_ylabel("accuracy (%)")
     axes.set_title(f"Accuracy vs compute on {report.get('data', '')} {report.get('split', '')}")
     axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return figure
