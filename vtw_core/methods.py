@@ -9,9 +9,12 @@ schedule:FILE       a per-layer schedule saved as JSON (G-Search, P-Sigmoid, han
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from vtw_core.errors import InputError
 from vtw_core.schedules import Schedule
+
+SCHEDULES = Path(__file__).resolve().parent.parent / "assets" / "schedules"
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,10 @@ def parse_method(spec: str, num_layers: int, auto_k: int | None = None) -> Metho
             k, ratio = int(k_text or 2), float(ratio_text or 0.5)
             return Method(f"FastV K={k} R={ratio:g}", schedule=Schedule.fastv(k, ratio, num_layers))
         if name == "schedule" and rest:
-            schedule = Schedule.load(rest)
+            path = Path(rest)
+            if not path.is_file() and (SCHEDULES / f"{rest}.json").is_file():
+                path = SCHEDULES / f"{rest}.json"  # a bundled schedule by name
+            schedule = Schedule.load(path)
             return Method(f"schedule {schedule.name}", schedule=schedule)
     except ValueError as error:
         raise InputError(f"cannot read the method {spec!r}: {error}") from error
