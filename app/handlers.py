@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from vtw_core.attention import analyze_attention
 from vtw_core.calibration import load_calibration
+from vtw_core.defaults import default_model
 from vtw_core.errors import InputError, ResourceError, VTWError
 from vtw_core.generate import SamplingConfig
 from vtw_core.images import load_image
@@ -313,8 +314,11 @@ def counters(results: dict[str, dict[str, Any] | None], mode: RunMode = "sequent
 def header(manager: ModelManager) -> str:
     info = manager.info
     weights = " · ⚠️ random weights: answers are noise, mechanics and counters are real" if info.random_weights else ""
+    name = f"`{info.source}`"
+    if info.source == default_model():
+        name = "the embedded default model (a small LLaVA trained on easy-vqa: coloured shapes)"
     return (
-        f"**Model** `{info.source}` ({info.family}, {info.num_layers} decoder layers) · **device** {info.device} · "
+        f"**Model** {name} ({info.family}, {info.num_layers} decoder layers) · **device** {info.device} · "
         f"**dtype** {info.dtype} · **attention** {info.attention}{weights}"
     )
 

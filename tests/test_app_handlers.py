@@ -221,3 +221,11 @@ def test_the_accelerated_pane_can_run_fastv_or_a_schedule(manager, uploads, tmp_
 def test_flops_are_shown_in_a_readable_unit():
     assert handlers._flops(8.477e12) == "8.477 TFLOPs"
     assert handlers._flops(7.0e8) == "0.700 GFLOPs"
+
+
+def test_header_names_the_model(manager):
+    from vtw_core.defaults import require_model
+
+    assert manager.info.source in handlers.header(manager) and "12 decoder layers" not in handlers.header(manager)
+    default = ModelManager.load(require_model(None), device="cpu")
+    assert "embedded default model" in handlers.header(default) and "12 decoder layers" in handlers.header(default)
