@@ -68,7 +68,8 @@ def evaluate_side(
     progress: Progress | None = None,
 ) -> SideResult:
     """Greedy replies for every item at one K (None: baseline), scored, timed, with analytic FLOPs."""
-    vocabulary = answers() if all(item.answer in answers() for item in items[:50]) else []
+    known = answers()
+    vocabulary = known if all(item.answer in known for item in items[:50]) else []
     tokenizer = getattr(processor, "tokenizer", processor)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     correct = 0

@@ -172,19 +172,24 @@ def _merges_of(tokenizer: Tokenizer) -> list[tuple[str, str]]:
 
 
 def _train_bpe(
-    tokenizer: Tokenizer, trainer: trainers.BpeTrainer, expected_size: int, lines: tuple[str, ...] | None = None
+    tokenizer: Tokenizer,
+    trainer: trainers.BpeTrainer,
+    expected_size: int,
+    lines: tuple[str, ...] | None = None,
+    exact: bool = True,
 ) -> None:
     # One sequence per line, so no piece spans a line break: "\n" stays a single byte token, as in the real ones.
     tokenizer.train_from_iterator(lines or CORPUS.splitlines(), trainer=trainer)
-    if tokenizer.get_vocab_size() != expected_size:
+    if exact and tokenizer.get_vocab_size() != expected_size:
         raise RuntimeError(f"tiny BPE reached {tokenizer.get_vocab_size()} pieces, expected {expected_size}")
 
 
 @cache
 def _llama_vocab_and_merges(
-    base_size: int = VOCAB_SIZE - 2, lines: tuple[str, ...] | None = None
+    base_size: int = VOCAB_SIZE - 2, lines: tuple[str, ...] | None = None, exact: bool = True
 ) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    # base_size: <image> and <pad> come after the trained vocabulary, as in llava-hf.
+    # base_size: <image> and <pad> come after the trained vocabulary, as in llava-hf; with exact=False it is an
+    # upper bound (training stops when the corpus has no more pairs to merge).
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     # Train on ▁-prefixed words (split=True) so that no merge crosses a word boundary, as in Llama's
     # sentencepiece model; LlamaTokenizer itself then runs Metaspace without splitting.
@@ -192,13 +197,15 @@ def _llama_vocab_and_merges(
     trainer = trainers.BpeTrainer(
         vocab_size=base_size, special_tokens=LLAMA_SPECIALS + LLAMA_BYTES, min_frequency=2, show_progress=False
     )
-    _train_bpe(bpe, trainer, base_size, lines)
+    _train_bpe(bpe, trainer, base_size, lines, exact)
     return bpe.get_vocab(), _merges_of(bpe)
 
 
-def llava_tokenizer(lines: tuple[str, ...] | None = None, base_size: int = VOCAB_SIZE - 2) -> LlamaTokenizer:
+def llava_tokenizer(
+    lines: tuple[str, ...] | None = None, base_size: int = VOCAB_SIZE - 2, exact: bool = True
+) -> LlamaTokenizer:
     """A Llama BPE tokenizer (byte fallback) trained on `lines`, then <image> and <pad>, in llava-hf's layout."""
-    vocab, merges = _llama_vocab_and_merges(base_size, lines)
+    vocab, merges = _llama_vocab_and_merges(base_size, lines, exact)
     tokenizer = LlamaTokenizer(
         vocab=dict(vocab), merges=list(merges), add_bos_token=True, legacy=False, padding_side="left"
     )

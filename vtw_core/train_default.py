@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     CLIPVisionConfig,
     GenerationConfig,
@@ -49,12 +48,9 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from vtw_core import easyvqa
 from vtw_core.easyvqa import answer_sentence
 from vtw_core.tiny import (
-    LLAMA_BYTES,
-    LLAMA_SPECIALS,
     LLAVA_CHAT_TEMPLATE,
     LLAVA_IMAGE_TOKEN,
-    LLAVA_PAD_TOKEN,
-    _merges_of,
+    llava_tokenizer,
 )
 
 IMAGE_SIZE = 60
@@ -88,18 +84,7 @@ def _corpus() -> list[str]:
 
 def build_tokenizer() -> LlamaTokenizer:
     """Llama-layout BPE (<unk>/<s>/</s>, 256 byte pieces, merges, then <image>, <pad>) over the train corpus."""
-    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_PIECES, special_tokens=LLAMA_SPECIALS + LLAMA_BYTES, min_frequency=2, show_progress=False
-    )
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
-    tokenizer = LlamaTokenizer(
-        vocab=bpe.get_vocab(), merges=_merges_of(bpe), add_bos_token=True, legacy=False, padding_side="left"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
-    tokenizer.add_special_tokens({"pad_token": LLAVA_PAD_TOKEN})
-    return tokenizer
+    return llava_tokenizer(tuple(_corpus()), BPE_PIECES, exact=False)
 
 
 def build_processor() -> LlavaProcessor:
