@@ -20,7 +20,7 @@ from torch import nn
 from vtw_core.embed import embed_prompt
 from vtw_core.engine import DecodeState, TokenState, decode_step, prefill, withdrawal_selector
 from vtw_core.families import language_model, num_decoder_layers
-from vtw_core.prompts import Message, build_model_inputs
+from vtw_core.prompts import Message, build_model_inputs, eos_token_ids_of
 
 SEGMENTS = ("system", "vision", "instruction", "output")
 SYSTEM, VISION, INSTRUCTION, OUTPUT = range(4)
@@ -136,9 +136,7 @@ def analyze_attention(
         prompt=[_layer_shares(model, state, i, *rows[i], labels) for i in range(num_layers)],
         segment_tokens={name: int((labels == index).sum()) for index, name in enumerate(SEGMENTS)},
     )
-    tokenizer = getattr(processor, "tokenizer", processor)
-    eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
-    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+    eos_ids = eos_token_ids_of(model, processor)
     for _ in range(max_new_tokens):
         token = logits.argmax(-1)
         report.token_ids.append(int(token[0]))

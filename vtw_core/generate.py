@@ -25,7 +25,7 @@ from vtw_core.engine import DecodeState, PositionMode, decode_step, prefill, wit
 from vtw_core.errors import InputError, ResourceError
 from vtw_core.families import num_decoder_layers
 from vtw_core.fast import GraphedDecodeStep, fast_state_from_prefill, static_decode_step
-from vtw_core.prompts import Message, build_model_inputs
+from vtw_core.prompts import Message, build_model_inputs, eos_token_ids_of
 from vtw_core.schedules import Schedule, ScheduleSelector
 
 DecodeEngine = Literal["auto", "plain", "static", "graph"]
@@ -114,15 +114,6 @@ class _TextCollector(TextStreamer):
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _eos_token_ids(model: nn.Module, processor: Any) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(getattr(processor, "tokenizer", processor), "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {eos} if isinstance(eos, int) else set(eos)
 
 
 def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -321,7 +312,7 @@ def stream_generate(
     collector = _TextCollector(tokenizer)
     token_ids: list[int] = []
     text = ""
-    eos_ids = _eos_token_ids(model, processor)
+    eos_ids = eos_token_ids_of(model, processor)
     try:
         model_inputs = build_model_inputs(processor, [messages], [images], device, dtype)
         _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
@@ -407,7 +398,7 @@ def generate_batch(
     """
     model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype)
     _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
-    eos_ids = _eos_token_ids(model, processor)
+    eos_ids = eos_token_ids_of(model, processor)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     columns = list(

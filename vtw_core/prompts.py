@@ -76,3 +76,13 @@ def build_model_inputs(
         for name, value in batch.items()
         if isinstance(value, torch.Tensor)
     }
+
+
+def eos_token_ids_of(model: Any, processor: Any) -> set[int]:
+    """The ids that end a reply: the model's generation config, else the tokenizer's end token."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(processor, "tokenizer", processor), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)

@@ -24,7 +24,7 @@ from vtw_core.embed import PromptEmbeddings, embed_prompt
 from vtw_core.engine import TokenState, Withdrawal, decode_step, prefill, run_decoder, withdrawal_selector
 from vtw_core.errors import InputError
 from vtw_core.families import num_decoder_layers
-from vtw_core.prompts import build_model_inputs, user_message
+from vtw_core.prompts import build_model_inputs, eos_token_ids_of, user_message
 
 DEFAULT_ETA = 0.003
 DEFAULT_START = 5
@@ -171,9 +171,9 @@ def search_k(
 
 def greedy_reply(model: nn.Module, processor: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The unchanged model's greedy reply to one prompt, up to and including its end token: (1, T)."""
-    from vtw_core.generate import SamplingConfig, _eos_token_ids, generate_tokens
+    from vtw_core.generate import SamplingConfig, generate_tokens
 
-    eos = _eos_token_ids(model, processor)
+    eos = eos_token_ids_of(model, processor)
     tokens = []
     for column in generate_tokens(model, inputs, sampling=SamplingConfig(max_new_tokens=32), eos_token_ids=eos):
         tokens.append(column)
