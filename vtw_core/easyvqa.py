@@ -21,6 +21,7 @@ from pathlib import Path
 from vtw_core.errors import InputError
 
 SHAPES = ("circle", "rectangle", "triangle")
+COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 YES_NO = ("yes", "no")
 
 
@@ -86,6 +87,30 @@ def answer_sentence(answer: str) -> str:
     if answer in SHAPES:
         return f"It is a {answer}."
     return f"The shape is {answer}."
+
+
+def image_attributes(pairs: list[tuple[str, str]]) -> tuple[str | None, str | None]:
+    """(shape, colour) of an image as its questions and answers state them; None where none of them says.
+
+    "what shape ...?" and "what color ...?" answer directly; a yes/no question names one shape or colour and
+    asserts it unless negated ("is there not a ...", "does the image not contain ...", "is no ... present").
+    """
+    found: dict[str, str] = {}
+    for question, answer in pairs:
+        if answer in SHAPES or answer in COLOURS:
+            found["shape" if answer in SHAPES else "colour"] = answer
+            continue
+        named, negated = yes_no_subject(question)
+        if answer in YES_NO and named is not None and (answer == "yes") != negated:
+            found["shape" if named in SHAPES else "colour"] = named
+    return found.get("shape"), found.get("colour")
+
+
+def yes_no_subject(question: str) -> tuple[str | None, bool]:
+    """The one shape or colour a yes/no question names (None if not exactly one), and whether it is negated."""
+    words = normalise(question)
+    named = [word for word in words if word in SHAPES or word in COLOURS]
+    return (named[0] if len(named) == 1 else None), ("not" in words or "no" in words)
 
 
 def normalise(text: str) -> list[str]:

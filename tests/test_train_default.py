@@ -1,0 +1,97 @@
+"""The default model's training pieces: labels read from the train answers, question rebalancing, augmentation."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+
+import torch
+
+from vtw_core.easyvqa import COLOURS, SHAPES, image_attributes, load_split, yes_no_subject
+from vtw_core.train_default import MAX_SHIFT, augment, rebalance_yes_no
+from vtw_core.train_default import load_split as load_images
+
+
+def test_yes_no_subject():
+    assert yes_no_subject("is there a red shape?") == ("red", False)
+    assert yes_no_subject("does the image not contain a circle?") == ("circle", True)
+    assert yes_no_subject("is no gray shape present?") == ("gray", True)
+    assert yes_no_subject("what is the red shape?") == ("red", False)
+    assert yes_no_subject("what color is the shape?") == (None, False)
+
+
+def test_image_attributes_agree_with_the_direct_answers():
+    """On every train image that has a "what shape" or "what colour" answer, the yes/no questions alone give the
+    same attribute whenever they give one, and they cover most images."""
+    images = load_images("train")
+    agreed = derived = 0
+    for _path, pairs in images:
+        direct = {answer for _question, answer in pairs if answer in SHAPES or answer in COLOURS}
+        from_yes_no = image_attributes([(q, a) for q, a in pairs if a in ("yes", "no")])
+        for value, kind in zip(from_yes_no, (SHAPES, COLOURS), strict=True):
+            stated = [answer for answer in direct if answer in kind]
+            if value is not None and stated:
+                derived += 1
+                agreed += stated == [value]
+    assert derived > 2000 and agreed == derived
+    labelled = [image_attributes(pairs) for _path, pairs in images]
+    assert sum(shape is not None for shape, _ in labelled) > 0.85 * len(images)
+    assert sum(colour is not None for _, colour in labelled) > 0.85 * len(images)
+
+
+def _truth(question: str, shape: str, colour: str) -> str:
+    """An independent reading of a yes/no question: which word it names, whether it is negated."""
+    named = next(word for word in re.findall(r"[a-z]+", question) if word in SHAPES + COLOURS)
+    present = named in (shape, colour)
+    negated = " not " in f" {question} " or question.startswith("is no ")
+    return "yes" if present != negated else "no"
+
+
+def test_rebalanced_questions_are_answered_correctly_and_half_match():
+    items = load_split("train")[:4000]
+    by_image: dict[str, list[tuple[str, str]]] = {}
+    for item in items:
+        by_image.setdefault(item.image, []).append((item.question, item.answer))
+    rng = random.Random(0)
+    matches = Counter()
+    for pairs in by_image.values():
+        shape, colour = image_attributes(pairs)
+        if shape is None or colour is None:
+            continue
+        rebalanced = rebalance_yes_no(pairs, (shape, colour), rng, match_share=0.5)
+        assert len(rebalanced) == len(pairs)
+        for (question, answer), (new_question, new_answer) in zip(pairs, rebalanced, strict=True):
+            if answer not in ("yes", "no"):
+                assert (new_question, new_answer) == (question, answer)  # open questions are untouched
+                continue
+            assert _truth(question, shape, colour) == answer  # the dataset's own answer, read independently
+            assert _truth(new_question, shape, colour) == new_answer
+            named, _negated = yes_no_subject(new_question)
+            matches[named in (shape, colour)] += 1
+    share = matches[True] / (matches[True] + matches[False])
+    assert 0.45 < share < 0.55, share  # the train split itself: 12% for colours, 34% for shapes
+
+
+def test_augment_moves_and_mirrors_without_changing_colours():
+    generator = torch.Generator().manual_seed(0)
+    image = torch.full((3, 60, 60), 0.8)
+    image[:, 20:30, 10:16] = torch.tensor([-1.0, 0.5, 0.25])[:, None, None]  # a coloured rectangle
+    out = augment(image.expand(64, -1, -1, -1), generator)
+    assert out.shape == (64, 3, 60, 60)
+    offsets = set()
+    for view in out:
+        inside = (view[0] < 0).nonzero()
+        top, left = inside.min(dim=0).values.tolist()
+        bottom, right = inside.max(dim=0).values.tolist()
+        assert (bottom - top + 1, right - left + 1) == (10, 6)  # same size: moved, not cut or stretched
+        patch = view[:, top : bottom + 1, left : right + 1]
+        assert torch.allclose(patch, image[:, 20:30, 10:16], atol=1e-6)  # same colour
+        assert torch.allclose(view[:, view[0] >= 0], torch.tensor(0.8), atol=1e-6)  # the rest is background
+        offsets.add((top - 20, left - 10, left - (60 - 16)))
+    dy = {offset[0] for offset in offsets}
+    assert max(abs(value) for value in dy) <= MAX_SHIFT and len(dy) > 3
+    # Mirrored copies start near column 60 - 16 = 44 (the rectangle spans 10..15), plain ones near column 10.
+    plain = [o for o in offsets if abs(o[1]) <= MAX_SHIFT]
+    mirrored = [o for o in offsets if abs(o[2]) <= MAX_SHIFT]
+    assert plain and mirrored
