@@ -192,6 +192,11 @@ def test_search_k_json_and_plot(capsys, tiny_model_path, tmp_path):
         capsys, "search-k", "--model", str(tiny_model_path("llava", 8)), "--limit", "2", "--eta", "0", "--json",
     )  # fmt: skip
     assert last_json(out)["k"] is None
+    code, out, _ = run_cli(
+        capsys, "search-k", "--model", str(tiny_model_path("llava", 8)), "--data", "easy-vqa", "--limit", "2",
+        "--start", "0", "--json",
+    )  # fmt: skip
+    assert code == 0 and [point["k"] for point in last_json(out)["curve"]] == list(range(8))
 
 
 def test_attention_json_and_plot(capsys, tiny_model_path, image_file, tmp_path):

@@ -60,13 +60,17 @@ def test_eval_command_json(capsys, tiny_model_path, tmp_path, sample_images):
     rows = [{"image": "red.png", "question": "What colour?", "answer": "red"}] * 3
     (tmp_path / "set.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     model = str(tiny_model_path("llava", 8))
-    code = main(["eval", "--model", model, "--data", str(tmp_path / "set.jsonl"), "--k", "3", "--all-k", "--json"])
+    plot = tmp_path / "k.png"
+    argv = ["eval", "--model", model, "--data", str(tmp_path / "set.jsonl"), "--k", "3", "--all-k", "--json"]
+    code = main([*argv, "--plot-k", str(plot)])
     out = capsys.readouterr().out
     assert code == 0
     report = json.loads(out.strip().splitlines()[-1])
     assert report["num_layers"] == 8 and report["questions"] == 3
     assert report["vtw"]["k"] == 3 and {"accuracy", "time_s", "prefill_flops"} <= set(report["baseline"])
-    assert [row["k"] for row in report["accuracy_per_k"]] == list(range(1, 8))
+    assert [row["k"] for row in report["accuracy_per_k"]] == list(range(8))
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert main([*argv[:-2], "--plot-k", str(plot)]) == 2 and "--plot-k needs --all-k" in capsys.readouterr().err
     code = main(["eval", "--model", model, "--data", "easy-vqa", "--limit", "4", "--k", "auto", "--eta", "1e9",
                  "--json"])  # fmt: skip
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

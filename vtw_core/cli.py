@@ -147,13 +147,23 @@ def cmd_bench(args: argparse.Namespace) -> None:
         _print_json({"model": manager.info.describe(), "rows": [asdict(row) for row in rows]})
 
 
+def _calibration_samples(data: str, limit: int | None) -> list:
+    """Samples for the K and schedule searches: easy-vqa's *train* split (20 by default), or a calibration JSONL."""
+    if data == "easy-vqa":
+        from vtw_core.evaluate import train_calibration
+
+        return train_calibration(limit or 20)
+    from vtw_core.calibration import load_calibration
+
+    return load_calibration(data, limit=limit)
+
+
 def cmd_search_k(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from vtw_core.calibration import load_calibration
     from vtw_core.search import search_k
 
-    samples = load_calibration(args.data, limit=args.limit)
+    samples = _calibration_samples(args.data, args.limit)
     manager = _load(args)
     if manager.processor is None:
         raise VTWError("the K search needs a model with a processor")
@@ -215,6 +225,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from vtw_core.evaluate import auto_k, evaluate_side, load_items
 
+    if args.plot_k and not args.all_k:
+        raise VTWError("--plot-k needs --all-k")
     items = load_items(args.data, args.split, args.limit)
     manager = _load(args)
     if manager.processor is None:
@@ -244,7 +256,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if k is not None:
             report["vtw"] = run(k).to_dict()
         if args.all_k:
-            report["accuracy_per_k"] = [{"k": i, **run(i).to_dict()} for i in range(1, num_layers)]
+            report["accuracy_per_k"] = [{"k": i, **run(i).to_dict()} for i in range(num_layers)]
         if args.method:
             from vtw_core.methods import parse_method
 
@@ -260,6 +272,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from vtw_core.plots import tradeoff_figure
 
         tradeoff_figure(report).savefig(args.plot, dpi=150)
+    if args.plot_k:
+        from vtw_core.plots import k_curve_figure
+
+        k_curve_figure(report).savefig(args.plot_k, dpi=150)
     if args.json:
         _print_json(report)
         return
@@ -276,19 +292,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_schedule_search(args: argparse.Namespace) -> None:
-    from vtw_core.calibration import load_calibration
     from vtw_core.schedule_search import g_search, kl_score, p_sigmoid
 
     manager = _load(args)
     if manager.processor is None:
         raise VTWError("the schedule search needs a model with a processor")
     model, num_layers = manager.model, manager.info.num_layers
-    if args.data == "easy-vqa":
-        from vtw_core.evaluate import train_calibration
-
-        samples = train_calibration(args.samples)
-    else:
-        samples = load_calibration(args.data, limit=args.samples)
+    samples = _calibration_samples(args.data, args.samples)
     with manager.lock:
         score = kl_score(model, manager.processor, samples, num_layers, over=args.kl_over)
         if args.algorithm == "gsearch":
@@ -359,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=cmd_bench)
     search = commands.add_parser("search-k", help="choose K with the paper's KL criterion (Algorithm 1)")
     _add_model_options(search)
-    search.add_argument("--data", default="default", help="JSONL of {image, question}, or 'default' (bundled)")
+    search.add_argument("--data", default="default",
+                        help="JSONL of {image, question}, 'default' (bundled) or 'easy-vqa' (train split)")  # fmt: skip
     search.add_argument("--eta", type=float, default=0.003, help="KL threshold (default 0.003, as the paper)")
     search.add_argument("--start", type=int, default=5, help="first K to try (default 5)")
     search.add_argument("--limit", type=int, default=None, help="use only the first N samples")
@@ -405,13 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--kl-over", choices=["prompt", "reply"], default="prompt",
         help="--k auto: KL at the last prompt position (the paper) or over the baseline's reply",
     )  # fmt: skip
-    evaluate.add_argument("--all-k", action="store_true", help="also the accuracy at every K from 1 to N-1")
+    evaluate.add_argument("--all-k", action="store_true", help="also the accuracy at every K from 0 to N-1")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument(
         "--method", action="append", default=[],
         help="also evaluate a method (repeatable): vtw:K, vtw:auto, fastv:K:R, schedule:FILE",
     )  # fmt: skip
     evaluate.add_argument("--plot", help="save accuracy against prefill TFLOPs (a point per setting) to this PNG")
+    evaluate.add_argument("--plot-k", help="with --all-k: save accuracy (and KL, with --k auto) against K to this PNG")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=cmd_eval)
     return parser

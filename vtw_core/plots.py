@@ -35,6 +35,38 @@ def kl_curve_figure(result: dict[str, Any]) -> Figure:
     return figure
 
 
+def k_curve_figure(report: dict[str, Any]) -> Figure:
+    """Accuracy at every K with the baseline's as a line, and the K search's mean KL on a second, log axis.
+
+    The paper's Figure 8: accuracy stays flat down to some K and falls below it; the KL criterion should stop
+    the search before the fall. `report` is `eval --all-k --json` output (with `--k auto` for the KL curve).
+    """
+    figure, axes = plt.subplots(figsize=(6.8, 3.8), layout="constrained")
+    rows = report["accuracy_per_k"]
+    ks = [row["k"] for row in rows]
+    axes.plot(ks, [row["accuracy"] * 100 for row in rows], marker="o", color="#2e86ab", label="VTW accuracy")
+    axes.axhline(report["baseline"]["accuracy"] * 100, color="black", linewidth=1, label="baseline accuracy")
+    if "vtw" in report:
+        axes.axvline(report["vtw"]["k"], color="#e4572e", linestyle=":", label=f"searched K = {report['vtw']['k']}")
+    axes.set_xlabel("K (decoder layers that see the image)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_xticks(ks)
+    axes.grid(alpha=0.3)
+    handles, labels = axes.get_legend_handles_labels()
+    if report.get("kl_curve"):
+        kl_axes = axes.twinx()
+        curve = report["kl_curve"]
+        kl_axes.plot([p["k"] for p in curve], [max(p["kl"], 1e-12) for p in curve], marker="s", color="#76b041",
+                     linestyle="--", label="mean KL (calibration)")  # fmt: skip
+        kl_axes.set_yscale("log")
+        kl_axes.set_ylabel("KL(P_vtw || P_baseline)")
+        more_handles, more_labels = kl_axes.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    axes.legend(handles, labels, fontsize=8, loc="lower right")
+    axes.set_title(f"Accuracy and KL against K on {report.get('data', '')} {report.get('split', '')}")
+    return figure
+
+
 def attention_figure(report: dict[str, Any], token: str = "prompt") -> Figure:
     """Stacked per-layer shares of the last token's attention: system, vision, instruction, output."""
     if token == "prompt" or not report["generated"]:
