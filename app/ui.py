@@ -75,7 +75,7 @@ class StopEvents:
 
 def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
     info = manager.info
-    default_k = max(1, info.num_layers // 2)
+    default_k = info.searched_k or max(1, info.num_layers // 2)
     allowed_roots = [Path(gr.utils.get_upload_folder()), ASSETS]
     stop_events = StopEvents()
 

@@ -13,7 +13,7 @@ from vtw_core.embed import embed_prompt
 from vtw_core.engine import decode_step, prefill, withdrawal_selector
 from vtw_core.errors import InputError, VTWError
 from vtw_core.generate import SamplingConfig, generate_batch
-from vtw_core.manager import ModelManager, resolve_attention, resolve_dtype
+from vtw_core.manager import ModelManager, resolve_attention, resolve_dtype, searched_k
 from vtw_core.prompts import assistant_message, build_model_inputs, user_message
 
 FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
@@ -202,3 +202,13 @@ def test_bad_requests_are_clear(managers, sample_images):
         manager.generate([user_message(long_question, 0)], [], sampling=SamplingConfig(max_new_tokens=4))
     with pytest.raises(InputError, match="position_mode"):
         manager.generate([user_message("Hi")], sample_images[:1], k=1, position_mode="shuffled")
+
+
+def test_searched_k_is_read_from_the_checkpoint_folder(tmp_path):
+    assert searched_k(str(tmp_path), 12) is None  # no vtw.json
+    (tmp_path / "vtw.json").write_text('{"k": 8, "num_layers": 12}')
+    assert searched_k(str(tmp_path), 12) == 8
+    for bad in ('{"k": 13}', '{"k": 0}', '{"k": true}', '{"k": "8"}', "[8]", "not json"):
+        (tmp_path / "vtw.json").write_text(bad)
+        assert searched_k(str(tmp_path), 12) is None, bad
+    assert searched_k("llava-hf/llava-1.5-7b-hf", 32) is None  # a hub id is no folder

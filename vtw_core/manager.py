@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import queue
 import threading
 from collections.abc import Iterator
@@ -62,6 +63,18 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def searched_k(source: str, num_layers: int) -> int | None:
+    """The K that a K search saved beside a local checkpoint (`vtw.json`, as the default model ships), if valid."""
+    path = Path(source) / "vtw.json"
+    if not path.is_file():
+        return None
+    try:
+        k = json.loads(path.read_text(encoding="utf-8")).get("k")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return k if isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= num_layers else None
+
+
 @dataclass
 class ModelInfo:
     source: str
@@ -71,6 +84,7 @@ class ModelInfo:
     dtype: str
     attention: str
     random_weights: bool
+    searched_k: int | None = None  # from the checkpoint's vtw.json: the app's starting K
 
     def describe(self) -> str:
         weights = " (random weights)" if self.random_weights else ""
@@ -96,6 +110,7 @@ class ModelManager:
             attention=model.config.get_text_config()._attn_implementation,
             random_weights=random_weights,
         )
+        self.info.searched_k = searched_k(source, self.info.num_layers)
 
     @classmethod
     def load(
