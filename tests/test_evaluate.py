@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 
 from vtw_core.cli import main
-from vtw_core.easyvqa import answer_sentence, answers, is_correct, load_split, normalise, predicted_answer
+from vtw_core.easyvqa import (
+    answer_sentence,
+    answers,
+    image_attributes,
+    is_correct,
+    load_split,
+    normalise,
+    predicted_answer,
+)
 from vtw_core.evaluate import evaluate_side, load_items, train_calibration
 from vtw_core.manager import ModelManager
+from vtw_core.train_default import load_split as load_train_images
 
 
 def test_easy_vqa_is_available_offline():
@@ -23,13 +33,38 @@ def test_scoring_rules():
     assert normalise("It is a Circle!") == ["it", "is", "a", "circle"]
     assert predicted_answer("It is a circle.", vocabulary) == "circle"
     assert is_correct("It is a circle.", "circle", vocabulary)
-    assert not is_correct("It is a red circle.", "circle", vocabulary)  # the first answer word counts
+    assert is_correct("Is it red? It is green, so no.", "no", vocabulary)  # the last answer word is the conclusion
+    assert not is_correct("Is it red? It is green, so no.", "green", vocabulary)
+    assert not is_correct("No, it is a red circle.", "no", vocabulary)
     assert is_correct("Yes.", "yes", vocabulary) and not is_correct("No.", "yes", vocabulary)
     assert not is_correct("I cannot tell.", "blue", vocabulary)
     assert is_correct("There are 2 cats.", "2 cats", [])  # free-form answers: words in order
     assert not is_correct("There are 22 cats.", "2 cats", [])
     for answer in vocabulary:  # every reply the default model is taught scores as its answer
         assert is_correct(answer_sentence(answer), answer, vocabulary)
+        assert is_correct(answer_sentence(answer, "is there a red shape?", ("triangle", "teal")), answer, vocabulary)
+
+
+def test_yes_no_replies_restate_the_question_then_say_what_the_image_shows():
+    assert answer_sentence("no", "is there a red shape?", ("circle", "green")) == "Is it red? It is green, so no."
+    assert (
+        answer_sentence("yes", "does the image not contain a circle?", ("triangle", "red"))
+        == "Is it not a circle? It is a triangle, so yes."
+    )
+    assert answer_sentence("yes", "is there a red shape?", ("circle", None)) == "Yes."  # colour unknown
+    # Over the whole train split, each restated reply is self-consistent (its conclusion follows from the asked
+    # word, the negation and the seen word) and agrees with the dataset's answer.
+    pattern = re.compile(r"Is it (not )?(?:a )?(\w+)\? It is (?:a )?(\w+), so (yes|no)\.")
+    restated = 0
+    for _path, pairs in load_train_images("train"):
+        attributes = image_attributes(pairs)
+        for question, answer in pairs:
+            match = pattern.fullmatch(answer_sentence(answer, question, attributes))
+            if match:
+                negated, asked, seen, conclusion = match.groups()
+                assert conclusion == answer == ("yes" if (asked == seen) != bool(negated) else "no"), question
+                restated += 1
+    assert restated > 25000  # nearly all of the split's 27,000 yes/no questions
 
 
 def test_calibration_comes_from_the_train_split():

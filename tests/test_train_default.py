@@ -7,9 +7,20 @@ import re
 from collections import Counter
 
 import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration
 
 from vtw_core.easyvqa import COLOURS, SHAPES, image_attributes, load_split, yes_no_subject
-from vtw_core.train_default import MAX_SHIFT, augment, rebalance_yes_no
+from vtw_core.train_default import (
+    MAX_SHIFT,
+    _batch,
+    augment,
+    build_config,
+    build_processor,
+    encode_image_questions,
+    rebalance_yes_no,
+    training_replies,
+)
 from vtw_core.train_default import load_split as load_images
 
 
@@ -95,3 +106,40 @@ def test_augment_moves_and_mirrors_without_changing_colours():
     plain = [o for o in offsets if abs(o[1]) <= MAX_SHIFT]
     mirrored = [o for o in offsets if abs(o[2]) <= MAX_SHIFT]
     assert plain and mirrored
+
+
+def test_training_replies_say_what_the_image_shows_before_yes_or_no():
+    pairs = [("is there a red shape?", "yes"), ("what shape is in the image?", "circle")]
+    assert training_replies(pairs, ("circle", "red")) == [
+        ("is there a red shape?", "Is it red? It is red, so yes."),
+        ("what shape is in the image?", "It is a circle."),
+    ]
+    # Without the colour, the yes/no reply could not say what the image shows: that question is left out.
+    assert training_replies(pairs, ("circle", None)) == [("what shape is in the image?", "It is a circle.")]
+
+
+def test_a_packed_row_computes_each_question_as_its_own_single_turn_prompt():
+    """Training packs ~10 questions behind one image with a block mask; each must see exactly what the
+    single-turn prompt at inference sees, so the logits of every segment equal a separate forward pass."""
+    processor = build_processor()
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(
+        build_config(processor.tokenizer, layers=2, hidden=32, vision_hidden=32, vision_layers=1)
+    ).eval()
+    image = Image.open(load_images("test")[0][0]).convert("RGB")
+    pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]
+    pairs = [("what color is the shape?", "The shape is red."), ("is there a circle?", "It is a red circle, so no.")]
+    ids, labels, positions, segments = encode_image_questions(processor, pairs)
+    batch = _batch([(pixels[0], ids, labels, positions, segments)], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        packed = model(**{name: value for name, value in batch.items() if name != "labels"}).logits[0]
+        segment_ids = torch.tensor(segments)
+        for number, (question, reply) in enumerate(pairs, start=1):
+            message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+            prompt = processor.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
+            single = processor(text=[prompt + " " + reply], images=[image], return_tensors="pt")
+            alone = model(**single).logits[0]
+            mine = packed[segment_ids == number]
+            # The packed segment starts after the shared prefix and ends with </s>, which the text lacks.
+            assert torch.allclose(mine[:-1], alone[len(alone) - len(mine) + 1 :], atol=1e-5)
+    assert packed.shape[0] == len(ids)

@@ -1,10 +1,11 @@
 """The easy-vqa dataset (PyPI `easy-vqa`, MIT): 64x64 images of one coloured shape, with questions.
 
 Answers are one of 13 words (3 shapes, 8 colours, yes/no). The default model answers in a short sentence
-("It is a circle.", "It is red.", "Yes."); scoring reads the answer word back out of the reply:
+("It is a circle.", "The shape is red.", "Is it red? It is green, so no."); scoring reads the answer word back
+out of the reply:
 
     normalise(reply) = lower case, punctuation removed, split on spaces
-    predicted answer = the first word of the normalised reply that is one of the 13 answers
+    predicted answer = the last word of the normalised reply that is one of the 13 answers (its conclusion)
     correct          = predicted answer == the dataset's answer
 
 Answers outside that vocabulary (a user's JSONL file) count as correct when their normalised words appear,
@@ -74,16 +75,31 @@ def load_jsonl(path: str | Path) -> list[VQAItem]:
     return items
 
 
-def answer_sentence(answer: str) -> str:
+def answer_sentence(answer: str, question: str = "", attributes: tuple[str | None, str | None] = (None, None)) -> str:
     """The short sentence the default model is trained to give for easy-vqa's one-word answer.
 
-    For colour and shape questions the first reply words ("It is a", "The shape is") follow from the question
-    alone and the answer word comes last: the K search's KL at the last prompt position cannot see the image
-    there (docs/default-model.md), hence `search_k(..., over="reply")`.
+    Shape and colour questions: "It is a circle.", "The shape is blue.". A yes/no question, when it names one
+    shape or colour and the image's one of that kind is known, is first restated, then answered from what the
+    image shows: "Is it red? It is green, so no.", "Is it not a circle? It is a triangle, so yes." The final
+    word then depends only on words a few tokens back in the reply itself (asked word, "not", seen word),
+    which a small decoder learns readily. "No." alone needs the question word matched against image features
+    in one step; "It is a red circle, so no." needs the question searched for the seen words; a 12-layer,
+    64-wide decoder trained on CPU stayed at chance on both (docs/default-model.md). Otherwise yes/no answers
+    are "Yes." / "No.".
+
+    The first reply words ("It is a", "The shape is", "Is it") follow from the question alone: the K search's
+    KL at the last prompt position cannot see the image there, hence `search_k(..., over="reply")`.
     """
     answer = answer.strip().lower()
     if answer in YES_NO:
-        return answer.capitalize() + "."
+        named, negated = yes_no_subject(question)
+        shape, colour = attributes
+        seen = shape if named in SHAPES else colour
+        if named is None or seen is None:
+            return answer.capitalize() + "."
+        article = "a " if named in SHAPES else ""
+        asked = f"Is it {'not ' if negated else ''}{article}{named}?"
+        return f"{asked} It is {article}{seen}, so {answer}."
     if answer in SHAPES:
         return f"It is a {answer}."
     return f"The shape is {answer}."
@@ -118,12 +134,13 @@ def normalise(text: str) -> list[str]:
 
 
 def predicted_answer(reply: str, vocabulary: list[str] | tuple[str, ...]) -> str | None:
+    """The reply's last word from the answer vocabulary: its conclusion ("Is it red? It is green, so no." -> no)."""
     words = set(vocabulary)
-    return next((word for word in normalise(reply) if word in words), None)
+    return next((word for word in reversed(normalise(reply)) if word in words), None)
 
 
 def is_correct(reply: str, answer: str, vocabulary: list[str] | tuple[str, ...]) -> bool:
-    """Normalised match: the first answer word in the reply equals the expected answer (any answer vocabulary)."""
+    """Normalised match: the last answer word in the reply equals the expected answer (any answer vocabulary)."""
     expected = " ".join(normalise(answer))
     if expected not in vocabulary:  # free-form answers (JSONL): the answer's words, in order, in the reply
         return f" {expected} " in f" {' '.join(normalise(reply))} "

@@ -64,7 +64,7 @@ def evaluate_side(
     *,
     schedule: Schedule | None = None,
     batch_size: int = 64,
-    max_new_tokens: int = 8,
+    max_new_tokens: int = 16,
     progress: Progress | None = None,
 ) -> SideResult:
     """Greedy replies for every item at one K (None: baseline), scored, timed, with analytic FLOPs."""
