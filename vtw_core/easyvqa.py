@@ -81,11 +81,11 @@ def answer_sentence(answer: str, question: str = "", attributes: tuple[str | Non
     Shape and colour questions: "It is a circle.", "The shape is blue.". A yes/no question, when it names one
     shape or colour and the image's one of that kind is known, is first restated, then answered from what the
     image shows: "Is it red? It is green, so no.", "Is it not a circle? It is a triangle, so yes." The final
-    word then depends only on words a few tokens back in the reply itself (asked word, "not", seen word),
-    which a small decoder learns readily. "No." alone needs the question word matched against image features
-    in one step; "It is a red circle, so no." needs the question searched for the seen words; a 12-layer,
-    64-wide decoder trained on CPU stayed at chance on both (docs/default-model.md). Otherwise yes/no answers
-    are "Yes." / "No.".
+    word then depends only on words a few tokens back in the reply itself (asked word, "not", seen word).
+    With this format and yes/no questions rebalanced to 30% matches (`rebalance_yes_no`) the 12-layer, 64-wide
+    decoder learnt yes/no; "No." alone on the split's own questions stayed at the dataset's prior, and both
+    "It is a red circle, so no." and this format stayed at chance with 50% matches (docs/default-model.md).
+    Otherwise yes/no answers are "Yes." / "No.".
 
     The first reply words ("It is a", "The shape is", "Is it") follow from the question alone: the K search's
     KL at the last prompt position cannot see the image there, hence `search_k(..., over="reply")`.

@@ -242,8 +242,8 @@ def rebalance_yes_no(
 
     Why 0.3 and not 0.5: at 0.5 every single cue (the negation, the asked word, the seen word) leaves yes and
     no equally likely, and the answer is a three-way parity of them, which the decoder did not start to learn
-    in 900 steps. At 0.3 "not" alone predicts the answer 70% of the time; the decoder picks that up first,
-    then the comparison (a sudden drop of the loss near step 650 in our runs).
+    in 700 to 900 steps (two reply formats). At 0.3 "not" alone predicts the answer 70% of the time; the
+    decoder picks that up first, then the comparison (a sudden drop of the loss near step 650 in our runs).
     """
     shape, colour = attributes
     rebalanced = []
