@@ -19,6 +19,9 @@ Two stages, both on the train split only:
 1. `pretrain_vision`: the vision tower learns shape and colour, each image labelled by its own train answers
    (`image_attributes`), through a linear probe that is then thrown away. From scratch, the VQA loss alone
    learnt colour but left shape at chance in CPU-affordable time.
+   1b. (`--token-epochs`) the same, with a probe on every vision token alone: each token must state the whole
+   image's shape and colour. Without it the decoder kept reading rectangle-vs-circle from the vision tokens
+   in its last three layers, and the reply-level KL search could not go below K = 11 of 12.
 2. End to end, the whole LLaVA on the questions. Yes/no questions are rebalanced (`rebalance_yes_no`) so that
    30% of them name the image's own shape or colour (the split has 12% for colours, 34% for shapes).
 Both stages see randomly flipped and shifted images (`augment`).
@@ -28,8 +31,8 @@ are shared by its ~10 questions, which is what makes CPU training affordable, an
 per-segment positions (`segment_mask`) makes every question + answer exactly the single-turn prompt used at
 inference, blind to the other questions. The question order is shuffled every epoch; the loss is taken on the
 answer tokens (and their </s>) only. AdamW, cosine schedule with warm-up, seeded. `--vision-cache FILE` saves
-stage 1 (or reloads it when the settings match, with the random streams as they were), so stage 2 can be re-run
-alone with the same result.
+stage 1 (or reloads it when the settings match, with the random streams as they were), so stages 1b and 2 can
+be re-run alone with the same result.
 """
 
 from __future__ import annotations
@@ -287,6 +290,7 @@ def pretrain_vision(
     batch_images: int = 32,
     lr: float = 1e-3,
     generator: torch.Generator,
+    per_token: bool = False,
     log_every: int = 50,
 ) -> None:
     """Stage 1: teach the vision tower shape and colour before it meets the decoder.
@@ -295,6 +299,11 @@ def pretrain_vision(
     (the 3-epoch end-to-end model answered shape questions at chance). Here a linear probe on the mean of the
     very features LLaVA hands the projector (last layer, CLS dropped) classifies each train image's shape and
     colour, as its own questions state them (`image_attributes`), under `augment`. The probe is thrown away.
+
+    `per_token=True` (stage 1b) instead asks every vision token on its own to state the whole image's shape
+    and colour. With the mean-pooled probe only, the decoder read rectangle-vs-circle from the vision tokens
+    in its last layers (withdrawing vision before layer 9 of 12 cost 3 points); a decoder that can read the
+    image from any one token in any layer need not keep looking late.
     """
     tower = model.model.vision_tower
     width = tower.config.hidden_size
@@ -309,12 +318,15 @@ def pretrain_vision(
     for step in range(1, total_steps + 1):
         chosen = torch.randint(0, len(labels), (batch_images,), generator=generator)
         features = tower(pixel_values=augment(pixels[chosen], generator), output_hidden_states=True)
-        logits = probe(features.hidden_states[-1][:, 1:].mean(dim=1))
+        patches = features.hidden_states[-1][:, 1:]  # (batch, VISION_TOKENS, width)
+        logits = probe(patches if per_token else patches.mean(dim=1, keepdim=True))  # (batch, tokens, classes)
+        tokens = logits.shape[1]
+        shapes, colours = shape_ids[chosen].repeat_interleave(tokens), colour_ids[chosen].repeat_interleave(tokens)
         # Summed over the known labels, per image: a batch may lack one kind of label altogether.
         loss = (
-            torch.nn.functional.cross_entropy(logits[:, : len(SHAPES)], shape_ids[chosen], reduction="sum")
-            + torch.nn.functional.cross_entropy(logits[:, len(SHAPES) :], colour_ids[chosen], reduction="sum")
-        ) / batch_images
+            torch.nn.functional.cross_entropy(logits[..., : len(SHAPES)].flatten(0, 1), shapes, reduction="sum")
+            + torch.nn.functional.cross_entropy(logits[..., len(SHAPES) :].flatten(0, 1), colours, reduction="sum")
+        ) / (batch_images * tokens)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -323,7 +335,8 @@ def pretrain_vision(
         running.append(loss.item())
         if step % log_every == 0 or step == total_steps:
             print(
-                f"vision step {step}/{total_steps} loss {sum(running) / len(running):.4f} {time.time() - started:.0f}s",
+                f"vision{' 1b' if per_token else ''} step {step}/{total_steps} "
+                f"loss {sum(running) / len(running):.4f} {time.time() - started:.0f}s",
                 flush=True,
             )
             running = []
@@ -389,6 +402,7 @@ def train(
     lr: float = 1e-3,
     warmup: int = 60,
     vision_epochs: float = 20.0,
+    token_epochs: float = 4.0,
     vision_lr_scale: float = 0.3,
     yes_no_match_share: float | None = 0.3,
     vision_cache: str | Path | None = None,
@@ -431,6 +445,8 @@ def train(
         vision_cached = _vision_stage(
             model, pixels, labels, epochs=vision_epochs, lr=lr, generator=generator, cache=vision_cache, key=stage_key
         )
+        if token_epochs > 0:
+            pretrain_vision(model, pixels, labels, epochs=token_epochs, lr=lr, generator=generator, per_token=True)
     vision_started = time.time()
     # Stage 2, end to end. The pretrained tower moves more slowly (vision_lr_scale) so that the randomly
     # initialised projector and decoder cannot wash out its shape features in the first steps.
@@ -502,6 +518,7 @@ def train(
         "vision_hidden": vision_hidden,
         "vision_layers": vision_layers,
         "vision_epochs": vision_epochs,
+        "token_epochs": token_epochs,
         "vision_lr_scale": vision_lr_scale,
         "vision_stage_s": round(vision_started - started, 1),
         "vision_stage_cached": vision_cached,
@@ -541,6 +558,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-images", type=int, default=8, help="images (conversations) per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--vision-epochs", type=float, default=20.0, help="stage 1: shape/colour pretraining")
+    parser.add_argument(
+        "--token-epochs", type=float, default=4.0, help="stage 1b: every vision token states shape/colour"
+    )
     parser.add_argument("--vision-lr-scale", type=float, default=0.3, help="stage 2: tower lr / lr")
     parser.add_argument(
         "--yes-no-match-share", type=float, default=0.3, help="share of yes/no questions about the image's own"
@@ -563,6 +583,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_images=args.batch_images,
         lr=args.lr,
         vision_epochs=args.vision_epochs,
+        token_epochs=args.token_epochs,
         vision_lr_scale=args.vision_lr_scale,
         yes_no_match_share=None if args.keep_questions else args.yes_no_match_share,
         vision_cache=args.vision_cache,
