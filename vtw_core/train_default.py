@@ -302,7 +302,7 @@ def pretrain_vision(
 
     `per_token=True` (stage 1b) instead asks every vision token on its own to state the whole image's shape
     and colour. With the mean-pooled probe only, the decoder read rectangle-vs-circle from the vision tokens
-    in its last layers (withdrawing vision before layer 9 of 12 cost 3 points); a decoder that can read the
+    in its last layers (withdrawing vision before layer 9 of 12 cost 2.6 points); a decoder that can read the
     image from any one token in any layer need not keep looking late.
     """
     tower = model.model.vision_tower
