@@ -23,6 +23,7 @@ from vtw_core.manager import ModelManager
 from vtw_core.methods import Method, parse_method
 from vtw_core.prompts import Message, assistant_message, user_message
 from vtw_core.search import CalibrationSample, Progress, search_k
+from vtw_core.validation import check_k
 
 SIDES = ("baseline", "vtw")
 RunMode = Literal["sequential", "race"]
@@ -125,11 +126,10 @@ def answer_last_turn(
     """
     if not state.turns:
         raise InputError("ask a question first")
-    if not 1 <= int(k) <= manager.info.num_layers:
-        raise InputError(f"K must be between 1 and {manager.info.num_layers}")
-    state.k_used = int(k)
+    k = check_k(k, manager.info.num_layers)
+    state.k_used = k
     state.results = {side: None for side in SIDES}
-    accelerated = accelerated_method(method, int(k), manager.info.num_layers)
+    accelerated = accelerated_method(method, k, manager.info.num_layers)
     requests = {}
     for side in SIDES:
         messages, paths = state.conversation(side)

@@ -119,7 +119,7 @@ def test_bad_input_is_refused_and_leaves_the_chat_unchanged(manager, uploads, tm
             handlers.add_turn(state, text, [str(path) for path in paths], [uploads])
         assert state.turns == []
     handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
-    with pytest.raises(InputError, match="K must be between 1 and 4"):
+    with pytest.raises(InputError, match="K must be a whole number from 0 to 4"):
         list(handlers.answer_last_turn(manager, state, 9, SamplingConfig()))
 
 

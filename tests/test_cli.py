@@ -148,12 +148,12 @@ def test_llava_next_token_count_matches_the_processor(tiny_model_path, sample_im
         (["generate", "--model", "MODEL", "--image", "/no/such.png", "--prompt", "Hi"], "image file not found"),
         (["generate", "--model", "MODEL", "--image", "CORRUPT", "--prompt", "Hi"], "corrupt or truncated"),
         (["generate", "--model", "MODEL", "--image", "TEXT", "--prompt", "Hi"], "not an image"),
-        (["generate", "--model", "MODEL", "--prompt", "Hi", "--k", "9"], "K must be an integer from 0 to 4"),
+        (["generate", "--model", "MODEL", "--prompt", "Hi", "--k", "9"], "K must be a whole number from 0 to 4"),
         (["generate", "--model", "MODEL", "--prompt", "  "], "question is empty"),
         (["flops", "--model", "/no/such/folder", "--vision-tokens", "1", "--text-tokens", "1", "--k", "1"],
          "cannot load a model config"),
         (["flops", "--model", "llava-1.5-7b", "--vision-tokens", "5", "--text-tokens", "5", "--k", "33"],
-         "K must be between 0 and 32"),
+         "K must be a whole number from 0 to 32"),
     ],
 )  # fmt: skip
 def test_errors_are_clear_and_exit_2(capsys, tiny_model_path, image_file, tmp_path, argv, message):

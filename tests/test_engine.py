@@ -279,7 +279,7 @@ def test_two_threads_with_different_k_do_not_interfere():
 @pytest.mark.parametrize("k", [-1, NUM_LAYERS + 1, 2.5, True])
 def test_k_out_of_range_is_a_clear_error(k):
     model = build_model("llava")
-    with pytest.raises(InputError, match="K must be an integer from 0 to 4"):
+    with pytest.raises(InputError, match="K must be a whole number from 0 to 4"):
         list(generate_tokens(model, prompt_inputs(model, "llava"), k=k))
 
 

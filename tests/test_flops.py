@@ -387,9 +387,9 @@ def test_vtw_schedule() -> None:
 
 @pytest.mark.parametrize("k", [-1, 33, 100])
 def test_k_out_of_range(llava7b_config, k: int) -> None:
-    with pytest.raises(InputError, match="between 0 and 32"):
+    with pytest.raises(InputError, match="from 0 to 32"):
         flops.request_flops(llava7b_config, 576, 62, k=k)
-    with pytest.raises(InputError, match="between 0 and 32"):
+    with pytest.raises(InputError, match="from 0 to 32"):
         flops.vtw_tokens_per_layer(32, 576, 62, k)
 
 

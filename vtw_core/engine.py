@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from vtw_core import validation
 from vtw_core.embed import PromptEmbeddings
 from vtw_core.errors import InputError, UnsupportedModelError
 from vtw_core.families import language_model
@@ -59,17 +60,14 @@ class Withdrawal:
         return tokens.valid & ~tokens.vision if layer_idx == self.k else None
 
 
-def check_k(k: int | None, num_layers: int) -> None:
-    """K counts the layers that still see vision: 0 (none) .. num_layers (the unchanged model)."""
-    if k is None:
-        return
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= num_layers:
-        raise InputError(f"K must be an integer from 0 to {num_layers} (the number of decoder layers), got {k!r}")
+def check_k(k: int | None, num_layers: int) -> int | None:
+    """K counts the layers that still see vision: 0 (none) .. num_layers (the unchanged model); None = baseline."""
+    return None if k is None else validation.check_k(k, num_layers)
 
 
 def withdrawal_selector(k: int | None, num_layers: int) -> TokenSelector | None:
     """The selector for VTW at K; None (the unchanged model) for K None or K = num_layers."""
-    check_k(k, num_layers)
+    k = check_k(k, num_layers)
     return None if k is None or k >= num_layers else Withdrawal(k)
 
 

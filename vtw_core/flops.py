@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vtw_core import validation
 from vtw_core.errors import InputError, UnsupportedModelError
 
 # model_type -> human name, for the families whose vision tower vision_flops knows.
@@ -133,10 +134,7 @@ def vtw_tokens_per_layer(num_layers: int, vision_tokens: int, text_tokens: int, 
     """
     if vision_tokens < 0 or text_tokens < 0:
         raise InputError(f"token counts must be >= 0, got {vision_tokens} vision and {text_tokens} text")
-    if k is None:
-        k = num_layers
-    if not 0 <= k <= num_layers:
-        raise InputError(f"K must be between 0 and {num_layers} (the number of decoder layers), got {k}")
+    k = num_layers if k is None else validation.check_k(k, num_layers)
     return [vision_tokens + text_tokens] * k + [text_tokens] * (num_layers - k)
 
 

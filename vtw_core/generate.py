@@ -19,7 +19,7 @@ from torch import nn
 from transformers import LogitsProcessorList, TextStreamer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from vtw_core import flops
+from vtw_core import flops, validation
 from vtw_core.embed import embed_prompt
 from vtw_core.engine import DecodeState, PositionMode, decode_step, prefill, withdrawal_selector
 from vtw_core.errors import InputError, ResourceError
@@ -42,15 +42,24 @@ class SamplingConfig:
     top_k: int = 0
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        if not 1 <= self.max_new_tokens <= 32768:
-            raise InputError(f"max_new_tokens must be between 1 and 32768, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise InputError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        """Every field checked (finite, integral where needed, in range); integral floats become ints."""
+        checked = {
+            "max_new_tokens": validation.check_max_new_tokens(self.max_new_tokens),
+            "temperature": validation.check_float(self.temperature, "temperature", 0, 100),
+            "top_p": validation.check_float(self.top_p, "top_p", 0, 1, low_inclusive=False),
+            "top_k": validation.check_int(self.top_k, "top_k", 0, 1_000_000),
+            "seed": validation.check_seed(self.seed),
+        }
+        if not isinstance(self.do_sample, bool):
+            raise InputError(f"do_sample must be true or false, got {self.do_sample!r}")
+        if self.do_sample and checked["temperature"] == 0:
+            raise InputError("temperature must be > 0 when sampling (0 means greedy: turn sampling off)")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)  # frozen: normalise once, at construction
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vtw_core import validation
 from vtw_core.errors import InputError
 from vtw_core.schedules import Schedule
 
@@ -31,9 +32,9 @@ def parse_method(spec: str, num_layers: int, auto_k: int | None = None) -> Metho
         if name == "baseline" and not rest:
             return Method("baseline")
         if name == "vtw":
-            k = auto_k if rest == "auto" else int(rest)
-            if k is None or not 0 <= k <= num_layers:
-                raise InputError(f"K must be between 0 and {num_layers}, got {rest}")
+            if rest == "auto" and auto_k is None:
+                raise InputError("vtw:auto needs the K search to run first (the caller runs it)")
+            k = validation.check_k(auto_k if rest == "auto" else rest, num_layers)
             return Method(f"VTW K={k}", k=k)
         if name == "fastv":
             k_text, _, ratio_text = rest.partition(":")
