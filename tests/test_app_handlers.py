@@ -156,11 +156,13 @@ def test_prompt_beyond_the_context_and_out_of_memory_are_clear(manager, uploads,
     import vtw_core.generate
 
     state = ChatState()
-    limit = manager.model.config.get_text_config().max_position_embeddings
-    handlers.add_turn(state, "word " * limit, [str(uploads / "image0.png")], [uploads])
+    # A short context, so a question within the text limits still overflows it.
+    monkeypatch.setattr(manager.model.config.get_text_config(), "max_position_embeddings", 300)
+    handlers.add_turn(state, "word " * 300, [str(uploads / "image0.png")], [uploads])
     with pytest.raises(InputError, match="exceeds the model's context"):
         list(handlers.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=4)))
     handlers.undo_last_turn(state)
+    monkeypatch.undo()
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

@@ -197,9 +197,11 @@ def test_bad_requests_are_clear(managers, sample_images):
         manager.generate([user_message("Hi", 0)], [], sampling=SamplingConfig(max_new_tokens=0))
     with pytest.raises(InputError, match="K must be"):
         manager.generate([user_message("Hi", 0)], [], k=9)
-    long_question = " ".join(["word"] * manager.model.config.get_text_config().max_position_embeddings)
+    context = manager.model.config.get_text_config().max_position_embeddings
+    with pytest.raises(InputError, match="characters long; at most 4,000"):
+        user_message(" ".join(["word"] * context))  # refused before tokenising
     with pytest.raises(InputError, match="exceeds the model's context"):
-        manager.generate([user_message(long_question, 0)], [], sampling=SamplingConfig(max_new_tokens=4))
+        manager.generate([user_message("Hi", 0)], [], sampling=SamplingConfig(max_new_tokens=context))
     with pytest.raises(InputError, match="position_mode"):
         manager.generate([user_message("Hi")], sample_images[:1], k=1, position_mode="shuffled")
 

@@ -6,6 +6,7 @@ import io
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -71,3 +72,49 @@ def test_pixel_limit_is_an_argument():
     with pytest.raises(InputError, match="at most 40 pixels"):
         load_image(png_bytes(), max_pixels=40)
     assert load_image(png_bytes(), max_pixels=48).size == (8, 6)
+
+
+def _png(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **options)
+    return buffer.getvalue()
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped():
+    level = round(0.46 * 65535)
+    image = Image.fromarray(np.full((4, 5), level, dtype=np.uint16))
+    assert image.mode.startswith("I;16")
+    for source in (image, _png(image)):
+        assert load_image(source).getpixel((0, 0)) == (round(level / 257),) * 3  # 117, not 255
+
+
+def test_float_images_are_scaled_from_unit_range():
+    image = Image.fromarray(np.full((3, 3), 0.5, dtype=np.float32))
+    assert load_image(image).getpixel((1, 1)) == (128, 128, 128)
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (100, 200), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 100, 20))  # a blue band at the top as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display", as phone cameras write it
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif, quality=95)
+    loaded = load_image(buffer.getvalue())
+    assert loaded.size == (200, 100)  # what a browser shows
+    red, _green, blue = loaded.getpixel((190, 50))  # the band now sits on the right
+    assert blue > 200 and red < 60
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparency_is_composited_onto_white(mode):
+    image = Image.new("RGBA", (6, 6), (0, 0, 0, 0))
+    image.putpixel((0, 0), (255, 0, 0, 255))
+    if mode == "LA":
+        image = image.convert("LA")
+    elif mode == "P":
+        image = image.convert("P")
+        image.info["transparency"] = image.getpixel((5, 5))
+    loaded = load_image(_png(image, transparency=image.info["transparency"]) if mode == "P" else _png(image))
+    assert loaded.getpixel((5, 5)) == (255, 255, 255)  # transparent black shows as the page's white
+    assert loaded.getpixel((0, 0)) == ((255, 0, 0) if mode != "LA" else (76, 76, 76))

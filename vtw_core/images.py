@@ -1,4 +1,9 @@
-"""Loading user images safely: clear errors for missing, non-image, corrupt and oversized files."""
+"""Loading user images safely: clear errors for missing, non-image, corrupt and oversized files.
+
+The model must see the image the user sees: EXIF orientation is applied (as browsers do), 16-bit and float
+pixels are scaled to 8 bits instead of clipped, and transparency is composited onto white (what
+transformers' `convert_to_rgb` does for the processors we load).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import io
 import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vtw_core.errors import InputError
 
@@ -22,7 +28,7 @@ def load_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> Image
     if isinstance(source, Image.Image):
         image = source
         _check_size(image.size, max_pixels, "image")
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(source, bytes):
         name, data = "uploaded image", source
     else:
@@ -47,7 +53,29 @@ def load_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> Image
         raise InputError(f"{name} is not an image PIL can read") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise InputError(f"{name} is corrupt or truncated ({error})") from error
-    return image.convert("RGB")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB as displayed: EXIF-oriented, high bit depths scaled, transparency over white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit greyscale (PNG, TIFF); Pillow's own conversion clips at 255 instead of scaling.
+        pixels = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(pixels / 257.0), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        # Float images: [0, 1] when they fit in it (the usual convention), else 0..255.
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if np.nanmax(pixels, initial=0.0) <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(np.round(np.nan_to_num(pixels) * scale), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "RGB":
+        return image
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:

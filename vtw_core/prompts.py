@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
 from typing import Any
 
 import torch
 from PIL import Image
 
 from vtw_core.errors import InputError
+from vtw_core.validation import check_text
 
 Message = dict[str, Any]  # {"role": "user" | "assistant" | "system", "content": str | list of items}
 
 
+# Role markers that chat templates write as plain text (LLaVA-1.5, LLaVA-NeXT-vicuna, the default model).
+TEXT_ROLE_MARKERS = ("USER:", "ASSISTANT:", "SYSTEM:")
+# Inserted after the first character of a reserved string typed by a user, so the tokenizer cannot match it.
+WORD_JOINER = "\u2060"
+
+
 def user_message(text: str, num_images: int = 1) -> Message:
     """One user turn: the images first, then the text (the order LLaVA was trained with)."""
-    if not text or not text.strip():
-        raise InputError("the question is empty")
+    text = check_text(text)
     return {
         "role": "user",
-        "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text.strip()}],
+        "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}],
     }
 
 
@@ -36,13 +44,58 @@ def count_image_items(messages: list[Message]) -> int:
     )
 
 
+@lru_cache(maxsize=16)
+def _reserved_pattern(reserved: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(re.escape(text) for text in sorted(reserved, key=len, reverse=True)))
+
+
+def reserved_strings(processor: Any) -> tuple[str, ...]:
+    """Strings that must not reach the tokenizer from users: every added/special token, and text role markers."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    added = [token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    specials = list(getattr(tokenizer, "all_special_tokens", []))
+    return tuple(sorted({text for text in [*added, *specials, *TEXT_ROLE_MARKERS] if len(text) > 1}))
+
+
+def as_plain_text(text: str, reserved: tuple[str, ...]) -> str:
+    """`text` with every reserved string broken by an invisible word joiner, so it tokenises as plain text.
+
+    The template's own special tokens and role markers are then the only ones in the prompt: a user who types
+    `</s>` or `USER:` cannot end the turn or forge another one.
+    """
+    if not reserved:
+        return text
+    return _reserved_pattern(reserved).sub(lambda match: match[0][0] + WORD_JOINER + match[0][1:], text)
+
+
+def _plain_text_messages(messages: list[Message], reserved: tuple[str, ...]) -> list[Message]:
+    def item(part: Any) -> Any:
+        if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            return {**part, "text": as_plain_text(part["text"], reserved)}
+        return part
+
+    plain = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            content = as_plain_text(content, reserved)
+        elif isinstance(content, list):
+            content = [item(part) for part in content]
+        plain.append({**message, "content": content})
+    return plain
+
+
 def render_prompt(processor: Any, messages: list[Message]) -> str:
-    """The chat as the model's own template writes it, ending with the assistant's turn opening."""
+    """The chat as the model's own template writes it, ending with the assistant's turn opening.
+
+    Message texts go in as plain text (`as_plain_text`): no special-token parsing of what users typed.
+    """
     if not messages or messages[-1].get("role") != "user":
         raise InputError("the conversation must end with a user message")
     if getattr(processor, "chat_template", None) is None:
         raise InputError("the processor has no chat template; pass a model with one")
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    plain = _plain_text_messages(messages, reserved_strings(processor))
+    return processor.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
 
 
 def build_model_inputs(
