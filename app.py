@@ -7,11 +7,22 @@ import os
 import sys
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 1..65535, checked before the model loads."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, got {port}")
+    return port
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=os.environ.get("VTW_MODEL"), help="hub id or local folder (or VTW_MODEL)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--port", type=port_number, default=os.environ.get("GRADIO_SERVER_PORT", "7860"))
     parser.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
     parser.add_argument("--device", default=os.environ.get("VTW_DEVICE", "auto"), help="auto, cpu, cuda")
     parser.add_argument("--dtype", default=os.environ.get("VTW_DTYPE", "auto"), help="auto, bfloat16, ...")
@@ -36,7 +47,11 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     demo = build_demo(manager)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+    except OSError as error:  # the port is taken, or the host cannot be bound
+        print(f"error: cannot serve on {args.host}:{args.port} ({error}); pick another --port", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,6 +7,8 @@ after the other on the shared device (honest, uncontended numbers), or at once i
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,9 +24,10 @@ from vtw_core.images import load_image
 from vtw_core.manager import ModelManager
 from vtw_core.methods import Method, parse_method
 from vtw_core.prompts import Message, assistant_message, user_message
-from vtw_core.search import CalibrationSample, Progress, search_k
-from vtw_core.validation import check_k
+from vtw_core.search import CalibrationSample, Progress, check_eta, search_k
+from vtw_core.validation import check_k, check_max_new_tokens, check_text
 
+logger = logging.getLogger("vtw_chat")
 SIDES = ("baseline", "vtw")
 RunMode = Literal["sequential", "race"]
 NO_ANSWER = "_no answer yet_"
@@ -78,9 +81,9 @@ def check_image_path(path: str | Path, allowed_roots: list[Path]) -> Path:
 
 def add_turn(state: ChatState, text: str | None, image_paths: list[str], allowed_roots: list[Path]) -> ChatState:
     """Validate a new user turn (question and images) and append it; nothing changes if it is invalid."""
-    text = (text or "").strip()
-    if not text:
+    if not (text or "").strip():
         raise InputError("please type a question")
+    text = check_text(text)
     if len(image_paths) > MAX_IMAGES_PER_TURN:
         raise InputError(f"at most {MAX_IMAGES_PER_TURN} images per turn")
     paths = [str(check_image_path(path, allowed_roots)) for path in image_paths]
@@ -169,15 +172,19 @@ def _one_after_the_other(
 
 
 def compare_once(manager: ModelManager, image_path: str, question: str, k: int, max_new_tokens: int) -> dict[str, Any]:
-    """The `/compare` API: one greedy question about one image, baseline then VTW, as plain JSON."""
+    """The `/compare` API: one greedy question about one image, baseline then VTW, as plain JSON.
+
+    Every parameter is checked before the baseline runs, so a bad K costs nothing.
+    """
+    k = check_k(k, manager.info.num_layers)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     messages = [user_message(question, num_images=1)]
     image = load_image(image_path)
-    sampling = SamplingConfig(max_new_tokens=int(max_new_tokens))
     output: dict[str, Any] = {}
-    for side, side_k in (("baseline", None), ("vtw", int(k))):
+    for side, side_k in (("baseline", None), ("vtw", k)):
         result = manager.generate(messages, [image], k=side_k, sampling=sampling)
         output[side] = {"text": result.text, "token_ids": result.token_ids, "stats": result.stats.to_dict()}
-    output["vtw"] = {"k": int(k), **output["vtw"]}
+    output["vtw"] = {"k": k, **output["vtw"]}
     return output
 
 
@@ -195,10 +202,11 @@ def search_k_result(
     manager: ModelManager, samples: list[CalibrationSample], eta: float, progress: Progress | None = None
 ) -> dict[str, Any]:
     """Algorithm 1 on the shared model, holding the device; plain JSON (k, eta, curve, ...)."""
+    eta = check_eta(eta)
     if manager.processor is None:
         raise InputError("this model has no processor; it cannot run the K search")
     with manager.lock:
-        result = search_k(manager.model, manager.processor, samples, eta=float(eta), progress=progress)
+        result = search_k(manager.model, manager.processor, samples, eta=eta, progress=progress)
     return result.to_dict()
 
 
@@ -219,6 +227,7 @@ def describe_search(result: dict[str, Any], source: str) -> str:
 
 def attention_report(manager: ModelManager, state: ChatState, side: str, k: int, max_new_tokens: int = 16) -> dict:
     """Attention shares per layer for the chat's last turn, on the baseline or on VTW at K."""
+    k = check_k(k, manager.info.num_layers)
     if not state.turns:
         raise InputError("ask a question first: the analysis runs on the current turn")
     messages, paths = state.conversation(side)
@@ -228,8 +237,8 @@ def attention_report(manager: ModelManager, state: ChatState, side: str, k: int,
             manager.processor,
             messages,
             [load_image(path) for path in paths],
-            k=None if side == "baseline" else int(k),
-            max_new_tokens=int(max_new_tokens),
+            k=None if side == "baseline" else k,
+            max_new_tokens=check_max_new_tokens(max_new_tokens),
         )
     return report.to_dict()
 
@@ -323,10 +332,33 @@ def header(manager: ModelManager) -> str:
     )
 
 
+def sampling_config(max_new_tokens: Any, sample: Any, temperature: Any, top_p: Any, seed: Any) -> SamplingConfig:
+    """The parameters panel as a checked SamplingConfig; greedy unless sampling is on (then one seed for both)."""
+    if not sample:  # greedy: the two answers are comparable token for token
+        return SamplingConfig(max_new_tokens=max_new_tokens)
+    return SamplingConfig(max_new_tokens, True, temperature, top_p, seed=0 if seed is None else seed)
+
+
+# An absolute path (POSIX or Windows) inside a message: replaced by its file name before a user sees it.
+ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/|[A-Za-z]:\\)(?:[^\s'\"`:,;()]+[/\\])+([^\s'\"`:,;()/\\]*)")
+
+
 def error_message(error: BaseException) -> str:
-    """What the user reads when a request fails; the app keeps serving."""
+    """What the user reads when a request fails (no server paths); the app keeps serving."""
     if isinstance(error, ResourceError):
-        return f"Out of memory: {error}"
+        text = f"Out of memory: {error}"
+    elif isinstance(error, VTWError):
+        text = str(error)
+    else:
+        text = f"Unexpected error ({type(error).__name__}): {error}"
+    return ABSOLUTE_PATH.sub(lambda match: match[1] or "…", text)
+
+
+def log_failure(error: BaseException, where: str) -> str:
+    """One log line for a refused request (a traceback only for a real bug); returns the user's message."""
+    message = error_message(error)
     if isinstance(error, VTWError):
-        return str(error)
-    return f"Unexpected error ({type(error).__name__}): {error}"
+        logger.warning("%s refused: %s", where, message)
+    else:
+        logger.error("%s failed", where, exc_info=error)
+    return message

@@ -18,6 +18,8 @@ from vtw_core.errors import InputError
 from vtw_core.generate import SamplingConfig
 from vtw_core.manager import ModelManager
 from vtw_core.plots import attention_figure, kl_curve_figure
+from vtw_core.search import check_eta, default_eta
+from vtw_core.validation import check_float, check_k
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = ASSETS / "examples"
@@ -41,7 +43,7 @@ def method_choices() -> list[tuple[str, str]]:
     """VTW, FastV, and every schedule JSON under assets/schedules (e.g. from `schedule-search --out`)."""
     choices = [("VTW (K from the slider)", "vtw"), ("FastV (from layer K, cut R)", "fastv")]
     for path in sorted((ASSETS / "schedules").glob("*.json")):
-        choices.append((f"schedule: {path.stem}", f"schedule:{path}"))
+        choices.append((f"schedule: {path.stem}", f"schedule:{path.stem}"))  # by name: no server paths on the page
     return choices
 
 
@@ -76,6 +78,7 @@ class StopEvents:
 def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
     info = manager.info
     default_k = info.searched_k or max(1, info.num_layers // 2)
+    eta_default, eta_source = default_eta(info.source)
     allowed_roots = [Path(gr.utils.get_upload_folder()), ASSETS]
     stop_events = StopEvents()
 
@@ -98,19 +101,20 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
 
     def search_api(eta: float) -> dict[str, Any]:
         try:
-            result = search_on_device(handlers.calibration_for("bundled", ChatState()), float(eta))
+            eta = check_eta(eta)  # before the calibration set is read
+            result = search_on_device(handlers.calibration_for("bundled", ChatState()), eta)
             return {"k": result["k"], "eta": result["eta"], "curve": result["curve"]}
         except Exception as error:
-            raise gr.Error(handlers.error_message(error)) from error
+            raise gr.Error(handlers.log_failure(error, "/search_k"), print_exception=False) from error
 
     def compare_api(image: str | None, question: str, k: float, max_new_tokens: float) -> dict[str, Any]:
         try:
             if not image:
                 raise InputError("an image file is required")
             handlers.check_image_path(image, allowed_roots)
-            return compare_on_device(image, question, int(k), int(max_new_tokens))
+            return compare_on_device(image, question, k, max_new_tokens)
         except Exception as error:  # API callers get the reason, not a bare "error"
-            raise gr.Error(handlers.error_message(error)) from error
+            raise gr.Error(handlers.log_failure(error, "/compare"), print_exception=False) from error
 
     with gr.Blocks(title="VTW Chat") as demo:
         gr.Markdown(
@@ -138,7 +142,7 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
         )
         with gr.Row():
             k = gr.Slider(
-                1,
+                0,
                 info.num_layers,
                 value=default_k,
                 step=1,
@@ -170,7 +174,7 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
             with gr.Row():
                 temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="temperature")
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p")
-                seed = gr.Number(0, precision=0, label="seed (both sides)")
+                seed = gr.Number(0, label="seed (both sides)", minimum=0)
         with gr.Accordion("Search K (the paper's KL criterion)", open=False):
             gr.Markdown(
                 "For each calibration sample, the next-token distribution of VTW at every K from 5 to N-1 is "
@@ -183,7 +187,7 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
                     value="bundled",
                     label="calibrate on",
                 )
-                eta = gr.Number(0.003, label="eta", minimum=0)
+                eta = gr.Number(eta_default, label="eta", info=f"default: {eta_source}", minimum=0)
                 search_button = gr.Button("Search K", variant="primary", elem_id="search-k")
             search_text = gr.Markdown(elem_id="search-result")
             search_plot = gr.Plot(label="KL vs K", elem_id="search-plot")
@@ -212,24 +216,20 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
             )
 
         def method_of(choice: str, ratio: float) -> str:
-            return f"fastv:{float(ratio):g}" if choice == "fastv" else choice
+            return f"fastv:{check_float(ratio, 'FastV R', 0, 1):g}" if choice == "fastv" else choice
 
         def run_turn(chat, k_value, mode_value, params, request: gr.Request, method_value="vtw"):
             shown = handlers.counters({"baseline": None, "vtw": None}, mode_value)
             latest = chat
             try:
-                answers = stream_answers(chat, int(k_value), params, mode_value, request.session_hash, method_value)
+                answers = stream_answers(chat, k_value, params, mode_value, request.session_hash, method_value)
                 for latest, shown in answers:
                     yield render(latest, shown)
             except Exception as error:  # the page keeps serving: say why, keep the chat consistent
-                gr.Warning(handlers.error_message(error))
+                message = handlers.log_failure(error, "answer")
+                gr.Warning(message)
                 handlers.undo_last_turn(latest)
-                yield render(latest, {**shown, "summary": f"⚠️ {handlers.error_message(error)}"})
-
-        def params_of(tokens, sample, temp, nucleus, seed_value) -> SamplingConfig:
-            if not sample:  # greedy: the two answers are comparable token for token
-                return SamplingConfig(max_new_tokens=int(tokens))
-            return SamplingConfig(int(tokens), True, float(temp), float(nucleus), seed=int(seed_value or 0))
+                yield render(latest, {**shown, "summary": f"⚠️ {message}"})
 
         def on_submit(
             message, chat, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio,
@@ -237,29 +237,34 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
         ):  # fmt: skip
             message = message or {}
             try:
+                check_k(k_value, info.num_layers)  # every parameter first: nothing changes if one is bad
+                params = handlers.sampling_config(tokens, sample, temp, nucleus, seed_value)
+                method_value = method_of(choice, ratio)
                 handlers.add_turn(chat, message.get("text"), list(message.get("files", [])), allowed_roots)
             except Exception as error:
-                gr.Warning(handlers.error_message(error))
-                shown = {**handlers.counters(chat.results), "summary": f"⚠️ {handlers.error_message(error)}"}
+                reason = handlers.log_failure(error, "question")
+                gr.Warning(reason)
+                shown = {**handlers.counters(chat.results), "summary": f"⚠️ {reason}"}
                 # Keep the typed question, drop the files: a rejected image would only be rejected again.
                 kept = {"text": message.get("text") or "", "files": []}
                 yield (*render(chat, shown), gr.MultimodalTextbox(value=kept))
                 return
-            params = params_of(tokens, sample, temp, nucleus, seed_value)
-            for rendered in run_turn(chat, k_value, mode_value, params, request, method_of(choice, ratio)):
+            for rendered in run_turn(chat, k_value, mode_value, params, request, method_value):
                 yield (*rendered, gr.MultimodalTextbox(value=None))
 
         def on_regenerate(
             chat, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio, request: gr.Request
         ):
             try:
+                check_k(k_value, info.num_layers)
+                params = handlers.sampling_config(tokens, sample, temp, nucleus, seed_value)
+                method_value = method_of(choice, ratio)
                 handlers.drop_last_answers(chat)
             except Exception as error:
-                gr.Warning(handlers.error_message(error))
+                gr.Warning(handlers.log_failure(error, "regenerate"))
                 yield render(chat, handlers.counters(chat.results))
                 return
-            params = params_of(tokens, sample, temp, nucleus, seed_value)
-            yield from run_turn(chat, k_value, mode_value, params, request, method_of(choice, ratio))
+            yield from run_turn(chat, k_value, mode_value, params, request, method_value)
 
         parameters = [k, mode, max_new_tokens, do_sample, temperature, top_p, seed, method, fastv_ratio]
         question.submit(
@@ -291,6 +296,10 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
         clear.click(on_clear, None, chat_outputs, queue=False, api_visibility="private")
 
         def pane_title(k_value, choice, ratio):
+            try:
+                k_value, ratio = check_k(k_value, info.num_layers), check_float(ratio, "FastV R", 0, 1)
+            except InputError:
+                return gr.Chatbot()  # a bad value is refused when the question is sent; keep the title
             if choice == "vtw":
                 return gr.Chatbot(label=f"VTW (K = {int(k_value)})")
             if choice == "fastv":
@@ -303,11 +312,13 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
         def on_search(source, eta_value, chat, k_value, progress=gr.Progress()):
             try:
                 progress(0, desc="K search")
+                eta_checked = check_eta(eta_value)
                 samples = handlers.calibration_for(source, chat)
-                result = search_on_device(samples, float(eta_value), lambda done, total: progress((done, total)))
+                result = search_on_device(samples, eta_checked, lambda done, total: progress((done, total)))
             except Exception as error:
-                gr.Warning(handlers.error_message(error))
-                return gr.Slider(value=k_value), f"⚠️ {handlers.error_message(error)}", None
+                message = handlers.log_failure(error, "Search K")
+                gr.Warning(message)
+                return gr.Slider(value=k_value), f"⚠️ {message}", None
             new_k = result["k"] if result["k"] is not None else k_value
             return gr.Slider(value=new_k), handlers.describe_search(result, source), kl_curve_figure(result)
 
@@ -322,10 +333,11 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
 
         def on_attention(chat, side, k_value):
             try:
-                report = attention_on_device(chat, side, int(k_value))
+                report = attention_on_device(chat, side, k_value)
             except Exception as error:
-                gr.Warning(handlers.error_message(error))
-                return f"⚠️ {handlers.error_message(error)}", None, None
+                message = handlers.log_failure(error, "attention")
+                gr.Warning(message)
+                return f"⚠️ {message}", None, None
             output_plot = attention_figure(report, "generated") if report["generated"] else None
             return handlers.describe_attention(report), attention_figure(report, "prompt"), output_plot
 
@@ -341,11 +353,12 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
         with gr.Row(visible=False):  # the API's own inputs; the page never shows them
             api_image = gr.File(file_types=["image"], type="filepath", label="image")
             api_question = gr.Textbox(label="question")
-            api_k = gr.Number(default_k, precision=0, label="k")
-            api_tokens = gr.Number(64, precision=0, label="max_new_tokens")
+            # No `precision`: Gradio would round 3.5 to 4 and fail on NaN before our checks could say why.
+            api_k = gr.Number(default_k, label="k")
+            api_tokens = gr.Number(64, label="max_new_tokens")
             api_result = gr.JSON(label="result")
             api_compare = gr.Button("compare")
-            api_eta = gr.Number(0.003, label="eta")
+            api_eta = gr.Number(eta_default, label="eta")
             api_search_result = gr.JSON(label="search result")
             api_search = gr.Button("search_k")
         api_compare.click(

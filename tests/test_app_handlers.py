@@ -187,7 +187,7 @@ def test_search_k_on_the_current_turn_and_attention(tiny_model_path, uploads):
     samples = handlers.calibration_for("turn", state)
     assert len(samples) == 1 and samples[0].question == "What is it?" and len(samples[0].images) == 1
     progress = []
-    result = handlers.search_k_result(manager, samples, 1e9, lambda done, total: progress.append(done))
+    result = handlers.search_k_result(manager, samples, 100, lambda done, total: progress.append(done))
     assert result["k"] == 5 and progress == [1]
     assert "**K = 5**" in handlers.describe_search(result, "turn")
     none = handlers.search_k_result(manager, samples, 0.0)

@@ -181,11 +181,12 @@ def test_search_k_json_and_plot(capsys, tiny_model_path, tmp_path):
     plot = tmp_path / "kl.png"
     code, out, _ = run_cli(
         capsys, "search-k", "--model", str(tiny_model_path("llava", 8)), "--data", "default", "--limit", "3",
-        "--start", "2", "--eta", "1e9", "--plot", str(plot), "--json",
+        "--start", "2", "--eta", "100", "--plot", str(plot), "--json",
     )  # fmt: skip
     assert code == 0
     result = last_json(out)
-    assert set(result) == {"k", "eta", "curve"} and result["k"] == 2 and result["eta"] == 1e9
+    assert set(result) == {"k", "eta", "eta_source", "curve"} and result["k"] == 2 and result["eta"] == 100
+    assert result["eta_source"] == "--eta"
     assert [point["k"] for point in result["curve"]] == list(range(2, 8))
     assert plot.stat().st_size > 10_000 and Image.open(plot).size[0] > 500
     code, out, _ = run_cli(

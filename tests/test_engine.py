@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import threading
 
 import pytest
@@ -13,6 +14,7 @@ from vtw_core.bench import synthetic_inputs
 from vtw_core.embed import embed_prompt
 from vtw_core.engine import decode_step, prefill, withdrawal_selector
 from vtw_core.errors import InputError, UnsupportedModelError
+from vtw_core.families import language_model
 from vtw_core.generate import SamplingConfig, generate_tokens
 from vtw_core.tiny import tiny_config
 
@@ -306,3 +308,18 @@ def test_image_token_mismatch_is_a_clear_error():
     broken = {**inputs, "input_ids": inputs["input_ids"][:, keep], "attention_mask": inputs["attention_mask"][:, keep]}
     with pytest.raises(InputError, match=r"(?i)image"):
         list(generate_tokens(model, broken))
+
+
+def test_decoder_layers_are_called_with_current_argument_names(recwarn):
+    """No deprecation warning per layer call: the cache goes in under the name this transformers release uses."""
+    import warnings
+
+    from vtw_core.engine import cache_argument
+
+    model = build_model("llava")
+    layer_class = type(language_model(model).layers[0])
+    assert cache_argument(layer_class) in inspect.signature(layer_class.forward).parameters
+    warnings.simplefilter("always")
+    list(generate_tokens(model, prompt_inputs(model, "llava"), k=1, sampling=SamplingConfig(max_new_tokens=3)))
+    messages = [str(warning.message) for warning in recwarn]
+    assert not [message for message in messages if "past_key_values" in message or "deprecated" in message], messages

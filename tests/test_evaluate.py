@@ -106,7 +106,7 @@ def test_eval_command_json(capsys, tiny_model_path, tmp_path, sample_images):
     assert [row["k"] for row in report["accuracy_per_k"]] == list(range(8))
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert main([*argv[:-2], "--plot-k", str(plot)]) == 2 and "--plot-k needs --all-k" in capsys.readouterr().err
-    code = main(["eval", "--model", model, "--data", "easy-vqa", "--limit", "4", "--k", "auto", "--eta", "1e9",
+    code = main(["eval", "--model", model, "--data", "easy-vqa", "--limit", "4", "--k", "auto", "--eta", "100",
                  "--json"])  # fmt: skip
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and report["vtw"]["k"] == 5 and [p["k"] for p in report["kl_curve"]] == [5, 6, 7]

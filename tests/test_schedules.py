@@ -59,7 +59,7 @@ def reference_cut_logits(model, inputs, k: int, ratio: float, ranking: str = "la
     weights = attentions[k - 1][0].mean(0)  # (queries, keys)
     received = weights[-1] if ranking == "last" else weights[~vision].sum(0)
     received = received.masked_fill(~vision, float("-inf"))
-    kept_vision = int(torch.ceil(torch.tensor((1 - ratio) * int(vision.sum())) - 1e-6))
+    kept_vision = round(int(vision.sum()) * (1 - ratio))  # the official FastV code's count
     top = received.topk(kept_vision).indices
     keep = ~vision
     keep[top] = True
@@ -113,6 +113,12 @@ def test_fastv_flops_match_the_paper():
     schedule = Schedule.fastv(2, 0.5, 32)
     per_layer = [62 + kept for kept in schedule.kept_counts(576)]
     assert flops.prefill_flops(dims, per_layer) / 1e12 == pytest.approx(4.91, rel=0.02)
+
+
+def test_fastv_keeps_the_official_count():
+    # FastV's code keeps round(L * (1 - R)) vision tokens: 115 of 576 at R = 0.8 (a ceiling would keep 116).
+    assert Schedule.fastv(2, 0.8, 32).kept_counts(576)[2:] == [115] * 30
+    assert Schedule.fastv(2, 0.5, 32).kept_counts(575)[-1] == 288  # 287.5 rounds to even
 
 
 def test_schedule_validation_and_files(tmp_path):

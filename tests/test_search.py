@@ -14,7 +14,14 @@ from vtw_core.embed import embed_prompt
 from vtw_core.errors import InputError
 from vtw_core.manager import ModelManager
 from vtw_core.prompts import build_model_inputs, user_message
-from vtw_core.search import CalibrationSample, kl_divergence, kl_per_k, kl_per_k_naive, search_k
+from vtw_core.search import (
+    CalibrationSample,
+    default_eta,
+    kl_divergence,
+    kl_per_k,
+    kl_per_k_naive,
+    search_k,
+)
 
 NUM_LAYERS = 8
 
@@ -61,7 +68,7 @@ def test_one_pass_equals_a_vtw_pass_per_k(managers, sample_images, family):
 def test_search_picks_the_first_k_below_eta(managers, sample_images):
     manager = managers("llava")
     calls = []
-    result = search_k(manager.model, manager.processor, samples(sample_images), eta=1e9, start=2,
+    result = search_k(manager.model, manager.processor, samples(sample_images), eta=100, start=2,
                       progress=lambda done, total: calls.append((done, total)))  # fmt: skip
     assert result.k == 2 and [k for k, _ in result.curve] == list(range(2, NUM_LAYERS))
     assert calls == [(1, 3), (2, 3), (3, 3)]
@@ -69,10 +76,20 @@ def test_search_picks_the_first_k_below_eta(managers, sample_images):
     # A threshold between two curve values picks the first K below it, by definition.
     threshold = sorted(curve.values())[len(curve) // 2]
     chosen = search_k(manager.model, manager.processor, samples(sample_images), eta=threshold, start=2).k
-    assert chosen == min(k for k, kl in curve.items() if kl < threshold)
+    assert chosen == min(k for k, kl in curve.items() if kl <= threshold)
+    # The official rule is KL <= eta: a threshold equal to the first K's KL picks that K.
+    assert search_k(manager.model, manager.processor, samples(sample_images), eta=curve[2], start=2).k == 2
     # Mean over samples, per K.
     for index, (_, mean) in enumerate(result.curve):
         assert mean == pytest.approx(sum(row[index] for row in result.per_sample) / 3)
+
+
+def test_default_eta_follows_the_official_evaluation():
+    assert default_eta("llava-hf/llava-1.5-7b-hf")[0] == 0.003
+    assert default_eta("llava-hf/llava-1.5-13b-hf")[0] == 0.0005
+    assert default_eta("/models/llava-v1.6-vicuna-7b-hf/")[0] == 0.0001
+    value, source = default_eta("Qwen/Qwen2-VL-2B-Instruct")
+    assert value == 0.003 and "default" in source
 
 
 def test_search_when_no_k_meets_eta(managers, sample_images):
@@ -95,8 +112,9 @@ def test_search_bad_arguments(managers, sample_images):
     manager = managers("llava")
     with pytest.raises(InputError, match="calibration set is empty"):
         search_k(manager.model, manager.processor, [])
-    with pytest.raises(InputError, match="eta"):
-        search_k(manager.model, manager.processor, samples(sample_images, 1), eta=-1)
+    for eta in (-1, float("nan"), float("inf"), "x", None, 101):
+        with pytest.raises(InputError, match="eta"):
+            search_k(manager.model, manager.processor, samples(sample_images, 1), eta=eta)
     assert search_k(manager.model, manager.processor, samples(sample_images, 1), start=NUM_LAYERS).curve == []
 
 
@@ -180,7 +198,7 @@ def test_reply_kl_variant(managers, sample_images):
     torch.testing.assert_close(reply_kl_per_k(model, prompt, one_token, [2, 5, 7]), kl_per_k(model, prompt, [2, 5, 7]))
     longer = reply_kl_per_k(model, prompt, torch.tensor([[5, 9, 13, 2]]), [2, 5, NUM_LAYERS])
     assert float(longer[-1]) == pytest.approx(0, abs=1e-7) and bool((longer[:-1] > 0).all())
-    result = search_k(model, manager.processor, samples(sample_images, 1), eta=1e9, start=2, over="reply")
+    result = search_k(model, manager.processor, samples(sample_images, 1), eta=100, start=2, over="reply")
     assert result.k == 2
     with pytest.raises(InputError, match="over"):
         search_k(model, manager.processor, samples(sample_images, 1), over="everything")

@@ -167,12 +167,13 @@ def cmd_search_k(args: argparse.Namespace) -> None:
     manager = _load(args)
     if manager.processor is None:
         raise VTWError("the K search needs a model with a processor")
+    eta, eta_source = _eta(args, manager)
     with tqdm(total=len(samples), desc="K search", unit="sample", disable=args.json) as bar, manager.lock:
         result = search_k(
             manager.model,
             manager.processor,
             samples,
-            eta=args.eta,
+            eta=eta,
             start=args.start,
             progress=lambda done, total: bar.update(done - bar.n),
             naive=args.naive,
@@ -184,13 +185,22 @@ def cmd_search_k(args: argparse.Namespace) -> None:
 
         kl_curve_figure(payload).savefig(args.plot, dpi=150)
     if args.json:
-        _print_json({"k": payload["k"], "eta": payload["eta"], "curve": payload["curve"]})
+        _print_json({"k": payload["k"], "eta": eta, "eta_source": eta_source, "curve": payload["curve"]})
         return
-    print(f"{manager.info.describe()}, {len(samples)} calibration samples, eta {args.eta:g}")
+    print(f"{manager.info.describe()}, {len(samples)} calibration samples, eta {eta:g} ({eta_source})")
     for point in payload["curve"]:
         mark = "  <- K" if point["k"] == payload["k"] else ""
         print(f"  K={point['k']:3d}  KL={point['kl']:.6f}{mark}")
-    print(f"K = {payload['k']}" if payload["k"] is not None else f"no K from {args.start} meets eta = {args.eta:g}")
+    print(f"K = {payload['k']}" if payload["k"] is not None else f"no K from {args.start} meets eta = {eta:g}")
+
+
+def _eta(args: argparse.Namespace, manager) -> tuple[float, str]:
+    """--eta if given, else the model's own (the official evaluation's value per checkpoint), and its source."""
+    from vtw_core.search import check_eta, default_eta
+
+    if args.eta is not None:
+        return check_eta(args.eta), "--eta"
+    return default_eta(manager.info.source)
 
 
 def cmd_attention(args: argparse.Namespace) -> None:
@@ -237,10 +247,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     with manager.lock:
         k = args.k
         if k == "auto":
-            search = auto_k(model, processor, eta=args.eta, over=args.kl_over)
+            eta, report["eta_source"] = _eta(args, manager)
+            search = auto_k(model, processor, eta=eta, over=args.kl_over)
             report["kl_curve"] = search.to_dict()["curve"]
+            report["eta"] = eta
             if search.k is None:
-                raise VTWError(f"no K meets eta = {args.eta:g} on the train calibration samples")
+                raise VTWError(f"no K meets eta = {eta:g} on the train calibration samples")
             k = search.k
         elif k is not None:
             k = int(k)
@@ -371,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(search)
     search.add_argument("--data", default="default",
                         help="JSONL of {image, question}, 'default' (bundled) or 'easy-vqa' (train split)")  # fmt: skip
-    search.add_argument("--eta", type=float, default=0.003, help="KL threshold (default 0.003, as the paper)")
+    search.add_argument("--eta", type=float, help="KL threshold (default: the model's, from the official evaluation)")
     search.add_argument("--start", type=int, default=5, help="first K to try (default 5)")
     search.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     search.add_argument("--naive", action="store_true", help="one full VTW pass per K (slow; for checking)")
@@ -411,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "test"], help="easy-vqa split")
     evaluate.add_argument("--limit", type=int, default=None, help="only the first N questions")
     evaluate.add_argument("--k", default=None, help="K, or 'auto' (K search on 20 train-split samples)")
-    evaluate.add_argument("--eta", type=float, default=0.003, help="KL threshold for --k auto")
+    evaluate.add_argument("--eta", type=float, help="KL threshold for --k auto (default: the model's)")
     evaluate.add_argument(
         "--kl-over", choices=["prompt", "reply"], default="prompt",
         help="--k auto: KL at the last prompt position (the paper) or over the baseline's reply",

@@ -12,8 +12,10 @@ A later per-layer schedule (FastV, G-Search) is another selector; nothing else c
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Literal, Protocol
 
 import torch
@@ -153,13 +155,20 @@ def _pack_kept(
     )
 
 
+@cache
+def cache_argument(layer_class: type) -> str:
+    """The decoder layer's name for the cache: `cache` in current transformers, `past_key_values` before it."""
+    parameters = inspect.signature(layer_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def _run_layer(layer: nn.Module, hidden_states: torch.Tensor, group: LayerGroup, cache: DynamicCache) -> torch.Tensor:
     output = layer(
         hidden_states,
         attention_mask=group.attention_mask,
         position_embeddings=group.rotary,
-        past_key_values=cache,
         use_cache=True,
+        **{cache_argument(type(layer)): cache},
     )
     return output[0] if isinstance(output, tuple) else output  # older releases return (hidden_states, ...)
 

@@ -28,12 +28,26 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """A device that can run the model here: cpu, cuda[:N] with that GPU present, or mps where available."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("CUDA was requested but no GPU is available")
-    return resolved
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("CUDA was requested but no GPU is available; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InputError(f"{device} was requested but this machine has {torch.cuda.device_count()} GPU(s)")
+        return resolved
+    if resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError("mps (Apple GPU) was requested but is not available here; use --device cpu")
+        return resolved
+    raise InputError(f"device {device!r} cannot run a model here; use auto, cpu, cuda or cuda:N")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -45,6 +59,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# The package each flash kernel needs; transformers names these implementations after them.
+FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
 def resolve_attention(attention: str, device: torch.device) -> str:
     """flash-attn where it is installed and usable (CUDA), else PyTorch's sdpa."""
     if attention == "auto":
@@ -52,6 +70,14 @@ def resolve_attention(attention: str, device: torch.device) -> str:
         return "flash_attention_2" if device.type == "cuda" and has_flash else "sdpa"
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise InputError(f"attention must be one of auto, {', '.join(ATTENTION_IMPLEMENTATIONS)}; got {attention!r}")
+    if attention in FLASH_PACKAGES:
+        if device.type != "cuda":
+            raise InputError(f"{attention} runs on CUDA only; use --attention sdpa on {device.type}")
+        if importlib.util.find_spec(FLASH_PACKAGES[attention]) is None:
+            raise InputError(
+                f"{attention} needs the {FLASH_PACKAGES[attention]} package, which is not installed; "
+                "install it or use --attention sdpa"
+            )
     return attention
 
 
@@ -94,6 +120,12 @@ class ModelInfo:
         )
 
 
+def _reason(error: BaseException) -> str:
+    """The first line of a library's error, with its type: enough to act on, without the traceback."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line[:300]}"
+
+
 class ModelManager:
     """Holds one copy of the weights on one device; `lock` serialises every use of that device."""
 
@@ -130,8 +162,8 @@ class ModelManager:
         path = resolve_source(source)
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as error:  # ValueError: e.g. custom code without trust_remote_code
-            raise VTWError(f"cannot load a model config from {source!r}: {error}") from error
+        except Exception as error:  # OSError: no config; ValueError: custom code without trust_remote_code; ...
+            raise VTWError(f"cannot load a model config from {source!r}: {_reason(error)}") from error
         model_family(config)  # fail before downloading weights of an unsupported model
         if random_weights:
             with torch_device:
@@ -143,14 +175,21 @@ class ModelManager:
                 )
             processor = None
         else:
-            model = AutoModelForImageTextToText.from_pretrained(
-                path,
-                dtype=torch_dtype,
-                attn_implementation=implementation,
-                device_map=str(torch_device),
-                trust_remote_code=trust_remote_code,
-            )
-            processor = load_processor(path, trust_remote_code=trust_remote_code)
+            try:
+                model = AutoModelForImageTextToText.from_pretrained(
+                    path,
+                    dtype=torch_dtype,
+                    attn_implementation=implementation,
+                    device_map=str(torch_device),
+                    trust_remote_code=trust_remote_code,
+                )
+            except Exception as error:  # missing or truncated weights, a corrupt header, a broken shard, ...
+                raise VTWError(f"cannot load the model weights from {source!r}: {_reason(error)}") from error
+            try:
+                processor = load_processor(path, trust_remote_code=trust_remote_code)
+            except Exception as error:  # no tokenizer, a broken tokenizer.json, no image processor, ...
+                message = f"cannot load the tokenizer and image processor of {source!r}: {_reason(error)}"
+                raise VTWError(message) from error
         return cls(model, processor, source, random_weights=random_weights)
 
     def _require_processor(self) -> None:

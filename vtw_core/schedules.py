@@ -15,7 +15,6 @@ keeps its sdpa / flash kernels. VTW is the schedule 1 for K layers then 0 (no ra
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -63,7 +62,8 @@ class Schedule:
         return cls(tuple([1.0] * k + [1.0 - ratio] * (num_layers - k)), "last", f"fastv-k{k}-r{ratio:g}")
 
     def kept_counts(self, vision_tokens: int) -> list[int]:
-        return [math.ceil(share * vision_tokens - 1e-9) for share in self.keep]
+        """Vision tokens kept per layer: `round(share * total)`, Python's rounding, as the official FastV code."""
+        return [round(share * vision_tokens) for share in self.keep]
 
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "ranking": self.ranking, "keep": list(self.keep)})
@@ -114,7 +114,8 @@ class ScheduleSelector:
     ) -> torch.Tensor | None:
         if self.vision_total is None:
             self.vision_total = tokens.vision.sum(1)
-        target = torch.ceil(self.schedule.keep[layer_idx] * self.vision_total - 1e-6).long()  # (batch,)
+        # (batch,): the official FastV rule, round(share * total) with ties to even, in float64 like Python's round.
+        target = torch.round(self.vision_total.double() * self.schedule.keep[layer_idx]).long()
         current = tokens.vision.sum(1)
         decision = None
         if bool((target < current).any()):

@@ -2,7 +2,7 @@
 
 For each calibration sample, take the next-token distribution at the last prompt position from the baseline
 and from VTW at every K in start..N-1, score K by KL(P_vtw || P_baseline) (the official code's direction)
-averaged over samples, and pick the first K whose mean is below eta.
+averaged over samples, and pick the first K whose mean is at most eta (the official code's `<=`).
 
 VTW at K runs layers < K exactly as the baseline does. So one baseline pass per sample suffices: when it
 reaches layer K, a branch runs only layers K..N-1 on that layer's input with the vision tokens withdrawn.
@@ -25,9 +25,16 @@ from vtw_core.engine import TokenState, Withdrawal, decode_step, prefill, run_de
 from vtw_core.errors import InputError
 from vtw_core.families import num_decoder_layers
 from vtw_core.prompts import build_model_inputs, eos_token_ids_of, user_message
+from vtw_core.validation import check_float
 
 DEFAULT_ETA = 0.003
 DEFAULT_START = 5
+# eta per checkpoint, as the official VTW evaluation scripts (github.com/lzhxmu/VTW) set it; DEFAULT_ETA elsewhere.
+OFFICIAL_ETA = {
+    "llava-1.5-7b-hf": 0.003,
+    "llava-1.5-13b-hf": 0.0005,
+    "llava-v1.6-vicuna-7b-hf": 0.0001,
+}
 Progress = Callable[[int, int], None]  # (samples done, samples in all)
 
 
@@ -48,6 +55,19 @@ class KSearchResult:
             "samples": self.samples,
             "curve": [{"k": k, "kl": kl} for k, kl in self.curve],
         }
+
+
+def default_eta(source: str) -> tuple[float, str]:
+    """The eta for a model (hub id or folder) and where it comes from, for the app and the CLI to say."""
+    name = source.rstrip("/").rsplit("/", 1)[-1].lower()
+    if name in OFFICIAL_ETA:
+        return OFFICIAL_ETA[name], f"the official VTW evaluation's value for {name}"
+    return DEFAULT_ETA, "the paper's default (LLaVA-1.5-7B)"
+
+
+def check_eta(eta: Any) -> float:
+    """eta is a KL threshold: finite, from 0 to 100 (100 accepts any K; the paper's values are about 1e-3)."""
+    return check_float(eta, "eta", 0, 100)
 
 
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
@@ -146,8 +166,7 @@ def search_k(
         raise InputError(f"over must be 'prompt' or 'reply', got {over!r}")
     if not samples:
         raise InputError("the calibration set is empty")
-    if not eta >= 0:
-        raise InputError(f"eta must be >= 0, got {eta!r}")
+    eta = check_eta(eta)
     num_layers = num_decoder_layers(model.config)
     ks = candidate_ks(num_layers, start)
     per_sample: list[list[float]] = []
@@ -165,7 +184,7 @@ def search_k(
             progress(done, len(samples))
     means = [sum(values) / len(values) for values in zip(*per_sample, strict=True)] if ks else []
     curve = list(zip(ks, means, strict=True))
-    chosen = next((k for k, kl in curve if kl < eta), None)
+    chosen = next((k for k, kl in curve if kl <= eta), None)
     return KSearchResult(chosen, eta, num_layers, curve, len(samples), per_sample)
 
 

@@ -14,7 +14,7 @@ from vtw_core.errors import InputError
 
 # A question is a sentence or a paragraph; the limits keep one request from holding the device for minutes.
 MAX_TEXT_CHARS = 4_000
-MAX_TEXT_BYTES = 16_000  # UTF-8: up to 4 bytes per character
+MAX_TEXT_BYTES = 12_000  # UTF-8: 1 to 4 bytes per character, so both limits can bind
 MAX_NEW_TOKENS = 4_096
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
 
