@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from vtw_core.configs import shipped_config_path
-from vtw_core.engine import ATTENTION_IMPLEMENTATIONS, PositionMode
+from vtw_core.engine import ATTENTION_IMPLEMENTATIONS, PositionMode, check_k
 from vtw_core.errors import InputError, VTWError
 from vtw_core.families import SUPPORTED_FAMILIES, model_family, num_decoder_layers
 from vtw_core.generate import DecodeEngine, GenerationResult, SamplingConfig, StreamEvent, generate, stream_generate
@@ -196,6 +196,16 @@ class ModelManager:
         if self.processor is None:
             raise InputError("this model was built with random weights and has no processor; it cannot chat")
 
+    def _check_request(self, k: Any, schedule: Schedule | None, sampling: SamplingConfig) -> None:
+        """Before waiting for the device: K, the method and the sampling parameters."""
+        self._require_processor()
+        check_k(k, self.info.num_layers)
+        if k is not None and schedule is not None:
+            raise InputError("pass either K (VTW) or a schedule, not both")
+        if not isinstance(sampling, SamplingConfig):
+            raise InputError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+        sampling.validate()
+
     def stream(
         self,
         messages: list[Message],
@@ -209,7 +219,7 @@ class ModelManager:
         schedule: Schedule | None = None,
     ) -> Iterator[StreamEvent]:
         """Stream one answer; the device is held for the whole answer, so each request's numbers are its own."""
-        self._require_processor()
+        self._check_request(k, schedule, sampling)
         with self.lock:
             yield from stream_generate(
                 self.model,
@@ -269,7 +279,7 @@ class ModelManager:
                     thread.join()
 
     def generate(self, messages: list[Message], images: list[Image.Image], **options: Any) -> GenerationResult:
-        self._require_processor()
+        self._check_request(options.get("k"), options.get("schedule"), options.get("sampling", SamplingConfig()))
         with self.lock:
             return generate(self.model, self.processor, messages, images, **options)
 

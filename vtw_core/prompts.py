@@ -77,6 +77,12 @@ def _plain_text_messages(messages: list[Message], reserved: tuple[str, ...]) -> 
     plain = []
     for message in messages:
         content = message.get("content")
+        if message.get("role") == "user":  # user text has the question limits, however the messages were built
+            parts = [{"text": content}] if isinstance(content, str) else content or []
+            texts = [part.get("text") for part in parts if isinstance(part, dict)]
+            for text in texts:
+                if isinstance(text, str) and text.strip():
+                    check_text(text)
         if isinstance(content, str):
             content = as_plain_text(content, reserved)
         elif isinstance(content, list):
