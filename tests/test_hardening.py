@@ -1,6 +1,6 @@
 """Every input a stranger can send gets a clear, early answer, and the app keeps serving.
 
-Each case names an entry point, what is sent, and the message it must get. `python tests/test_hardening.py`
+Each case names an entry point, what is sent, and the message it must get. `PYTHONPATH=. python tests/test_hardening.py`
 prints the same cases as a table with each message and the time it took.
 """
 
