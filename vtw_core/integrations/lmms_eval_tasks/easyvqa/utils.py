@@ -1,0 +1,43 @@
+"""easy-vqa as an lmms-eval task: the questions of vtw_core.easyvqa, in its order, scored by its rule.
+
+The documents come from the easy-vqa package on disk (no dataset hub): the task class builds them instead
+of downloading. Each document is one question; images stay paths until a request needs them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+from lmms_eval.api.task import ConfigurableTask
+from PIL import Image
+
+from vtw_core.easyvqa import answers, is_correct, load_split
+from vtw_core.images import load_image
+
+
+class EasyVQATask(ConfigurableTask):
+    def __init__(self, *args: Any, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        config = {key: value for key, value in (config or {}).items() if key != "class"}
+        super().__init__(*args, config=config, **kwargs)
+
+    def download(self, dataset_kwargs: dict[str, Any] | None = None) -> None:
+        split = self.config.test_split
+        rows = [
+            {"question_id": index, "image": item.image, "question": item.question, "answer": item.answer}
+            for index, item in enumerate(load_split(split))
+        ]
+        self.dataset = datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
+        self.dataset_no_image = self.dataset  # no image column: the paths are plain strings
+
+
+def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:
+    return [load_image(doc["image"])]
+
+
+def doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, Any] | None = None) -> str:
+    return doc["question"]
+
+
+def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    return {"accuracy": float(is_correct(results[0], doc["answer"], answers()))}
