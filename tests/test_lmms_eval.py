@@ -19,7 +19,11 @@ pytest.importorskip("lmms_eval")
 
 from lmms_eval.api.instance import Instance
 
+from vtw_core.easyvqa import COLOURS, SHAPES, answer_sentence, load_split
+from vtw_core.embed import embed_prompt
+from vtw_core.engine import Withdrawal, prefill
 from vtw_core.errors import InputError
+from vtw_core.images import load_image
 from vtw_core.integrations.lmms_eval import VTW
 from vtw_core.integrations.lmms_eval_tasks import TASKS_DIR
 from vtw_core.search import CalibrationSample, search_k
@@ -39,13 +43,13 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
 
 
-def _lmms_eval(method: str, output: Path, processes: int = 1) -> dict:
-    """Run the easy-vqa task through lmms-eval on the default model; return the results JSON."""
+def _lmms_eval(method: str, output: Path, processes: int = 1, task: str = "easyvqa", limit: int = LIMIT) -> dict:
+    """Run an easy-vqa task through lmms-eval on the default model; return the results JSON."""
     launcher = [sys.executable, "-m", "lmms_eval"]
     if processes > 1:
         launch = ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes), *QUIET_ACCELERATE]
         launcher = [sys.executable, *launch, "-m", "lmms_eval"]
-    arguments = f"--model vtw --model_args method={method} --tasks easyvqa --limit {LIMIT} --batch_size 64"
+    arguments = f"--model vtw --model_args method={method} --tasks {task} --limit {limit} --batch_size 64"
     paths = ["--include_path", str(TASKS_DIR), "--output_path", str(output), "--log_samples"]
     result = _run([*launcher, *arguments.split(), *paths])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -164,6 +168,36 @@ def _stock_logprob(model: VTW, question: str, continuation: str, image) -> float
     targets = inputs["input_ids"][0, prompt_length:]
     log_probs = torch.log_softmax(logits[prompt_length - 1 : -1], -1)
     return float(log_probs[torch.arange(len(targets)), targets].sum())
+
+
+def _vtw_logprob_by_prefixes(model: VTW, question: str, continuation: str, image, k: int) -> float:
+    """log P(continuation | prompt) under VTW at K, one engine prefill per prefix (no decode steps, no split)."""
+    processor = model.manager.processor
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_length = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"].shape[1]
+    inputs = processor(text=[prompt + continuation], images=[image], return_tensors="pt")
+    total = 0.0
+    for end in range(prompt_length, inputs["input_ids"].shape[1]):
+        prefix = {**inputs, **{name: inputs[name][:, :end] for name in ("input_ids", "attention_mask")}}
+        logits, _ = prefill(model.model, embed_prompt(model.model, prefix), Withdrawal(k))
+        total += float(torch.log_softmax(logits[0], -1)[inputs["input_ids"][0, end]])
+    return total
+
+
+def test_multiple_choice_task_picks_the_most_likely_reply(tmp_path):
+    k, limit = 2, 12  # at K = 2 the default model misses some, so the choice matters
+    results = _lmms_eval(f"vtw:{k}", tmp_path, task="easyvqa_mc", limit=limit)
+    model = VTW(device="cpu")
+    items = [item for item in load_split("test") if item.answer in SHAPES + COLOURS][:limit]
+    correct = 0
+    for item in items:
+        candidates = SHAPES if item.answer in SHAPES else COLOURS
+        image = load_image(item.image)
+        replies = [" " + answer_sentence(candidate) for candidate in candidates]
+        scores = [_vtw_logprob_by_prefixes(model, item.question, reply, image, k) for reply in replies]
+        correct += candidates[scores.index(max(scores))] == item.answer
+    assert results["results"]["easyvqa_mc"]["acc,none"] == pytest.approx(correct / limit, abs=1e-12)
 
 
 def test_loglikelihood_equals_the_stock_forward(tiny_model_path, sample_images):
