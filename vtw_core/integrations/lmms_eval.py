@@ -29,7 +29,7 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger
 from PIL import Image
 
-from vtw_core.defaults import require_model
+from vtw_core.defaults import DEFAULT_MODEL_DIR, default_model
 from vtw_core.errors import InputError, VTWError
 from vtw_core.generate import GenerationStats, SamplingConfig, generate_batch
 from vtw_core.integrations.cost import SampleCost, sample_costs, summarize
@@ -91,7 +91,12 @@ class VTW(lmms):
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
-        source = require_model(pretrained)
+        source = pretrained or default_model()
+        if source is None:  # a non-editable install carries no assets/
+            raise VTWError(
+                f"no pretrained= given and the embedded default model is not at {DEFAULT_MODEL_DIR}; install "
+                "vtw_core editable from a checkout (pip install -e .[eval]) or pass pretrained=a hub id or folder"
+            )
         self.manager = ModelManager.load(
             source,
             device=_process_device(device or "auto", self.accelerator),
