@@ -145,14 +145,13 @@ def test_bad_model_args_on_the_command_line(tmp_path):
     assert not list(tmp_path.rglob("*_results.json"))
 
 
-def _requests(model: VTW, request_type: str, rows: list[tuple[str, object]], images) -> list[Instance]:
+def _requests(model: VTW, request_type: str, rows: list[tuple[str, object]], images, task: str = "t") -> list[Instance]:
     """Instances as lmms-eval builds them, over a one-split task of one document per row."""
-    docs = [{"image": image} for image in images]
-    model.task_dict = {"t": {"test": docs}}
+    model.task_dict[task] = {"test": [{"image": image} for image in images]}
     requests = []
     for doc_id, (context, second) in enumerate(rows):
-        arguments = (context, second, lambda doc: [doc["image"]], doc_id, "t", "test")
-        requests.append(Instance(request_type, arguments, 0, {"task": "t", "doc_id": doc_id, "repeats": 1}))
+        arguments = (context, second, lambda doc: [doc["image"]], doc_id, task, "test")
+        requests.append(Instance(request_type, arguments, 0, {"task": task, "doc_id": doc_id, "repeats": 1}))
     return requests
 
 
@@ -216,19 +215,29 @@ def test_loglikelihood_equals_the_stock_forward(tiny_model_path, sample_images):
     assert first.token_counts.to_dict()["prefill_flops"] < cost["baseline_prefill_flops"]
 
 
-def test_k_auto_searches_the_tasks_first_samples(tiny_model_path, sample_images):
+def test_k_auto_searches_each_tasks_first_samples(tiny_model_path, sample_images):
+    from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history, reset_logged_metrics
+
     path = str(tiny_model_path("llava", 8))
     questions = ["What is it?", "What colour is the shape?", "Is there a circle?", "Where is the shape?"]
     images = [*sample_images, sample_images[0]]
     probe = VTW(pretrained=path, device="cpu")
-    samples = [CalibrationSample(question, [image]) for question, image in zip(questions, images, strict=True)][:3]
-    curve = [kl for _, kl in search_k(probe.model, probe.manager.processor, samples, eta=0.0).curve]
-    # An eta between the curve's values, so the chosen K depends on the samples searched.
-    eta = sorted(curve)[len(curve) // 2] * 1.0001
-    expected = search_k(probe.model, probe.manager.processor, samples, eta=eta).k
 
+    def search(rows: list[int], eta: float):
+        samples = [CalibrationSample(questions[row], [images[row]]) for row in rows]
+        return search_k(probe.model, probe.manager.processor, samples, eta=eta)
+
+    # An eta between the curve's values, so the chosen K depends on the samples searched.
+    curve = sorted(kl for _, kl in search([0, 1, 2], eta=0.0).curve)
+    eta = curve[len(curve) // 2] * 1.0001
     model = VTW(pretrained=path, k="auto", eta=eta, search_samples=3, device="cpu", max_new_tokens=2)
     rows = [(question, {"max_new_tokens": 2, "until": []}) for question in questions]
-    requests = _requests(model, "generate_until", rows, images)
-    model.generate_until(requests[::-1])  # the search takes the task's first documents, not the first requests
-    assert model.method.k == expected
+    first = _requests(model, "generate_until", rows, images, task="t")
+    second = _requests(model, "generate_until", rows[::-1], images[::-1], task="u")  # other documents first
+    reset_logged_metrics()
+    model.generate_until(first[::-1] + second)  # the search takes each task's first documents, not requests
+    assert model.method_for("t").k == search([0, 1, 2], eta).k
+    assert model.method_for("u").k == search([3, 2, 1], eta).k
+    (logged,) = get_logged_metrics_history()
+    assert logged["samples"] == 8 and logged["t:samples"] == logged["u:samples"] == 4
+    assert logged["t:vtw_k"] == model.method_for("t").k

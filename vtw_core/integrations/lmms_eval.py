@@ -110,7 +110,8 @@ class VTW(lmms):
         saved = _saved_search(source)
         self.eta = float(eta) if eta is not None else saved.get("kl_threshold", DEFAULT_ETA)
         self.search_over = search_over or saved.get("kl_over", "prompt")
-        self.method: Method | None = None
+        self.method: Method | None = None  # None for k=auto: then one K per task, searched on its samples
+        self.auto_methods: dict[str, Method] = {}
         if not self.method_spec.endswith(":auto"):
             self.method = _checked_method(self.method_spec, self.manager.info.num_layers)
         logger.info(f"vtw: {self.manager.info.describe()}; method {self.method_spec}")
@@ -145,12 +146,12 @@ class VTW(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         self._resolve_auto_k(requests)
-        method = self.method
         results: list[GenerationResult] = [GenerationResult("") for _ in requests]
-        costs: list[SampleCost] = []
+        costs: list[tuple[str, SampleCost]] = []
         elapsed = 0.0
         for indices in self._batches(requests, key=lambda args: _sampling_key(args[1])):
-            gen_kwargs = requests[indices[0]].args[1]
+            gen_kwargs, task = requests[indices[0]].args[1], requests[indices[0]].args[4]
+            method = self.method_for(task)
             sampling, stops = self._sampling(gen_kwargs)
             conversations, images = self._prompts([requests[i] for i in indices])
             stats = GenerationStats(k=method.k, num_layers=self.manager.info.num_layers)
@@ -170,7 +171,7 @@ class VTW(lmms):
             for index, ids, cost in zip(indices, outputs, batch_costs, strict=True):
                 text = _cut_at_stops(self.tokenizer.decode(ids, skip_special_tokens=True), stops)
                 results[index] = GenerationResult(text, self._token_counts(cost))
-            costs.extend(batch_costs)
+            costs.extend((task, cost) for cost in batch_costs)
         self._log_summary("generate_until", costs, elapsed)
         return results
 
@@ -182,12 +183,13 @@ class VTW(lmms):
         GenerationResult because lmms-eval 0.7.3 turns bare (float, bool) tuples into strings.
         """
         self._resolve_auto_k(requests)
-        method = self.method
         results: list[GenerationResult] = [GenerationResult("") for _ in requests]
-        costs: list[SampleCost] = []
+        costs: list[tuple[str, SampleCost]] = []
         elapsed = 0.0
         for indices in self._batches(requests, key=lambda args: ""):
             batch = [requests[i] for i in indices]
+            task = batch[0].args[4]
+            method = self.method_for(task)
             conversations, images = self._prompts(batch)
             continuations = [
                 self._continuation_ids(conversation, self._continuation_text(request))
@@ -210,7 +212,7 @@ class VTW(lmms):
             batch_costs = sample_costs(stats, self.model.config, [len(ids) for ids in continuations])
             for index, (logprob, greedy), cost in zip(indices, scores, batch_costs, strict=True):
                 results[index] = GenerationResult((-logprob, greedy), self._token_counts(cost))
-            costs.extend(batch_costs)
+            costs.extend((task, cost) for cost in batch_costs)
         self._log_summary("loglikelihood", costs, elapsed)
         return results
 
@@ -221,7 +223,8 @@ class VTW(lmms):
     # Helpers
 
     def _batches(self, requests: list[Instance], key: Callable[[tuple], str]) -> list[list[int]]:
-        """Indices of the real requests in batches of `batch_size`, in the task's order, one sampling per batch.
+        """Indices of the real requests in batches of `batch_size`, in the task's order; one task and one
+        `key` (sampling settings) per batch.
 
         lmms-eval pads the shorter ranks of a data-parallel run with copies of a request; their answers are
         thrown away, so they are not computed (no collective runs inside a forward pass here).
@@ -229,7 +232,7 @@ class VTW(lmms):
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
             if not request.metadata.get("__padding_only__"):
-                groups.setdefault(key(request.args), []).append(index)
+                groups.setdefault(f"{request.args[4]}\n{key(request.args)}", []).append(index)
         size = self.batch_size_per_process
         return [group[start : start + size] for group in groups.values() for start in range(0, len(group), size)]
 
@@ -241,6 +244,9 @@ class VTW(lmms):
             conversations.append([user_message(_question(context), len(visuals))])
             images.append(visuals)
         return conversations, images
+
+    def method_for(self, task: str) -> Method:
+        return self.method if self.method is not None else self.auto_methods[task]
 
     def _continuation_text(self, request: Instance) -> str:
         target, doc_id, task, split = request.args[1], *request.args[3:6]
@@ -275,23 +281,31 @@ class VTW(lmms):
         extra = {name: value for name, value in cost.to_dict().items() if name not in ("prompt_tokens", "new_tokens")}
         return VTWTokenCounts(input_tokens=cost.prompt_tokens, output_tokens=cost.new_tokens, cost=extra)
 
-    def _log_summary(self, request_type: str, costs: list[SampleCost], elapsed: float) -> None:
+    def _log_summary(self, request_type: str, costs: list[tuple[str, SampleCost]], elapsed: float) -> None:
         """Gather every process's per-sample costs; the first process logs their summary into the results.
 
-        lmms-eval reports what `log_metrics` received under "throughput" in the results (as avg_<name>).
+        lmms-eval reports what `log_metrics` received under "throughput" in the results (as avg_<name>): the
+        summary over all samples, and per task (`<task>:<name>`) when the run has several.
         """
-        if self._world_size > 1 and dist.is_available() and dist.is_initialized():
-            gathered: list[tuple[list[SampleCost], float] | None] = [None] * self._world_size
+        if self._distributed():
+            gathered: list[tuple[list[tuple[str, SampleCost]], float] | None] = [None] * self._world_size
             dist.all_gather_object(gathered, (costs, elapsed))
             costs = [cost for part in gathered if part for cost in part[0]]
             elapsed = sum(part[1] for part in gathered if part)  # device time summed over processes
         if self._rank != 0 or not costs:
             return
-        summary = summarize(costs)
-        if self.method.k is not None:
+        tasks = sorted({task for task, _ in costs})
+        summary = summarize([cost for _, cost in costs])
+        if self.method is not None and self.method.k is not None:
             summary["vtw_k"] = self.method.k
+        for task in tasks if len(tasks) > 1 else []:
+            task_summary = summarize([cost for name, cost in costs if name == task])
+            summary.update({f"{task}:{name}": value for name, value in task_summary.items()})
+        for task in tasks:
+            if task in self.auto_methods:
+                summary[f"{task}:vtw_k" if len(tasks) > 1 else "vtw_k"] = self.auto_methods[task].k
         logger.info(f"vtw: {request_type}, method {self.method_spec}: {json.dumps(summary)}")
-        tokens = sum(cost.new_tokens for cost in costs)
+        tokens = sum(cost.new_tokens for _, cost in costs)
         log_metrics(
             total_elapsed_time=elapsed,
             total_gen_tokens=tokens,
@@ -300,18 +314,30 @@ class VTW(lmms):
         )
 
     def _resolve_auto_k(self, requests: list[Instance]) -> None:
-        """k=auto: the K search on the task's first samples (the same on every process), once per run."""
+        """k=auto: the K search on each task's first documents, once per task, the same K on every process."""
         if self.method is not None:
             return
-        candidates = _first_samples(requests, self.search_samples)
-        if self._world_size > 1 and dist.is_available() and dist.is_initialized():
+        tasks = sorted({request.args[4] for request in _real(requests)})
+        if self._distributed():
+            gathered: list[list[str] | None] = [None] * self._world_size
+            dist.all_gather_object(gathered, tasks)
+            tasks = sorted({task for part in gathered for task in part or []})
+        for task in tasks:
+            if task not in self.auto_methods:
+                self.auto_methods[task] = self._search(task, requests)
+
+    def _search(self, task: str, requests: list[Instance]) -> Method:
+        ours = [request for request in _real(requests) if request.args[4] == task]
+        candidates = sorted({request.args[3]: request.args[0] for request in ours}.items())[: self.search_samples]
+        if self._distributed():
             gathered: list[list[tuple[int, str]] | None] = [None] * self._world_size
             dist.all_gather_object(gathered, candidates)
             candidates = sorted({pair for part in gathered for pair in part or []})[: self.search_samples]
         chosen: list[int | None] = [None]
         if self._rank == 0:
-            first = next(request for request in requests if not request.metadata.get("__padding_only__"))
-            doc_to_visual, task, split = first.args[2], first.args[4], first.args[5]
+            if not ours:
+                raise VTWError(f"k=auto: the first process holds no sample of {task} to search K on")
+            doc_to_visual, split = ours[0].args[2], ours[0].args[5]
             samples = [
                 CalibrationSample(_question(context), _images(doc_to_visual(self.task_dict[task][split][doc]), task))
                 for doc, context in candidates
@@ -321,11 +347,15 @@ class VTW(lmms):
             if result.k is None:
                 raise VTWError(f"k=auto: no K meets eta = {self.eta:g} on the first {len(samples)} samples of {task}")
             chosen[0] = result.k
-            logger.info(f"vtw: k=auto chose K = {result.k} (eta {self.eta:g}, KL over the {self.search_over}, "
-                        f"{len(samples)} samples of {task}); curve {result.to_dict()['curve']}")  # fmt: skip
-        if self._world_size > 1 and dist.is_available() and dist.is_initialized():
+            curve = result.to_dict()["curve"]
+            logger.info(f"vtw: k=auto chose K = {result.k} for {task} (eta {self.eta:g}, KL over the "
+                        f"{self.search_over}, its first {len(samples)} samples); curve {curve}")  # fmt: skip
+        if self._distributed():
             dist.broadcast_object_list(chosen, src=0)
-        self.method = parse_method("vtw:auto", self.manager.info.num_layers, auto_k=chosen[0])
+        return parse_method("vtw:auto", self.manager.info.num_layers, auto_k=chosen[0])
+
+    def _distributed(self) -> bool:
+        return self._world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
 def _method_spec(method: str, k: int | str | None) -> str:
@@ -392,11 +422,6 @@ def _cut_at_stops(text: str, stops: list[str]) -> str:
     return text[:cut]
 
 
-def _first_samples(requests: list[Instance], count: int) -> list[tuple[int, str]]:
-    """(doc id, context) of this process's first `count` documents of the first task, by doc id."""
-    real = [request for request in requests if not request.metadata.get("__padding_only__")]
-    if not real:
-        return []
-    task = real[0].args[4]
-    by_doc = {request.args[3]: request.args[0] for request in real if request.args[4] == task}
-    return sorted(by_doc.items())[:count]
+def _real(requests: list[Instance]) -> list[Instance]:
+    """The requests whose answers count (not lmms-eval's padding copies for uneven data-parallel shards)."""
+    return [request for request in requests if not request.metadata.get("__padding_only__")]
