@@ -62,7 +62,7 @@ def summarize(costs: Sequence[SampleCost]) -> dict[str, float]:
     baseline_prefill = sum(cost.baseline_prefill_flops for cost in costs)
     baseline_decode = sum(cost.baseline_decode_flops for cost in costs)
     timed = [cost.ttft_s for cost in costs if cost.ttft_s is not None]
-    return {
+    summary = {
         "samples": count,
         "prefill_flops_mean": prefill / count,
         "decode_flops_mean": decode / count,
@@ -70,5 +70,7 @@ def summarize(costs: Sequence[SampleCost]) -> dict[str, float]:
         "baseline_decode_flops_mean": baseline_decode / count,
         "prefill_flops_ratio": prefill / baseline_prefill,
         "flops_ratio": (prefill + decode) / (baseline_prefill + baseline_decode),
-        "ttft_s_mean": sum(timed) / len(timed) if timed else float("nan"),
     }
+    if timed:  # scoring (loglikelihood) has no first token
+        summary["ttft_s_mean"] = sum(timed) / len(timed)
+    return summary
