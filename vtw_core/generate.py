@@ -21,7 +21,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from vtw_core import flops, validation
 from vtw_core.embed import embed_prompt
-from vtw_core.engine import DecodeState, PositionMode, decode_step, prefill, withdrawal_selector
+from vtw_core.engine import DecodeState, PositionMode, TokenSelector, decode_step, prefill, withdrawal_selector
 from vtw_core.errors import InputError, ResourceError
 from vtw_core.families import num_decoder_layers
 from vtw_core.fast import GraphedDecodeStep, fast_state_from_prefill, static_decode_step
@@ -84,6 +84,11 @@ class GenerationStats:
     kv_cache_bytes: int = 0
     peak_memory_bytes: int | None = None
     finish_reason: str | None = None  # "eos", "length" or "stopped"
+    # Batches: each row's own share of the counts above (the sums), so callers can report per request.
+    prompt_tokens_per_row: list[int] = field(default_factory=list)
+    vision_tokens_per_row: list[int] = field(default_factory=list)
+    prefill_flops_per_row: list[int] = field(default_factory=list)
+    decode_flops_per_row: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,6 +171,16 @@ def _check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int) ->
         )
 
 
+def method_selector(model: nn.Module, k: int | None, schedule: Schedule | None) -> TokenSelector | None:
+    """The token selector of one request: VTW at K, or a per-layer schedule; None for the unchanged model."""
+    num_layers = num_decoder_layers(model.config)
+    if schedule is not None:
+        if k is not None:
+            raise InputError("pass either K (VTW) or a schedule, not both")
+        return ScheduleSelector(model, schedule, num_layers)  # per request: it holds ranking rows
+    return withdrawal_selector(k, num_layers)
+
+
 def generate_tokens(
     model: nn.Module,
     model_inputs: dict[str, torch.Tensor],
@@ -189,13 +204,7 @@ def generate_tokens(
     `schedule` (vtw_core.schedules) replaces K with a per-layer vision-token schedule (FastV, G-Search, ...).
     """
     sampling.validate()
-    num_layers = num_decoder_layers(model.config)
-    if schedule is not None:
-        if k is not None:
-            raise InputError("pass either K (VTW) or a schedule, not both")
-        selector = ScheduleSelector(model, schedule, num_layers)  # per request: it holds ranking rows
-    else:
-        selector = withdrawal_selector(k, num_layers)
+    selector = method_selector(model, k, schedule)
     device = model_inputs["input_ids"].device
     generator = None
     if sampling.do_sample:
@@ -208,9 +217,13 @@ def generate_tokens(
     rows = prompt.batch_size
     per_row_layers = [[int(count[row]) for count in state.prompt_tokens_per_layer] for row in range(rows)]
     if stats is not None:
-        stats.prompt_tokens = int(prompt.attention_mask.sum())
-        stats.vision_tokens = int(prompt.vision_mask.sum())
-        stats.prefill_flops = sum(flops.prefill_flops(dims, layers) for layers in per_row_layers)
+        stats.prompt_tokens_per_row = prompt.attention_mask.sum(1).tolist()
+        stats.vision_tokens_per_row = prompt.vision_mask.sum(1).tolist()
+        stats.prefill_flops_per_row = [flops.prefill_flops(dims, layers) for layers in per_row_layers]
+        stats.prompt_tokens = sum(stats.prompt_tokens_per_row)
+        stats.vision_tokens = sum(stats.vision_tokens_per_row)
+        stats.prefill_flops = sum(stats.prefill_flops_per_row)
+        stats.decode_flops_per_row = [0] * rows
         stats.vision_flops = _vision_flops(model.config, model_inputs)
         stats.kv_cache_bytes = state.kv_cache_bytes()
 
@@ -236,10 +249,11 @@ def generate_tokens(
             decode_steps[row] += int(not finished[row])
         logits = decode(tokens)
         if stats is not None:
-            stats.decode_flops = sum(
+            stats.decode_flops_per_row = [
                 flops.decode_flops(dims, layers, steps)
                 for layers, steps in zip(per_row_layers, decode_steps, strict=True)
-            )
+            ]
+            stats.decode_flops = sum(stats.decode_flops_per_row)
             stats.kv_cache_bytes = decode.kv_cache_bytes()
 
 
@@ -403,27 +417,35 @@ def generate_batch(
 ) -> list[list[int]]:
     """Generated token ids per conversation, batched with left padding; each row ends at its first EOS.
 
-    `stats`, when given, receives the batch's token counts and FLOPs (summed over rows).
+    `stats`, when given, receives the batch's token counts and FLOPs (summed over rows, and per row), and its
+    time to first token and total time, from this call on (preprocessing included; rows share them).
     """
+    start = time.perf_counter()
     model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype)
     _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
     eos_ids = eos_token_ids_of(model, processor)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    columns = list(
-        generate_tokens(
-            model,
-            model_inputs,
-            k=k,
-            position_mode=position_mode,
-            sampling=sampling,
-            eos_token_ids=eos_ids,
-            pad_token_id=pad,
-            engine=engine,
-            stats=stats,
-            schedule=schedule,
-        )
-    )
+    columns = []
+    for column in generate_tokens(
+        model,
+        model_inputs,
+        k=k,
+        position_mode=position_mode,
+        sampling=sampling,
+        eos_token_ids=eos_ids,
+        pad_token_id=pad,
+        engine=engine,
+        stats=stats,
+        schedule=schedule,
+    ):
+        columns.append(column)
+        if stats is not None and stats.ttft_s is None:
+            _synchronize(model.device)
+            stats.ttft_s = time.perf_counter() - start
+    if stats is not None:
+        _synchronize(model.device)
+        stats.total_s = time.perf_counter() - start
     outputs = []
     for row in range(len(conversations)):
         ids: list[int] = []

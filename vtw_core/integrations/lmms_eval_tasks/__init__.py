@@ -1,0 +1,5 @@
+"""lmms-eval tasks shipped with vtw_core: pass this folder to `lmms-eval --include_path` (see README)."""
+
+from pathlib import Path
+
+TASKS_DIR = Path(__file__).resolve().parent
