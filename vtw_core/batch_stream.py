@@ -206,4 +206,3 @@ def _finish(row: _Row, reason: str | None) -> StreamEvent:
 
 def _element_size(dtype_name: str) -> int:
     return torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
-
