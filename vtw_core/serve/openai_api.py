@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -275,6 +276,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
         body = APIError(error.status_code, str(error.detail)).body()
         return JSONResponse(body, status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(bad_request(f"invalid request: {error.errors()[:3]}"))
 
     @app.exception_handler(Exception)
     async def on_error(_request: Request, error: Exception) -> JSONResponse:
