@@ -20,6 +20,7 @@ from PIL import Image
 
 from vtw_core.cli import main as cli_main
 from vtw_core.defaults import require_model
+from vtw_core.errors import InputError
 from vtw_core.generate import SamplingConfig
 from vtw_core.manager import ModelManager
 from vtw_core.prompts import assistant_message, user_message
@@ -257,3 +258,36 @@ def test_sampling_with_a_seed_equals_the_cli(client, capsys):
 
 def test_the_server_keeps_serving_after_errors(client):
     assert ask(client, question("easyvqa-2.png"), "baseline").choices[0].message.content
+
+
+def test_the_app_answers_through_the_server_as_it_does_in_process(server, manager):
+    """`python app.py --backend-url`: the chat's handlers on the server give the in-process answers and stats."""
+    from app import handlers
+    from app.remote import RemoteManager
+
+    remote = RemoteManager(server)
+    assert remote.info.num_layers == manager.info.num_layers and remote.info.searched_k == manager.info.searched_k
+    roots = [EXAMPLES]
+    sampling = SamplingConfig(max_new_tokens=TOKENS)
+    runs = {
+        "local": (manager, "sequential", "vtw"),
+        "remote": (remote, "sequential", "vtw"),
+        "race": (remote, "race", "vtw"),
+        "fastv": (remote, "sequential", "fastv:0.5"),
+        "fastv-local": (manager, "sequential", "fastv:0.5"),
+    }
+    results = {}
+    for name, (backend, mode, method) in runs.items():
+        state = handlers.add_turn(handlers.ChatState(), "what is the red shape?", [str(EXAMPLES / "easyvqa-0.png")],
+                                  roots)  # fmt: skip
+        for _ in handlers.answer_last_turn(backend, state, 9, sampling, mode, method=method):
+            pass
+        results[name] = state.results
+    for name, reference in (("remote", "local"), ("race", "local"), ("fastv", "fastv-local")):
+        for side in handlers.SIDES:
+            got, expected = results[name][side], results[reference][side]
+            assert got["text"] == expected["text"] and got["token_ids"] == expected["token_ids"], (name, side)
+            for key in ("prefill_flops", "kv_cache_bytes", "k", "prompt_tokens", "new_tokens"):
+                assert got["stats"][key] == expected["stats"][key], (name, side, key)
+    with pytest.raises(InputError, match="backend-url"):
+        handlers.search_k_result(remote, [], 0.003)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from vtw_core.defaults import default_model
@@ -32,6 +33,9 @@ def serve(
 ) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM)."""
     import uvicorn
+
+    # transformers repeats one deprecation notice per decoder layer and request: noise in a server's log.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
     service = ChatService(
         manager,
