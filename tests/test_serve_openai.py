@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,26 +46,28 @@ def question(name: str, text: str | None = None) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def server() -> str:
+def server(tmp_path_factory) -> str:
     """`python -m vtw_core serve` on the embedded default model, on a free local port; stopped at the end."""
     port = free_port()
     command = [sys.executable, "-m", "vtw_core", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--batch-wait-ms", "50"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, env={**os.environ},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with log.open("w") as output:  # a file, not a pipe nobody reads: a full pipe would stall the server
+        process = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, stdout=output,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"the server exited: {process.stdout.read()}")
+                raise RuntimeError(f"the server exited: {log.read_text()}")
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("the server did not start in 120 s")
+                raise RuntimeError(f"the server did not start in 120 s: {log.read_text()}")
             time.sleep(0.3)
         yield url
     finally:
@@ -291,3 +293,38 @@ def test_the_app_answers_through_the_server_as_it_does_in_process(server, manage
                 assert got["stats"][key] == expected["stats"][key], (name, side, key)
     with pytest.raises(InputError, match="backend-url"):
         handlers.search_k_result(remote, [], 0.003)
+
+
+def test_remote_image_urls_work_only_when_allowed(manager, tmp_path):
+    """--allow-remote-images: the server reads http(s) URLs (here a file server on 127.0.0.1)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from fastapi.testclient import TestClient
+
+    from vtw_core.serve.openai_api import ChatService, build_app
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(EXAMPLES))
+    files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    service = ChatService(manager, model_id="default-model", allow_remote_images=True)
+    try:
+        with TestClient(build_app(service)) as http:
+
+            def ask_url(url: str):
+                content = [{"type": "image_url", "image_url": {"url": url}},
+                           {"type": "text", "text": QUESTIONS["easyvqa-0.png"]}]  # fmt: skip
+                body = {"messages": [{"role": "user", "content": content}], "max_tokens": TOKENS,
+                        "vtw": {"method": "vtw:9", "return_token_ids": True}}  # fmt: skip
+                return http.post("/v1/chat/completions", json=body)
+
+            fetched = ask_url(f"{base}/easyvqa-0.png")
+            inline = ask_url(data_url(EXAMPLES / "easyvqa-0.png"))
+            assert fetched.status_code == inline.status_code == 200
+            assert fetched.json()["choices"][0]["token_ids"] == inline.json()["choices"][0]["token_ids"]
+            missing = ask_url(f"{base}/missing.png")
+            assert missing.status_code == 400 and missing.json()["error"]["code"] == "invalid_image"
+    finally:
+        files.shutdown()
+        service.close()

@@ -17,7 +17,10 @@ TIMEOUT_S = 10.0
 def fetch_image(url: str) -> bytes:
     """The bytes at `url` (at most MAX_IMAGE_BYTES), or a 400 saying why they could not be read."""
     try:
-        with httpx.stream("GET", url, timeout=TIMEOUT_S, follow_redirects=True, max_redirects=3) as response:
+        with (
+            httpx.Client(timeout=TIMEOUT_S, follow_redirects=True, max_redirects=3) as client,
+            client.stream("GET", url) as response,
+        ):
             if response.status_code != 200:
                 raise bad_request(f"the image URL answered HTTP {response.status_code}", code="invalid_image")
             data = bytearray()
