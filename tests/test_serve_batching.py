@@ -139,3 +139,27 @@ def test_a_request_given_up_before_its_turn_is_skipped(manager):
         assert jobs[0][0].batch_size == 1 and jobs[1][1].events == []
     finally:
         batcher.close()
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_stream_batch_rows_equal_single_requests_on_every_family(tiny_model_path, sample_images, family):
+    """Rows with different image counts and sizes: each row's tokens, text and own stats match it alone."""
+    tiny = ModelManager.load(str(tiny_model_path(family)), device="cpu")
+    conversations = [[user_message("Hi", num_images=1)], [user_message("What is it?", num_images=2)],
+                     [user_message("Describe.", num_images=0)]]  # fmt: skip
+    images = [[sample_images[0]], [sample_images[1], sample_images[2]], []]
+    sampling = SamplingConfig(max_new_tokens=6)
+    finals = {row: event for row, event in tiny.stream_batch(conversations, images, k=1, sampling=sampling)
+              if event.finished}  # fmt: skip
+    for row, (conversation, row_images) in enumerate(zip(conversations, images, strict=True)):
+        alone = tiny.generate(conversation, row_images, k=1, sampling=sampling)
+        assert finals[row].token_ids == alone.token_ids and finals[row].text == alone.text
+        for key in STATS:
+            assert getattr(finals[row].stats, key) == getattr(alone.stats, key), (family, row, key)
+
+
+def test_the_server_takes_as_many_images_per_message_as_the_app():
+    from app.handlers import MAX_IMAGES_PER_TURN
+    from vtw_core.serve.protocol import MAX_IMAGES_PER_MESSAGE
+
+    assert MAX_IMAGES_PER_MESSAGE == MAX_IMAGES_PER_TURN
