@@ -328,3 +328,11 @@ def test_remote_image_urls_work_only_when_allowed(manager, tmp_path):
     finally:
         files.shutdown()
         service.close()
+
+
+def test_without_temperature_the_answer_is_greedy(client, server):
+    greedy = ask(client, question("easyvqa-1.png"), "vtw:9").choices[0].model_extra["token_ids"]
+    body = {"messages": question("easyvqa-1.png"), "max_tokens": TOKENS,
+            "vtw": {"method": "vtw:9", "return_token_ids": True}}  # fmt: skip
+    reply = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60).json()
+    assert reply["choices"][0]["token_ids"] == greedy
