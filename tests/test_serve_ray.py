@@ -118,3 +118,16 @@ def test_errors_keep_the_openai_format_through_ray(ray_url):
                                        extra_body={"vtw": {"method": "vtw:999"}})  # fmt: skip
     assert caught.value.body["param"] == "vtw.method"
     assert [model.id for model in client.models.list().data] == ["default-model"]
+
+
+def test_the_app_can_run_against_the_deployment(ray_url, manager):
+    """`python app.py --backend-url`: the app's manager stand-in gets the in-process answer from the replicas."""
+    from app.remote import RemoteManager
+
+    remote = RemoteManager(ray_url)
+    image, text, _ = QUESTIONS[0]
+    conversation = [user_message(text)]
+    got = remote.generate(conversation, [Image.open(EXAMPLES / image)], k=9, sampling=SamplingConfig(TOKENS))
+    expected = manager.generate(conversation, [Image.open(EXAMPLES / image)], k=9, sampling=SamplingConfig(TOKENS))
+    assert got.token_ids == expected.token_ids and got.text == expected.text
+    assert got.stats.prefill_flops == expected.stats.prefill_flops and got.stats.k == 9
