@@ -1,4 +1,7 @@
-"""Start the VTW Chat web app: `python app.py [--model ID_OR_PATH] [--host H] [--port P] [--share]`."""
+"""Start the VTW Chat web app: `python app.py [--model ID_OR_PATH] [--host H] [--port P] [--share]`.
+
+With `--backend-url URL` the answers come from an OpenAI-compatible VTW server instead of a model loaded here.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +31,12 @@ def main() -> int:
     parser.add_argument("--dtype", default=os.environ.get("VTW_DTYPE", "auto"), help="auto, bfloat16, ...")
     parser.add_argument("--attention", default=os.environ.get("VTW_ATTENTION", "auto"), help="auto, sdpa, eager, ...")
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument(
+        "--backend-url",
+        default=os.environ.get("VTW_BACKEND_URL"),
+        help="answer through an OpenAI-compatible VTW server (python -m vtw_core serve, Ray Serve) instead of "
+        "loading the model here (or VTW_BACKEND_URL)",
+    )
     args = parser.parse_args()
 
     from app.ui import build_demo, launch_options
@@ -36,6 +45,13 @@ def main() -> int:
     from vtw_core.manager import ModelManager
 
     try:
+        if args.backend_url:
+            from app.remote import RemoteManager
+
+            manager = RemoteManager(args.backend_url)
+            demo = build_demo(manager, banner=f"Answers come from the server at {manager.base_url}.")
+            demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+            return 0
         manager = ModelManager.load(
             require_model(args.model),
             device=args.device,

@@ -1,4 +1,4 @@
-"""`python -m vtw_core`: generate, flops, bench, search-k, attention and eval from the command line.
+"""`python -m vtw_core`: generate, flops, bench, search-k, attention, eval and serve from the command line.
 
 Every command that prints a result with `--json` prints exactly one JSON object, as the last line.
 """
@@ -329,6 +329,31 @@ def cmd_schedule_search(args: argparse.Namespace) -> None:
     print(f"{schedule.name}: keep shares per layer {[round(x, 3) for x in schedule.keep]} ({len(log)} evaluations)")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from vtw_core.serve.standalone import serve
+
+    serve(_load(args), host=args.host, port=args.port, model_id=args.served_model_name, method=args.method,
+          max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+          allow_remote_images=args.allow_remote_images)  # fmt: skip
+
+
+def _add_serve_parser(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions, /v1/models)")
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", help="the id clients pass as `model` (default: from --model)")
+    serve.add_argument("--method", default="default",
+                       help="method when a request names none: default (vtw:auto where the checkpoint ships a K, "
+                            "else baseline), baseline, vtw:K, fastv:K:R, schedule:NAME")  # fmt: skip
+    serve.add_argument("--max-batch-size", type=int, default=8, help="requests per engine call (1: no batching)")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
+    serve.add_argument("--allow-remote-images", action="store_true",
+                       help="also read http(s) image URLs (the server then fetches what clients name)")  # fmt: skip
+    serve.set_defaults(handler=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vtw_core", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -438,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plot-k", help="with --all-k: save accuracy (and KL, with --k auto) against K to this PNG")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=cmd_eval)
+    _add_serve_parser(commands)
     return parser
 
 

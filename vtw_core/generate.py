@@ -194,6 +194,7 @@ def generate_tokens(
     stats: GenerationStats | None = None,
     engine: DecodeEngine = "auto",
     schedule: Schedule | None = None,
+    tokens_per_row: list[list[int]] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (batch,) until every row has ended or the stop event is set.
 
@@ -202,6 +203,8 @@ def generate_tokens(
     caches), "static" (preallocated buffers, vtw_core.fast), "graph" (static + the step as a CUDA graph),
     or "auto" (graph on CUDA where supported, plain elsewhere); `stats.engine` says which one ran.
     `schedule` (vtw_core.schedules) replaces K with a per-layer vision-token schedule (FastV, G-Search, ...).
+    `tokens_per_row`, when given, receives each row's real prompt tokens per layer after prefill, so batched
+    callers can account every row on its own (vtw_core.batch_stream).
     """
     sampling.validate()
     selector = method_selector(model, k, schedule)
@@ -216,6 +219,8 @@ def generate_tokens(
     dims = flops.DecoderDims.from_config(model.config)
     rows = prompt.batch_size
     per_row_layers = [[int(count[row]) for count in state.prompt_tokens_per_layer] for row in range(rows)]
+    if tokens_per_row is not None:
+        tokens_per_row.extend(per_row_layers)
     if stats is not None:
         stats.prompt_tokens_per_row = prompt.attention_mask.sum(1).tolist()
         stats.vision_tokens_per_row = prompt.vision_mask.sum(1).tolist()

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
+from vtw_core.batch_stream import stream_generate_batch
 from vtw_core.configs import shipped_config_path
 from vtw_core.engine import ATTENTION_IMPLEMENTATIONS, PositionMode, check_k
 from vtw_core.errors import InputError, VTWError
@@ -231,6 +232,33 @@ class ModelManager:
                 sampling=sampling,
                 stop_event=stop_event,
                 engine=engine,
+                schedule=schedule,
+            )
+
+    def stream_batch(
+        self,
+        conversations: list[list[Message]],
+        images: list[list[Image.Image]],
+        *,
+        k: int | None = None,
+        sampling: SamplingConfig = SamplingConfig(),
+        stop_event: threading.Event | None = None,
+        schedule: Schedule | None = None,
+    ) -> Iterator[tuple[int, StreamEvent]]:
+        """Answer several conversations in one left-padded engine call (same method and sampling for all).
+
+        Yields (row, event); each row's events and stats are its own (vtw_core.batch_stream).
+        """
+        self._require_processor()
+        with self.lock:
+            yield from stream_generate_batch(
+                self.model,
+                self.processor,
+                conversations,
+                images,
+                k=k,
+                sampling=sampling,
+                stop_event=stop_event,
                 schedule=schedule,
             )
 

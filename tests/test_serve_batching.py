@@ -1,0 +1,165 @@
+"""Batching inside a replica: concurrent greedy requests share one engine call and get their unbatched answers."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vtw_core.defaults import require_model
+from vtw_core.errors import InputError
+from vtw_core.generate import SamplingConfig, StreamEvent
+from vtw_core.manager import ModelManager
+from vtw_core.methods import parse_method
+from vtw_core.prompts import user_message
+from vtw_core.serve.batching import Batcher, Job
+from vtw_core.serve.errors import APIError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+REQUESTS = [
+    ("easyvqa-0.png", "what is the red shape?"),
+    ("easyvqa-1.png", "what is the color of the rectangle?"),
+    ("easyvqa-2.png", "is there a rectangle?"),
+    ("easyvqa-0.png", "is there a circle in the image?"),
+]
+SAMPLING = SamplingConfig(max_new_tokens=10)
+STATS = ("new_tokens", "prompt_tokens", "vision_tokens", "prefill_flops", "decode_flops", "kv_cache_bytes",
+         "vision_flops", "finish_reason", "k")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def manager() -> ModelManager:
+    return ModelManager.load(require_model(None), device="cpu")
+
+
+class Collector:
+    """A job's events, as the server's ticket would receive them."""
+
+    def __init__(self) -> None:
+        self.events: list[StreamEvent | BaseException] = []
+        self.done = threading.Event()
+
+    def deliver(self, item: StreamEvent | BaseException) -> None:
+        self.events.append(item)
+        if isinstance(item, BaseException) or item.finished:
+            self.done.set()
+
+
+def make_job(manager: ModelManager, image: str, text: str, method: str = "vtw:9", sampling=SAMPLING) -> tuple:
+    collector = Collector()
+    job = Job([user_message(text)], [Image.open(EXAMPLES / image).convert("RGB")],
+              parse_method(method, manager.info.num_layers), sampling, collector.deliver)  # fmt: skip
+    return job, collector
+
+
+def run_jobs(manager: ModelManager, jobs: list[tuple], **options) -> None:
+    batcher = Batcher(manager, **options)
+    try:
+        with manager.lock:  # every job is queued before the worker can start the first batch
+            for job, _ in jobs:
+                batcher.submit(job)
+        for _, collector in jobs:
+            assert collector.done.wait(120)
+    finally:
+        batcher.close()
+
+
+@pytest.mark.parametrize("method", ["baseline", "vtw:9", "fastv:2:0.5"])
+def test_batched_greedy_answers_equal_unbatched(manager, method):
+    jobs = [make_job(manager, image, text, method) for image, text in REQUESTS]
+    run_jobs(manager, jobs, max_batch_size=8, batch_wait_ms=200)
+    spec = parse_method(method, manager.info.num_layers)
+    for (job, collector), (image, text) in zip(jobs, REQUESTS, strict=True):
+        assert job.batch_size == len(REQUESTS)
+        alone = manager.generate([user_message(text)], [Image.open(EXAMPLES / image)], k=spec.k,
+                                 schedule=spec.schedule, sampling=SAMPLING)  # fmt: skip
+        final = collector.events[-1]
+        assert final.finished and final.token_ids == alone.token_ids and final.text == alone.text
+        assert "".join(event.text_delta for event in collector.events) == alone.text
+        for key in STATS:
+            assert getattr(final.stats, key) == getattr(alone.stats, key), key
+
+
+def test_batches_hold_at_most_max_batch_size(manager):
+    jobs = [make_job(manager, image, text) for image, text in REQUESTS]
+    run_jobs(manager, jobs, max_batch_size=3, batch_wait_ms=200)
+    assert sorted(job.batch_size for job, _ in jobs) == [1, 3, 3, 3]
+
+
+def test_different_methods_and_sampled_requests_are_not_batched_together(manager):
+    sampled = SamplingConfig(max_new_tokens=10, do_sample=True, seed=3)
+    jobs = [make_job(manager, *REQUESTS[0], "vtw:9"), make_job(manager, *REQUESTS[1], "baseline"),
+            make_job(manager, *REQUESTS[2], "vtw:9", sampled),
+            make_job(manager, *REQUESTS[3], "vtw:9", sampled)]  # fmt: skip
+    run_jobs(manager, jobs, max_batch_size=8, batch_wait_ms=100)
+    assert [job.batch_size for job, _ in jobs] == [1, 1, 1, 1]
+    alone = manager.generate([user_message(REQUESTS[2][1])], [Image.open(EXAMPLES / REQUESTS[2][0])], k=9,
+                             sampling=sampled)  # fmt: skip
+    assert jobs[2][1].events[-1].token_ids == alone.token_ids  # the seed gives the CLI's reply
+
+
+def test_a_bad_request_fails_alone(manager):
+    jobs = [make_job(manager, *REQUESTS[0]), make_job(manager, REQUESTS[1][0], "a " * 1990),
+            make_job(manager, *REQUESTS[2])]  # fmt: skip
+    run_jobs(manager, jobs, max_batch_size=8, batch_wait_ms=200)
+    assert isinstance(jobs[1][1].events[-1], InputError) and "context" in str(jobs[1][1].events[-1])
+    for job, collector in (jobs[0], jobs[2]):
+        assert collector.events[-1].finished and job.batch_size == 1
+
+
+def test_a_full_queue_is_refused_with_a_503(manager):
+    batcher = Batcher(manager, max_queue=1, batch_wait_ms=0)
+    jobs = [make_job(manager, *request) for request in REQUESTS[:3]]
+    try:
+        with manager.lock:
+            batcher.submit(jobs[0][0])
+            assert jobs[0][0].stop.is_set() is False
+            while batcher._pending:  # the worker has taken the first job and waits for the device
+                threading.Event().wait(0.01)
+            batcher.submit(jobs[1][0])
+            with pytest.raises(APIError) as caught:
+                batcher.submit(jobs[2][0])
+        assert caught.value.status == 503 and caught.value.code == "overloaded"
+        assert jobs[0][1].done.wait(120) and jobs[1][1].done.wait(120)
+    finally:
+        batcher.close()
+
+
+def test_a_request_given_up_before_its_turn_is_skipped(manager):
+    jobs = [make_job(manager, *request) for request in REQUESTS[:2]]
+    jobs[1][0].stop.set()
+    batcher = Batcher(manager, batch_wait_ms=50)
+    try:
+        with manager.lock:
+            for job, _ in jobs:
+                batcher.submit(job)
+        assert jobs[0][1].done.wait(120)
+        assert jobs[0][0].batch_size == 1 and jobs[1][1].events == []
+    finally:
+        batcher.close()
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_stream_batch_rows_equal_single_requests_on_every_family(tiny_model_path, sample_images, family):
+    """Rows with different image counts and sizes: each row's tokens, text and own stats match it alone."""
+    tiny = ModelManager.load(str(tiny_model_path(family)), device="cpu")
+    conversations = [[user_message("Hi", num_images=1)], [user_message("What is it?", num_images=2)],
+                     [user_message("Describe.", num_images=0)]]  # fmt: skip
+    images = [[sample_images[0]], [sample_images[1], sample_images[2]], []]
+    sampling = SamplingConfig(max_new_tokens=6)
+    finals = {row: event for row, event in tiny.stream_batch(conversations, images, k=1, sampling=sampling)
+              if event.finished}  # fmt: skip
+    for row, (conversation, row_images) in enumerate(zip(conversations, images, strict=True)):
+        alone = tiny.generate(conversation, row_images, k=1, sampling=sampling)
+        assert finals[row].token_ids == alone.token_ids and finals[row].text == alone.text
+        for key in STATS:
+            assert getattr(finals[row].stats, key) == getattr(alone.stats, key), (family, row, key)
+
+
+def test_the_server_takes_as_many_images_per_message_as_the_app():
+    from app.handlers import MAX_IMAGES_PER_TURN
+    from vtw_core.serve.protocol import MAX_IMAGES_PER_MESSAGE
+
+    assert MAX_IMAGES_PER_MESSAGE == MAX_IMAGES_PER_TURN

@@ -1,0 +1,187 @@
+"""Batching inside one replica: concurrent requests with the same method go through one engine call.
+
+One worker thread owns the model manager. It takes the oldest waiting request, then for up to
+`batch_wait_ms` gathers later requests with the same method and sampling settings (up to
+`max_batch_size`) and answers them together with `ModelManager.stream_batch` (left-padded). Greedy rows give
+the tokens they would give alone. Sampled requests run one at a time, so a seed gives the same reply as the
+CLI. A request that arrives while a batch runs waits for the next one: batches never grow mid-way.
+
+If a batch fails before its first token (say one prompt is beyond the context), each of its requests is run
+alone, so only the bad one fails. Requests are delivered their events through `Job.deliver`, which must not
+block (the server hands them to its event loop).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from vtw_core.generate import SamplingConfig, StreamEvent
+from vtw_core.manager import ModelManager
+from vtw_core.methods import Method
+from vtw_core.prompts import Message
+from vtw_core.serve.errors import overloaded
+
+Delivery = Callable[[StreamEvent | BaseException], None]
+
+
+@dataclass(eq=False)
+class Job:
+    """One request for the batcher: what to answer, how, and where its events go."""
+
+    messages: list[Message]
+    images: list[Image.Image]
+    method: Method
+    sampling: SamplingConfig
+    deliver: Delivery
+    stop: threading.Event = field(default_factory=threading.Event)  # set when the client no longer wants it
+    submitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    batch_size: int = 1
+
+    @property
+    def batch_key(self) -> tuple[Method, SamplingConfig] | None:
+        """Requests with equal keys can share an engine call; sampled ones never do (one generator per call)."""
+        return None if self.sampling.do_sample else (self.method, self.sampling)
+
+    @property
+    def queue_s(self) -> float | None:
+        return None if self.started_at is None else self.started_at - self.submitted_at
+
+
+class _AllSet:
+    """Set once every request of a batch has been given up: the engine reads only `is_set()`."""
+
+    def __init__(self, events: list[threading.Event]):
+        self.events = events
+
+    def is_set(self) -> bool:
+        return all(event.is_set() for event in self.events)
+
+
+class Batcher:
+    """Owns the device through the manager; `submit` queues a job, the worker answers it (maybe batched)."""
+
+    def __init__(
+        self, manager: ModelManager, *, max_batch_size: int = 8, batch_wait_ms: float = 5.0, max_queue: int = 64
+    ):
+        if max_batch_size < 1 or batch_wait_ms < 0 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1, batch_wait_ms >= 0")
+        self.manager = manager
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.max_queue = max_queue
+        self._pending: deque[Job] = deque()
+        self._condition = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="vtw-batcher", daemon=True)
+        self._worker.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue the job, or refuse it with a 503 when the queue is full (the client may retry)."""
+        with self._condition:
+            if self._closed:
+                raise overloaded("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise overloaded(f"the server is busy ({self.max_queue} requests waiting); retry later")
+            self._pending.append(job)
+            self._condition.notify()
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+        self._worker.join(timeout=30)
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._condition:
+            while True:
+                while not self._pending and not self._closed:
+                    self._condition.wait()
+                if self._closed:
+                    return None
+                first = self._pending.popleft()
+                if not first.stop.is_set():  # a client that left before its turn costs nothing
+                    break
+            batch = [first]
+            key = first.batch_key
+            if key is None or self.max_batch_size == 1:
+                return batch
+            deadline = time.monotonic() + self.batch_wait_s
+            while True:
+                self._take_matching(key, batch)
+                remaining = deadline - time.monotonic()
+                if len(batch) >= self.max_batch_size or remaining <= 0 or self._closed:
+                    return batch
+                self._condition.wait(remaining)
+
+    def _take_matching(self, key: Any, batch: list[Job]) -> None:
+        """Move waiting jobs with this key into the batch, oldest first; the others keep their order."""
+        kept: deque[Job] = deque()
+        while self._pending:
+            job = self._pending.popleft()
+            if job.stop.is_set():
+                continue
+            if job.batch_key == key and len(batch) < self.max_batch_size:
+                batch.append(job)
+            else:
+                kept.append(job)
+        self._pending = kept
+
+    def _run(self, batch: list[Job]) -> None:
+        started = time.perf_counter()
+        for job in batch:
+            job.started_at, job.batch_size = started, len(batch)
+        if len(batch) == 1:
+            self._run_alone(batch[0])
+            return
+        first = batch[0]
+        delivered = False
+        try:
+            events = self.manager.stream_batch(
+                [job.messages for job in batch],
+                [job.images for job in batch],
+                k=first.method.k,
+                schedule=first.method.schedule,
+                sampling=first.sampling,
+                stop_event=_AllSet([job.stop for job in batch]),
+            )
+            for row, event in events:
+                delivered = True
+                batch[row].deliver(event)
+        except Exception as error:  # handed to the requests; the worker keeps serving
+            if delivered:
+                for job in batch:
+                    job.deliver(error)
+                return
+            for job in batch:  # nothing was answered yet: find the culprit by running each alone
+                job.batch_size = 1
+                self._run_alone(job)
+
+    def _run_alone(self, job: Job) -> None:
+        """The same call the app and the CLI make for one request."""
+        try:
+            for event in self.manager.stream(
+                job.messages,
+                job.images,
+                k=job.method.k,
+                schedule=job.method.schedule,
+                sampling=job.sampling,
+                stop_event=job.stop,
+            ):
+                job.deliver(event)
+        except Exception as error:
+            job.deliver(error)
