@@ -70,3 +70,14 @@ def test_engine_choice():
         tokens(model, inputs, 2, "graph")
     with pytest.raises(InputError, match="engine must be"):
         tokens(model, inputs, 2, "turbo")
+
+
+def test_static_step_records_no_autograd_graph():
+    """Generation calls the static step outside any no_grad block; it must not record autograd graphs."""
+    model = build_model("llava")
+    assert any(parameter.requires_grad for parameter in model.parameters())
+    _, state = prefill(model, embed_prompt(model, prompt_inputs(model, "llava")), withdrawal_selector(1, NUM_LAYERS))
+    fast = fast_state_from_prefill(state, max_new_tokens=2)
+    logits = static_decode_step(model, fast)
+    assert not logits.requires_grad
+    assert not any(buffer.requires_grad for buffer in (*fast.cache.keys, *fast.cache.values))
