@@ -21,10 +21,11 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from vtw_core import flops
 from vtw_core.embed import embed_prompt
-from vtw_core.engine import DecodeState, PositionMode, decode_step, prefill, withdrawal_selector
+from vtw_core.engine import DecodeState, PositionMode, decode_step, withdrawal_selector
 from vtw_core.errors import InputError, ResourceError
 from vtw_core.families import num_decoder_layers
 from vtw_core.fast import GraphedDecodeStep, fast_state_from_prefill, static_decode_step
+from vtw_core.fast_prefill import PrefillEngine, fast_prefill
 from vtw_core.prompts import Message, build_model_inputs, eos_token_ids_of
 from vtw_core.schedules import Schedule, ScheduleSelector
 
@@ -60,6 +61,7 @@ class GenerationStats:
     k: int | None
     num_layers: int
     engine: str = "plain"
+    prefill_engine: str = "plain"
     device: str = "cpu"
     dtype: str = "float32"
     attention: str = "sdpa"
@@ -170,6 +172,7 @@ def generate_tokens(
     stats: GenerationStats | None = None,
     engine: DecodeEngine = "auto",
     schedule: Schedule | None = None,
+    prefill_engine: PrefillEngine = "plain",
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (batch,) until every row has ended or the stop event is set.
 
@@ -178,6 +181,8 @@ def generate_tokens(
     caches), "static" (preallocated buffers, vtw_core.fast), "graph" (static + the step as a CUDA graph),
     or "auto" (graph on CUDA where supported, plain elsewhere); `stats.engine` says which one ran.
     `schedule` (vtw_core.schedules) replaces K with a per-layer vision-token schedule (FastV, G-Search, ...).
+    `prefill_engine`: "plain" (the layer loop), "bucketed" or "graph" (fixed shapes, vtw_core.fast_prefill);
+    `stats.prefill_engine` says which ran, with the reason when it fell back to plain.
     """
     sampling.validate()
     num_layers = num_decoder_layers(model.config)
@@ -194,11 +199,12 @@ def generate_tokens(
         generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
 
     prompt = embed_prompt(model, model_inputs)
-    logits, state = prefill(model, prompt, selector, position_mode)
+    logits, state, ran = fast_prefill(model, prompt, selector, position_mode, prefill_engine)
     dims = flops.DecoderDims.from_config(model.config)
     rows = prompt.batch_size
     per_row_layers = [[int(count[row]) for count in state.prompt_tokens_per_layer] for row in range(rows)]
     if stats is not None:
+        stats.prefill_engine = ran
         stats.prompt_tokens = int(prompt.attention_mask.sum())
         stats.vision_tokens = int(prompt.vision_mask.sum())
         stats.prefill_flops = sum(flops.prefill_flops(dims, layers) for layers in per_row_layers)
