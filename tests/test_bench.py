@@ -24,7 +24,7 @@ def test_run_bench_interleaves_and_drops_the_warm_up(monkeypatch, tiny_model_pat
     manager = ModelManager.load(str(tiny_model_path("llava")), device="cpu")
     calls = []
 
-    def fake_run(model, inputs, k, new_tokens, engine, schedule=None):
+    def fake_run(model, inputs, k, new_tokens, engine, schedule=None, prefill_engine="plain"):
         calls.append((engine, new_tokens, k))
         stats = GenerationStats(k=k, num_layers=4, engine=engine, new_tokens=new_tokens, prompt_tokens=20)
         stats.ttft_s = float(len(calls))  # every run a different, known value

@@ -25,7 +25,7 @@ def test_bucket_for_is_the_smallest_bucket_that_fits():
     for length in range(1, 5000, 7):
         fitting = [bucket for bucket in fp.PREFILL_BUCKETS if bucket >= length]
         assert fp.bucket_for(length) == (min(fitting) if fitting else None)
-    assert (fp.bucket_for(638), fp.bucket_for(2990), fp.bucket_for(640), fp.bucket_for(641)) == (640, 3072, 640, 768)
+    assert (fp.bucket_for(638), fp.bucket_for(2990), fp.bucket_for(640), fp.bucket_for(641)) == (640, 3072, 640, 704)
     assert fp.bucket_for(9, buckets=(4, 16, 8)) == 16
     with pytest.raises(InputError):
         fp.bucket_for(0)

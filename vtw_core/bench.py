@@ -113,7 +113,7 @@ class BenchRow:
 
     label: str
     k: int | None
-    engine: str
+    engine: str  # the decode engine that ran
     ttft_s: float  # median over the timed runs
     decode_ms_per_token: float  # median of each run's (total - TTFT) / (new tokens - 1)
     total_s: float
@@ -129,6 +129,7 @@ class BenchRow:
     decode_samples_ms: list[float] = field(default_factory=list)
     total_samples_s: list[float] = field(default_factory=list)
     peak_memory_samples: list[int] = field(default_factory=list)
+    prefill_engine: str = "plain"  # the prefill engine that ran (with the reason if it fell back to plain)
 
 
 class DeviceClock:
@@ -157,7 +158,7 @@ class DeviceClock:
 
 def _timed_run(
     model: nn.Module, inputs: dict[str, torch.Tensor], k: int | None, new_tokens: int, engine: str,
-    schedule: Schedule | None = None,
+    schedule: Schedule | None = None, prefill_engine: str = "plain",
 ) -> GenerationStats:  # fmt: skip
     device = model.device
     stats = GenerationStats(k=k, num_layers=model.config.get_text_config().num_hidden_layers)
@@ -169,7 +170,8 @@ def _timed_run(
     clock = DeviceClock(device)
     clock.mark()
     sampling = SamplingConfig(max_new_tokens=new_tokens)
-    steps = generate_tokens(model, inputs, k=k, sampling=sampling, stats=stats, engine=engine, schedule=schedule)
+    steps = generate_tokens(model, inputs, k=k, sampling=sampling, stats=stats, engine=engine, schedule=schedule,
+                            prefill_engine=prefill_engine)  # fmt: skip
     for index, _ in enumerate(steps):
         if index == 0:
             clock.mark()  # the first token exists once the work queued before this mark is done
@@ -198,10 +200,12 @@ def run_bench(
     inputs: dict[str, torch.Tensor] | None = None,
     engines: tuple[str, ...] = ("auto",),
     methods: tuple[Method, ...] = (),
+    prefill_engines: tuple[str, ...] = ("plain",),
 ) -> list[BenchRow]:
-    """Rows for each engine x new-token count x (baseline, each K, each method), run interleaved after a warm-up.
+    """Rows for each decode engine x prefill engine x new-token count x (baseline, each K, each method), run
+    interleaved after a warm-up.
 
-    Rows come engine by engine, then by new-token count, then in setting order; values are medians over
+    Rows come in that order (the baseline first in each group of settings); values are medians over
     `repeats` timed runs, with every run kept in the row's *_samples lists.
     """
     if repeats < 1:
@@ -210,15 +214,21 @@ def run_bench(
     inputs = inputs if inputs is not None else synthetic_inputs(model)
     counts = [new_tokens] if isinstance(new_tokens, int) else list(new_tokens)
     methods_all = [Method("baseline"), *(Method(f"VTW K={k}", k=k) for k in ks), *methods]
-    settings = [(engine, count, method) for engine in engines for count in counts for method in methods_all]
+    settings = [
+        (engine, prefill, count, method)
+        for engine in engines
+        for prefill in prefill_engines
+        for count in counts
+        for method in methods_all
+    ]
     runs: list[list[GenerationStats]] = [[] for _ in settings]
     with manager.lock:
         for position, index in enumerate(interleaved_order(len(settings), repeats)):
-            engine, count, method = settings[index]
-            stats = _timed_run(model, inputs, method.k, count, engine, method.schedule)
+            engine, prefill, count, method = settings[index]
+            stats = _timed_run(model, inputs, method.k, count, engine, method.schedule, prefill)
             if position >= len(settings):  # the first pass is the warm-up: allocator, kernels, caches
                 runs[index].append(stats)
-    return [_row(method, timed) for (_, _, method), timed in zip(settings, runs, strict=True)]
+    return [_row(method, timed) for (*_, method), timed in zip(settings, runs, strict=True)]
 
 
 def _row(method: Method, runs: list[GenerationStats]) -> BenchRow:
@@ -246,6 +256,7 @@ def _row(method: Method, runs: list[GenerationStats]) -> BenchRow:
         decode_samples_ms=decode_ms,
         total_samples_s=[run.total_s for run in runs],
         peak_memory_samples=peaks,
+        prefill_engine=last.prefill_engine,
     )
 
 
@@ -262,7 +273,7 @@ def _spread(values: list[float], scale: float, digits: int) -> str:
 
 
 def format_table(rows: list[BenchRow], bandwidth_gb_s: float | None = None, weights: int | None = None) -> str:
-    """A Markdown table, ratios against the baseline of the same engine and new-token count.
+    """A Markdown table, ratios against the baseline of each group of settings (`run_bench`'s order).
 
     Times are median [min-max] over the timed runs. The floor is the time to read every weight once per token
     (weights / memory bandwidth): a decode step at batch 1 cannot beat it; "% of bw" is floor / decode time.
@@ -278,14 +289,16 @@ def format_table(rows: list[BenchRow], bandwidth_gb_s: float | None = None, weig
         "| floor ms | % of bw | total ms | total ratio | KV MB | peak MB | peak ratio |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    baselines = {(row.engine, row.new_tokens): row for row in rows if row.label == "baseline"}
+    base = rows[0]
     for row in rows:
-        base = baselines.get((row.engine, row.new_tokens), rows[0])
+        if row.label == "baseline":
+            base = row
+        engine = row.engine if row.prefill_engine == "plain" else f"{row.engine}, prefill {row.prefill_engine}"
         peak = f"{row.peak_memory_bytes / 2**20:.0f}" if row.peak_memory_bytes is not None else "CPU"
         floor = f"{floor_ms:.2f}" if floor_ms else "-"
         efficiency = f"{floor_ms / row.decode_ms_per_token * 100:.0f}%" if floor_ms and row.new_tokens > 1 else "-"
         lines.append(
-            f"| {row.engine} | {row.label} | {row.new_tokens} | {_spread(row.ttft_samples_s, 1e3, 1)} "
+            f"| {engine} | {row.label} | {row.new_tokens} | {_spread(row.ttft_samples_s, 1e3, 1)} "
             f"| {ratio(row.ttft_s, base.ttft_s)} | {row.prefill_flops / 1e12:.4g} "
             f"| {ratio(row.prefill_flops, base.prefill_flops)} | {_spread(row.decode_samples_ms, 1, 2)} | {floor} "
             f"| {efficiency} | {_spread(row.total_samples_s, 1e3, 1)} | {ratio(row.total_s, base.total_s)} "

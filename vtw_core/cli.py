@@ -142,7 +142,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     methods = tuple(parse_method(spec, manager.info.num_layers) for spec in args.method)
     rows = run_bench(manager, args.k, new_tokens=args.new_tokens, repeats=args.repeats, inputs=inputs,
-                     engines=tuple(args.engine), methods=methods)  # fmt: skip
+                     engines=tuple(args.engine), methods=methods,
+                     prefill_engines=tuple(args.prefill_engine))  # fmt: skip
     print(manager.info.describe())
     counts = ", ".join(str(count) for count in args.new_tokens)
     print(
@@ -380,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--engine", nargs="+", default=["auto"], choices=["auto", "plain", "static", "graph"],
         help="decode engines to compare (auto: CUDA graph on CUDA, plain elsewhere)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--prefill-engine", nargs="+", default=["plain"], choices=["plain", "bucketed", "graph"],
+        help="prefill engines to compare (bucketed: fixed shapes; graph: those captured as CUDA graphs)",
     )  # fmt: skip
     bench.add_argument("--bandwidth-gb-s", type=float, help="device memory bandwidth, for the decode floor column")
     bench.add_argument("--method", action="append", default=[], help="also bench fastv:K:R or schedule:FILE")

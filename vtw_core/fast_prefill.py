@@ -47,8 +47,9 @@ from vtw_core.families import language_model, num_decoder_layers
 
 PrefillEngine = Literal["plain", "bucketed", "graph"]
 PREFILL_ENGINES = ("plain", "bucketed", "graph")
-# Prompt-length buckets: LLaVA-1.5's 576 + ~62 tokens fall in 640, LLaVA-NeXT's 2,928 + ~62 in 3072.
-PREFILL_BUCKETS = (64, 128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096)
+# Prompt-length buckets, at most ~10% padding where VTW matters: every 64 tokens up to 1,024 (LLaVA-1.5's
+# 576 + 62 fall in 640), then every 256 up to 4,096 (LLaVA-NeXT's 2,928 + 62 in 3,072).
+PREFILL_BUCKETS = (*range(64, 1025, 64), *range(1280, 4097, 256))
 KEPT_MULTIPLE = 32  # the deep layers' token count rounds up to this
 MAX_GRAPHS = 8  # captured shapes kept per model (each holds its activations and KV outputs in a shared pool)
 
