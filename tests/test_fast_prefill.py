@@ -141,6 +141,7 @@ def test_graph_cache_capture_failure_and_eviction(monkeypatch):
         _, _, ran = fp.fast_prefill(model, prompt, withdrawal_selector(3, NUM_LAYERS), engine="graph")
         assert ran == "plain (graph capture failed)"
     assert [k for _, k in built] == [None, 1, 3]
+    assert list(fp.capture_failures(model).values()) == ["RuntimeError: capture failed"]
     # Least recently used goes first: K=1 (the baseline replayed after it).
     fp.fast_prefill(model, prompt, withdrawal_selector(2, NUM_LAYERS), engine="graph")
     fp.fast_prefill(model, prompt, None, engine="graph")  # still kept: replayed

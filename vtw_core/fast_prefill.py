@@ -240,7 +240,7 @@ class _ModelGraphs:
 
     def __init__(self):
         self.graphs: dict[tuple, GraphedPrefill] = {}
-        self.failed: set[tuple] = set()
+        self.failed: dict[tuple, str] = {}  # shape -> why its capture failed (not tried again)
         self.pool = torch.cuda.graph_pool_handle()
 
 
@@ -260,8 +260,8 @@ def graphed_outputs(
     if graph is None:
         try:
             graph = GraphedPrefill(model, padded, k, kept_length, graphs.pool)
-        except RuntimeError:  # capture failed (an op that syncs or allocates on the host) or disagreed
-            graphs.failed.add(key)
+        except Exception as error:  # capture failed (an op that syncs with the host, ...) or disagreed
+            graphs.failed[key] = f"{type(error).__name__}: {error}"
             return None
         if len(graphs.graphs) >= MAX_GRAPHS:
             graphs.graphs.pop(next(iter(graphs.graphs)))
@@ -271,6 +271,12 @@ def graphed_outputs(
 
 def _can_capture(prompt: PromptEmbeddings) -> bool:
     return prompt.inputs_embeds.is_cuda
+
+
+def capture_failures(model: nn.Module) -> dict[tuple, str]:
+    """Shapes whose prefill graph could not be captured for this model, with the error (for diagnostics)."""
+    graphs = _GRAPHS.get(model)
+    return dict(graphs.failed) if graphs is not None else {}
 
 
 def fast_prefill(
