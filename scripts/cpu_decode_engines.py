@@ -62,9 +62,11 @@ def synthetic_prompt(model: torch.nn.Module, prompt_tokens: int, text_tokens: in
 
 
 @torch.no_grad()
-def decode_ms(model: torch.nn.Module, state: DecodeState, first: torch.Tensor, engine: str, steps: int) -> float:
-    """Milliseconds per decode step over `steps` greedy steps from a copy of `state` (the copy is not timed)."""
-    decode = _decoder_for(model, copy.deepcopy(state), engine, steps + 1, None)
+def decode_ms(model: torch.nn.Module, state: DecodeState, first: torch.Tensor, engine: str, steps: int,
+              max_new_tokens: int) -> float:  # fmt: skip
+    """Milliseconds per decode step over `steps` greedy steps from a copy of `state` (the copy is not timed);
+    the static buffers have room for `max_new_tokens` (a request's limit, often far above what it decodes)."""
+    decode = _decoder_for(model, copy.deepcopy(state), engine, max(max_new_tokens, steps + 1), None)
     tokens = first
     start = time.perf_counter()
     for _ in range(steps):
@@ -83,32 +85,43 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[638, 2942])
     parser.add_argument("--k", type=int, nargs="+", default=[], help="also measure VTW at these K")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[0],
+                        help="buffer room the static path reserves (default: just the decoded tokens)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, sdpa; {args.new_tokens} "
           f"decode steps per run, {args.repeats} interleaved repeats after a warm-up")  # fmt: skip
-    print("| shape | prompt tokens | setting | plain ms/step | static ms/step | static / plain |")
-    print("|---|---|---|---|---|---|")
+    print("| shape | prompt tokens | max new tokens | setting | plain ms/step | static ms/step | static / plain |")
+    print("|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         model = build(shape)
         text = model.config.get_text_config()
         name = f"{shape} ({text.hidden_size} wide, {text.num_hidden_layers} layers)"
         for prompt_tokens in args.prompt_tokens:
             prompt = synthetic_prompt(model, prompt_tokens)
-            for k in [None, *args.k]:
+            for k, room in [(k, room) for k in [None, *args.k] for room in args.max_new_tokens]:
                 logits, state = prefill(model, prompt, withdrawal_selector(k, text.num_hidden_layers))
                 first = logits.argmax(-1)
                 for engine in ENGINES:  # untimed warm-up: allocator, kernels, page faults
-                    decode_ms(model, state, first, engine, 2)
+                    decode_ms(model, state, first, engine, 2, room)
                 times: dict[str, list[float]] = {engine: [] for engine in ENGINES}
                 for _ in range(args.repeats):
                     for engine in ENGINES:
-                        times[engine].append(decode_ms(model, state, first, engine, args.new_tokens))
+                        times[engine].append(decode_ms(model, state, first, engine, args.new_tokens, room))
                 ratios = [s / p for s, p in zip(times["static"], times["plain"], strict=True)]
                 label = "baseline" if k is None else f"VTW K={k}"
-                print(f"| {name} | {prompt_tokens} | {label} | {spread(times['plain'])} | {spread(times['static'])} "
-                      f"| {spread(ratios)} |", flush=True)  # fmt: skip
+                room = max(room, args.new_tokens + 1)
+                cells = [
+                    name,
+                    prompt_tokens,
+                    room,
+                    label,
+                    spread(times["plain"]),
+                    spread(times["static"]),
+                    spread(ratios),
+                ]
+                print("| " + " | ".join(str(cell) for cell in cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--text-tokens", type=int, default=62, help="text tokens of the synthetic prompt")
     bench.add_argument(
         "--engine", nargs="+", default=["auto"], choices=["auto", "plain", "static", "graph"],
-        help="decode engines to compare (auto: CUDA graph on CUDA, plain elsewhere)",
+        help="decode engines to compare (auto: CUDA graph on CUDA, static on CPU)",
     )  # fmt: skip
     bench.add_argument(
         "--prefill-engine", nargs="+", default=["plain"], choices=["plain", "bucketed", "graph"],
