@@ -7,7 +7,8 @@ interleaved after an untimed warm-up of each, at a fixed thread count:
 - baseline pass: `prefill` as generation runs it (keys and values stored);
 - search, caches stored: the branches as they were before (every branch and the baseline keep a KV cache);
 - search, no caches: `kl_per_k` now (no keys or values stored anywhere);
-- naive search: one full VTW prefill per K plus the baseline (what the branches replace).
+- naive search: one full VTW prefill per K plus the baseline (what the branches replace);
+- branches batched: a variant not adopted (see its docstring).
 Each cell: the variant's time over the baseline pass's time on the same sample and repeat, median [min-max].
 """
 
@@ -26,7 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vtw_core.calibration import load_calibration
 from vtw_core.defaults import require_model
 from vtw_core.embed import embed_prompt
-from vtw_core.engine import Withdrawal, prefill, run_decoder
+from vtw_core.engine import (
+    LayerGroup,
+    Withdrawal,
+    _logits,
+    _pack_kept,
+    _run_layer,
+    attention_implementation,
+    attention_mask_for,
+    prefill,
+    run_decoder,
+)
+from vtw_core.families import language_model
 from vtw_core.manager import ModelManager
 from vtw_core.prompts import build_model_inputs, user_message
 from vtw_core.search import DEFAULT_START, candidate_ks, kl_divergence, kl_per_k, kl_per_k_naive
@@ -45,6 +57,42 @@ def kl_per_k_with_caches(model, prompt, ks):
 
     baseline_logits, _ = prefill(model, prompt, observer=branch)
     return torch.stack([kl_divergence(branch_logits[k], baseline_logits) for k in ks])
+
+
+@torch.no_grad()
+def kl_per_k_batched(model, prompt, ks):
+    """Not adopted: the branches alive at a layer run it stacked along the batch (N - min K layer calls instead
+    of one per branch and layer). Same math, but the larger matmuls round differently (KL off by ~4e-7, beyond
+    the tolerance of the test that compares the search with one VTW pass per K)."""
+    wanted, decoder = set(ks), language_model(model)
+    implementation = attention_implementation(decoder)
+    states, started, layout, groups = [], [], {}, {}
+
+    def branch(layer_idx, hidden_states, tokens):
+        if layer_idx in wanted:
+            keep = tokens.valid & ~tokens.vision
+            keep[:, -1] = True
+            packed, kept = _pack_kept(hidden_states, tokens, keep, "original")
+            layout.setdefault("valid", kept.valid)
+            layout.setdefault("positions", kept.position_ids)
+            states.append(packed)
+            started.append(layer_idx)
+        if states:
+            stacked, count = torch.cat(states), len(states)
+            if count not in groups:
+                valid = layout["valid"].repeat(count, 1)
+                positions = torch.cat([layout["positions"]] * count, dim=-2)
+                mask = attention_mask_for(valid, valid.shape[1], implementation, stacked.dtype)
+                groups[count] = LayerGroup(
+                    0, valid, positions[..., -1] + 1, mask, decoder.rotary_emb(stacked, positions)
+                )
+            states[:] = _run_layer(decoder.layers[layer_idx], stacked, groups[count], None).split(
+                hidden_states.shape[0]
+            )
+
+    baseline_logits, _ = prefill(model, prompt, observer=branch, use_cache=False)
+    logits = dict(zip(started, _logits(model, decoder, torch.cat(states)).split(baseline_logits.shape[0]), strict=True))
+    return torch.stack([kl_divergence(logits[k], baseline_logits) for k in ks])
 
 
 def main() -> None:
@@ -69,6 +117,7 @@ def main() -> None:
         "search, caches stored": lambda prompt: kl_per_k_with_caches(model, prompt, ks),
         "search, no caches": lambda prompt: kl_per_k(model, prompt, ks),
         "naive search": lambda prompt: kl_per_k_naive(model, prompt, ks),
+        "search, branches batched (not adopted)": lambda prompt: kl_per_k_batched(model, prompt, ks),
     }
     torch.testing.assert_close(variants["search, caches stored"](prompts[0]), variants["search, no caches"](prompts[0]))
     seconds: dict[str, list[float]] = {name: [] for name in variants}
