@@ -209,7 +209,7 @@ class GraphedPrefill:
 
     def __init__(self, model: nn.Module, example: PromptEmbeddings, k: int | None, kept_length: int,
                  pool: Any, atol: float = 1e-2):  # fmt: skip
-        self.model, self.k, self.kept_length = model, k, kept_length
+        self.k, self.kept_length = k, kept_length  # not the model: the per-model store is keyed weakly by it
         self.inputs = PromptEmbeddings(*(tensor.clone() for tensor in (example.inputs_embeds, example.attention_mask,
                                        example.position_ids, example.vision_mask)))  # fmt: skip
         stream = torch.cuda.Stream()
