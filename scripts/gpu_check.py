@@ -30,6 +30,7 @@ import importlib
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,7 +90,13 @@ def measure_bandwidth(device: torch.device, megabytes: int) -> float:
     return 2 * source.numel() / statistics.median(seconds) / 1e9
 
 
-def load_shapes(dry_run: bool) -> Iterator[tuple[str, ModelManager, dict[str, torch.Tensor]]]:
+SHAPES = {  # name -> (shipped config, synthetic image size): 576 + 62 and 2,928 + 62 prompt tokens
+    "LLaVA-1.5-7B": ("llava-1.5-7b", None),
+    "LLaVA-NeXT-7B": ("llava-v1.6-vicuna-7b", (672, 672)),
+}
+
+
+def load_shapes(dry_run: bool, names: list[str]) -> Iterator[tuple[str, ModelManager, dict[str, torch.Tensor]]]:
     """(name, manager, synthetic one-image prompt) per shape, one model at a time (two 7B models need not fit)."""
     if dry_run:
         for family, image_size in (("llava", None), ("llava_next", (40, 72))):
@@ -99,8 +106,8 @@ def load_shapes(dry_run: bool) -> Iterator[tuple[str, ModelManager, dict[str, to
             manager = ModelManager(model, None, f"tiny {family}", random_weights=True)
             yield f"tiny {family}", manager, synthetic_inputs(manager.model, image_size=image_size)
         return
-    for name, config, image_size in (("LLaVA-1.5-7B", "llava-1.5-7b", None),
-                                     ("LLaVA-NeXT-7B", "llava-v1.6-vicuna-7b", (672, 672))):  # fmt: skip
+    for name in names:
+        config, image_size = SHAPES[name]
         manager = ModelManager.load(config, device="cuda", dtype="bfloat16", attention="sdpa", random_weights=True)
         yield name, manager, synthetic_inputs(manager.model, image_size=image_size)
         del manager
@@ -179,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (dry run: 2)")
     parser.add_argument("--equivalence-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (the dry run: 1)")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args(argv)
     started = time.perf_counter()
     dry = args.dry_run
@@ -206,19 +214,25 @@ def main(argv: list[str] | None = None) -> None:
         "| TTFT/FLOPs | decode ms/token | % of bw | peak MB | peak ratio |"
     )
     table = [header, "|" + "---|" * (header.count("|") - 1)]
-    for shape, manager, inputs in load_shapes(dry):
+    for shape, manager, inputs in load_shapes(dry, args.shapes):
         model = manager.model
         weights = weight_bytes(model)
         floor_ms = weights / (bandwidth * 1e9) * 1e3
         print(f"\n{manager.info.describe()}: weights {weights / 1e9:.2f} GB, decode floor {floor_ms:.3f} ms/token")
-        print("Equivalence:")
-        middle = ks[len(ks) // 2]
-        print("\n".join(equivalence(model, inputs, [None, middle], paths, 4, args.equivalence_tokens)), flush=True)
-        decodes, prefills = tuple(dict.fromkeys(d for _, d in paths)), tuple(dict.fromkeys(p for p, _ in paths))
-        rows = run_bench(manager, ks, new_tokens=new_tokens, repeats=repeats, inputs=inputs, engines=decodes,
-                         prefill_engines=prefills)  # fmt: skip
-        requested = [(p, d) for d in decodes for p in prefills for _ in new_tokens for _ in range(len(ks) + 1)]
-        table += table_lines(shape, rows, requested, floor_ms)
+        try:  # one run on a lent machine: a failure in one part must not cost the rest of the table
+            print("Equivalence:")
+            middle = ks[len(ks) // 2]
+            print("\n".join(equivalence(model, inputs, [None, middle], paths, 4, args.equivalence_tokens)), flush=True)
+        except Exception:
+            traceback.print_exc()
+        try:
+            decodes, prefills = tuple(dict.fromkeys(d for _, d in paths)), tuple(dict.fromkeys(p for p, _ in paths))
+            rows = run_bench(manager, ks, new_tokens=new_tokens, repeats=repeats, inputs=inputs, engines=decodes,
+                             prefill_engines=prefills)  # fmt: skip
+            requested = [(p, d) for d in decodes for p in prefills for _ in new_tokens for _ in range(len(ks) + 1)]
+            table += table_lines(shape, rows, requested, floor_ms)
+        except Exception:
+            traceback.print_exc()
         for key, error in capture_failures(model).items():
             print(f"prefill graph capture failed for {key}: {error}")
         print(f"(shape done at {time.perf_counter() - started:.0f} s)", flush=True)
