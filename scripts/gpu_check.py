@@ -3,6 +3,10 @@
     python scripts/gpu_check.py                  # CUDA: LLaVA-1.5-7B and LLaVA-NeXT-7B shapes, bf16, sdpa
     python scripts/gpu_check.py --dry-run        # CPU: tiny random models, the same code paths, seconds
 
+Not yet run on a GPU. Estimated from the README's H100 figures: per shape 64 generations of 64 tokens (16
+settings x a warm-up and 3 repeats, ~90 s) plus the equivalence checks and loading (~30 s): about 4-5 minutes
+for both shapes. `--shapes LLaVA-1.5-7B` halves it; `--repeats 2` cuts the timing part by a quarter.
+
 What it prints:
 1. the device, library versions, and the memory bandwidth it measures (a large device-to-device copy);
 2. optional kernels: flash-attn (2, 3, 4), Liger Kernel, FlashInfer, each "ok <version>" or its import error;
