@@ -10,7 +10,7 @@ from vtw_core.embed import embed_prompt
 from vtw_core.engine import decode_step, prefill, withdrawal_selector
 from vtw_core.errors import InputError
 from vtw_core.fast import fast_state_from_prefill, static_decode_step
-from vtw_core.generate import GenerationStats, SamplingConfig, generate_tokens
+from vtw_core.generate import GenerationStats, SamplingConfig, auto_engine, generate_tokens
 
 
 def tokens(model, inputs, k, engine, sampling=SamplingConfig(max_new_tokens=10)):
@@ -30,6 +30,7 @@ def test_static_equals_plain(family, attention):
         assert static == plain, (family, attention, k)
         assert (plain_stats.engine, static_stats.engine) == ("plain", "static")
         assert static_stats.decode_flops == plain_stats.decode_flops
+        assert static_stats.kv_cache_bytes == plain_stats.kv_cache_bytes  # the tokens held, not the room reserved
 
 
 def test_static_logits_match_step_by_step():
@@ -39,11 +40,17 @@ def test_static_logits_match_step_by_step():
     logits, plain_state = prefill(model, prompt, withdrawal_selector(2, NUM_LAYERS))
     _, copied = prefill(model, prompt, withdrawal_selector(2, NUM_LAYERS))
     fast = fast_state_from_prefill(copied, max_new_tokens=6)
+    # The eager step attends over the written slots only; with much more room reserved, its logits are the same.
+    _, copied = prefill(model, prompt, withdrawal_selector(2, NUM_LAYERS))
+    trimmed = fast_state_from_prefill(copied, max_new_tokens=200)
     for _ in range(5):
         token = logits.argmax(-1)
         logits = decode_step(model, plain_state, token[:, None])
         fast.input_ids.copy_(token[:, None])
+        trimmed.input_ids.copy_(token[:, None])
         torch.testing.assert_close(static_decode_step(model, fast), logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(static_decode_step(model, trimmed, trim=True), logits, rtol=1e-4, atol=1e-5)
+    assert trimmed.next_slot == [prompt.inputs_embeds.shape[1] + 5, int((~prompt.vision_mask).sum()) + 5]
     # Buffers are sized per layer: the full prompt below K, only its text from K on, plus the new tokens.
     lengths = [buffer.shape[2] for buffer in fast.cache.keys]
     assert lengths[:2] == [prompt.inputs_embeds.shape[1] + 6] * 2
@@ -65,8 +72,24 @@ def test_static_left_padded_batch_and_sampling():
 def test_engine_choice():
     model = build_model("llava")
     inputs = prompt_inputs(model, "llava")
-    assert tokens(model, inputs, 2, "auto")[1].engine == "plain"  # CPU: no graph, the plain path
+    assert tokens(model, inputs, 2, "auto")[1].engine == "static"  # CPU: measured faster than plain (README)
+    assert (
+        auto_engine(torch.device("cuda"), "sdpa") == "graph" and auto_engine(torch.device("cpu"), "eager") == "static"
+    )
+    assert auto_engine(torch.device("cuda"), "flash_attention_2") == "plain"  # the static step builds 4-D masks
+    assert auto_engine(torch.device("mps"), "sdpa") == "plain"  # not measured
     with pytest.raises(InputError, match="needs a CUDA device"):
         tokens(model, inputs, 2, "graph")
     with pytest.raises(InputError, match="engine must be"):
         tokens(model, inputs, 2, "turbo")
+
+
+def test_static_step_records_no_autograd_graph():
+    """Generation calls the static step outside any no_grad block; it must not record autograd graphs."""
+    model = build_model("llava")
+    assert any(parameter.requires_grad for parameter in model.parameters())
+    _, state = prefill(model, embed_prompt(model, prompt_inputs(model, "llava")), withdrawal_selector(1, NUM_LAYERS))
+    fast = fast_state_from_prefill(state, max_new_tokens=2)
+    logits = static_decode_step(model, fast)
+    assert not logits.requires_grad
+    assert not any(buffer.requires_grad for buffer in (*fast.cache.keys, *fast.cache.values))

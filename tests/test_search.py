@@ -202,3 +202,20 @@ def test_reply_kl_variant(managers, sample_images):
     assert result.k == 2
     with pytest.raises(InputError, match="over"):
         search_k(model, manager.processor, samples(sample_images, 1), over="everything")
+
+
+def test_a_pass_without_cache_gives_the_same_logits(managers, sample_images):
+    """The search's passes store no keys and values; their logits are those of a pass that does."""
+    from vtw_core.engine import prefill, withdrawal_selector
+
+    manager = managers("qwen2_vl")
+    model = manager.model
+    inputs = build_model_inputs(
+        manager.processor, [[user_message("What is it?")]], [[sample_images[2]]], model.device, model.dtype
+    )
+    prompt = embed_prompt(model, inputs)
+    for k in (None, 3):
+        cached, state = prefill(model, prompt, withdrawal_selector(k, NUM_LAYERS))
+        uncached, bare = prefill(model, prompt, withdrawal_selector(k, NUM_LAYERS), use_cache=False)
+        torch.testing.assert_close(uncached, cached, rtol=1e-5, atol=1e-6)
+        assert bare.cache is None and bare.kv_cache_bytes() == 0 and state.kv_cache_bytes() > 0

@@ -2,9 +2,10 @@
 
 Inputs are either a real image and prompt through the model's processor, or (random-weight models,
 which have no processor) a synthetic prompt of the family's real shape: one image's worth of vision
-tokens plus `text_tokens` text tokens. Every setting is warmed up once, then timed `repeats` times with
-the device synchronised; the table reports medians. Generation ignores EOS so every run decodes the
-same number of tokens.
+tokens plus `text_tokens` text tokens. Every setting runs once untimed (warm-up), then the settings run
+interleaved (A B C A B C ...) `repeats` times, at a thread count the caller fixes; the table reports
+medians with min and max. Times come from CUDA events on CUDA and perf_counter on CPU. Generation ignores
+EOS so every run decodes the same number of tokens.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -102,130 +103,209 @@ def _text_ids(config: Any, count: int, seed: int = 0) -> torch.Tensor:
     return ordinary[picks]
 
 
+# The paper's Table 4: VTW's peak GPU memory against the baseline's (LLaVA-1.5, one sample).
+PAPER_PEAK_MEMORY_RATIO = 0.65
+
+
 @dataclass
 class BenchRow:
+    """One setting on one engine at one number of new tokens: every timed run, and their medians."""
+
     label: str
     k: int | None
-    engine: str
-    ttft_s: float
-    decode_ms_per_token: float
+    engine: str  # the decode engine that ran
+    ttft_s: float  # median over the timed runs
+    decode_ms_per_token: float  # median of each run's (total - TTFT) / (new tokens - 1)
     total_s: float
     tokens_per_s: float
     prefill_flops: int
     total_flops: int
     kv_cache_bytes: int
-    peak_memory_bytes: int | None
+    peak_memory_bytes: int | None  # CUDA: median peak above the memory in use before the run; CPU: None
     prompt_tokens: int
     vision_tokens: int
     new_tokens: int
+    ttft_samples_s: list[float] = field(default_factory=list)
+    decode_samples_ms: list[float] = field(default_factory=list)
+    total_samples_s: list[float] = field(default_factory=list)
+    peak_memory_samples: list[int] = field(default_factory=list)
+    prefill_engine: str = "plain"  # the prefill engine that ran (with the reason if it fell back to plain)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class DeviceClock:
+    """Marks points in time; on CUDA as events on the stream (read after one synchronisation at the end),
+    elsewhere as perf_counter readings (a CPU run is finished when the call returns)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds_since_first(self) -> list[float]:
+        """Seconds from the first mark to each later one."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [self.marks[0].elapsed_time(event) / 1e3 for event in self.marks[1:]]
+        return [mark - self.marks[0] for mark in self.marks[1:]]
 
 
 def _timed_run(
     model: nn.Module, inputs: dict[str, torch.Tensor], k: int | None, new_tokens: int, engine: str,
-    schedule: Schedule | None = None,
+    schedule: Schedule | None = None, prefill_engine: str = "plain",
 ) -> GenerationStats:  # fmt: skip
     device = model.device
     stats = GenerationStats(k=k, num_layers=model.config.get_text_config().num_hidden_layers)
     memory_before = 0
     if device.type == "cuda":
-        _synchronize(device)
+        torch.cuda.synchronize(device)
         memory_before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    clock = DeviceClock(device)
+    clock.mark()
     sampling = SamplingConfig(max_new_tokens=new_tokens)
-    steps = generate_tokens(model, inputs, k=k, sampling=sampling, stats=stats, engine=engine, schedule=schedule)
-    for _ in steps:
-        _synchronize(device)
-        if stats.ttft_s is None:
-            stats.ttft_s = time.perf_counter() - start
-    _synchronize(device)
-    stats.total_s = time.perf_counter() - start
+    steps = generate_tokens(model, inputs, k=k, sampling=sampling, stats=stats, engine=engine, schedule=schedule,
+                            prefill_engine=prefill_engine)  # fmt: skip
+    for index, _ in enumerate(steps):
+        if index == 0:
+            clock.mark()  # the first token exists once the work queued before this mark is done
+    clock.mark()
+    stats.ttft_s, stats.total_s = clock.seconds_since_first()
     if device.type == "cuda":
         stats.peak_memory_bytes = torch.cuda.max_memory_allocated(device) - memory_before
     return stats
+
+
+def interleaved_order(settings: int, repeats: int) -> list[int]:
+    """The order runs go in: each setting once (the untimed warm-up), then A B C A B C ... `repeats` times.
+
+    Interleaving spreads slow drifts (other processes, clock boost, thermal state) over every setting alike
+    instead of charging them to whichever setting ran during them.
+    """
+    return list(range(settings)) * (1 + repeats)
 
 
 def run_bench(
     manager: ModelManager,
     ks: list[int],
     *,
-    new_tokens: int = 64,
+    new_tokens: int | list[int] = 64,
     repeats: int = 3,
     inputs: dict[str, torch.Tensor] | None = None,
     engines: tuple[str, ...] = ("auto",),
     methods: tuple[Method, ...] = (),
+    prefill_engines: tuple[str, ...] = ("plain",),
 ) -> list[BenchRow]:
-    """For each engine, the baseline, each K, then each method: a warm-up run, then medians of `repeats` runs."""
+    """Rows for each decode engine x prefill engine x new-token count x (baseline, each K, each method), run
+    interleaved after a warm-up.
+
+    Rows come in that order (the baseline first in each group of settings); values are medians over
+    `repeats` timed runs, with every run kept in the row's *_samples lists.
+    """
+    if repeats < 1:
+        raise InputError(f"repeats must be at least 1, got {repeats}")
     model = manager.model
     inputs = inputs if inputs is not None else synthetic_inputs(model)
-    settings = [Method("baseline"), *(Method(f"VTW K={k}", k=k) for k in ks), *methods]
-    rows = []
-    for engine in engines:
-        for setting in settings:
-            k, schedule = setting.k, setting.schedule
-            with manager.lock:
-                _timed_run(model, inputs, k, new_tokens, engine, schedule)  # warm-up: allocator, kernels, caches
-                runs = [_timed_run(model, inputs, k, new_tokens, engine, schedule) for _ in range(repeats)]
-            last = runs[-1]
-            ttft = statistics.median(run.ttft_s for run in runs)
-            total = statistics.median(run.total_s for run in runs)
-            decode_time = total - ttft
-            steps = last.new_tokens - 1
-            rows.append(
-                BenchRow(
-                    label=setting.label,
-                    k=k,
-                    engine=last.engine,
-                    ttft_s=ttft,
-                    decode_ms_per_token=decode_time / steps * 1e3 if steps > 0 else float("nan"),
-                    total_s=total,
-                    tokens_per_s=steps / decode_time if decode_time > 0 else float("nan"),
-                    prefill_flops=last.prefill_flops,
-                    total_flops=last.prefill_flops + last.decode_flops,
-                    kv_cache_bytes=last.kv_cache_bytes,
-                    peak_memory_bytes=last.peak_memory_bytes,
-                    prompt_tokens=last.prompt_tokens,
-                    vision_tokens=last.vision_tokens,
-                    new_tokens=last.new_tokens,
-                )
-            )
-    return rows
+    counts = [new_tokens] if isinstance(new_tokens, int) else list(new_tokens)
+    methods_all = [Method("baseline"), *(Method(f"VTW K={k}", k=k) for k in ks), *methods]
+    settings = [
+        (engine, prefill, count, method)
+        for engine in engines
+        for prefill in prefill_engines
+        for count in counts
+        for method in methods_all
+    ]
+    runs: list[list[GenerationStats]] = [[] for _ in settings]
+    with manager.lock:
+        for position, index in enumerate(interleaved_order(len(settings), repeats)):
+            engine, prefill, count, method = settings[index]
+            stats = _timed_run(model, inputs, method.k, count, engine, method.schedule, prefill)
+            if position >= len(settings):  # the first pass is the warm-up: allocator, kernels, caches
+                runs[index].append(stats)
+    return [_row(method, timed) for (*_, method), timed in zip(settings, runs, strict=True)]
+
+
+def _row(method: Method, runs: list[GenerationStats]) -> BenchRow:
+    last = runs[-1]
+    steps = last.new_tokens - 1
+    decode_ms = [(run.total_s - run.ttft_s) / steps * 1e3 if steps > 0 else float("nan") for run in runs]
+    decode = statistics.median(decode_ms)
+    peaks = [run.peak_memory_bytes for run in runs if run.peak_memory_bytes is not None]
+    return BenchRow(
+        label=method.label,
+        k=method.k,
+        engine=last.engine,
+        ttft_s=statistics.median(run.ttft_s for run in runs),
+        decode_ms_per_token=decode,
+        total_s=statistics.median(run.total_s for run in runs),
+        tokens_per_s=1e3 / decode if decode > 0 else float("nan"),
+        prefill_flops=last.prefill_flops,
+        total_flops=last.prefill_flops + last.decode_flops,
+        kv_cache_bytes=last.kv_cache_bytes,
+        peak_memory_bytes=int(statistics.median(peaks)) if peaks else None,
+        prompt_tokens=last.prompt_tokens,
+        vision_tokens=last.vision_tokens,
+        new_tokens=last.new_tokens,
+        ttft_samples_s=[run.ttft_s for run in runs],
+        decode_samples_ms=decode_ms,
+        total_samples_s=[run.total_s for run in runs],
+        peak_memory_samples=peaks,
+        prefill_engine=last.prefill_engine,
+    )
 
 
 def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def format_table(rows: list[BenchRow], bandwidth_gb_s: float | None = None, weights: int | None = None) -> str:
-    """A Markdown table with ratios to each engine's baseline; the decode floor if a bandwidth is given.
+def _spread(values: list[float], scale: float, digits: int) -> str:
+    """median [min-max] of `values` times `scale`."""
+    if not values:
+        return "-"
+    low, mid, high = min(values) * scale, statistics.median(values) * scale, max(values) * scale
+    return f"{mid:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
 
-    The floor is the time to read every weight once per token (weights / memory bandwidth): a decode step
-    cannot beat it at batch 1.
+
+def format_table(rows: list[BenchRow], bandwidth_gb_s: float | None = None, weights: int | None = None) -> str:
+    """A Markdown table, ratios against the baseline of each group of settings (`run_bench`'s order).
+
+    Times are median [min-max] over the timed runs. The floor is the time to read every weight once per token
+    (weights / memory bandwidth): a decode step at batch 1 cannot beat it; "% of bw" is floor / decode time.
+    Peak memory (CUDA) is per run at batch 1, i.e. per sample, with its ratio next to the paper's 0.65x.
     """
-    floor = f"{weights / (bandwidth_gb_s * 1e9) * 1e3:.2f}" if bandwidth_gb_s and weights else "-"
+    floor_ms = weights / (bandwidth_gb_s * 1e9) * 1e3 if bandwidth_gb_s and weights else None
 
     def ratio(value: float | None, reference: float | None) -> str:
         return f"{value / reference:.2f}" if value and reference else "-"
 
     header = (
-        "| engine | setting | TTFT ms | TTFT ratio | prefill TFLOPs | FLOPs ratio | decode ms/token | floor ms "
-        "| total ms | total ratio | KV MB | peak MB |"
+        "| engine | setting | new tokens | TTFT ms | TTFT ratio | prefill TFLOPs | FLOPs ratio | decode ms/token "
+        "| floor ms | % of bw | total ms | total ratio | KV MB | peak MB | peak ratio |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     base = rows[0]
     for row in rows:
         if row.label == "baseline":
             base = row
+        engine = row.engine if row.prefill_engine == "plain" else f"{row.engine}, prefill {row.prefill_engine}"
         peak = f"{row.peak_memory_bytes / 2**20:.0f}" if row.peak_memory_bytes is not None else "CPU"
+        floor = f"{floor_ms:.2f}" if floor_ms else "-"
+        efficiency = f"{floor_ms / row.decode_ms_per_token * 100:.0f}%" if floor_ms and row.new_tokens > 1 else "-"
         lines.append(
-            f"| {row.engine} | {row.label} | {row.ttft_s * 1e3:.1f} | {ratio(row.ttft_s, base.ttft_s)} "
-            f"| {row.prefill_flops / 1e12:.4g} | {ratio(row.prefill_flops, base.prefill_flops)} "
-            f"| {row.decode_ms_per_token:.2f} | {floor} | {row.total_s * 1e3:.1f} | {ratio(row.total_s, base.total_s)} "
-            f"| {row.kv_cache_bytes / 2**20:.2f} | {peak} |"
+            f"| {engine} | {row.label} | {row.new_tokens} | {_spread(row.ttft_samples_s, 1e3, 1)} "
+            f"| {ratio(row.ttft_s, base.ttft_s)} | {row.prefill_flops / 1e12:.4g} "
+            f"| {ratio(row.prefill_flops, base.prefill_flops)} | {_spread(row.decode_samples_ms, 1, 2)} | {floor} "
+            f"| {efficiency} | {_spread(row.total_samples_s, 1e3, 1)} | {ratio(row.total_s, base.total_s)} "
+            f"| {row.kv_cache_bytes / 2**20:.2f} | {peak} | {ratio(row.peak_memory_bytes, base.peak_memory_bytes)} |"
+        )
+    if any(row.peak_memory_bytes is not None for row in rows):
+        lines.append(
+            f"\nPeak ratio: the paper's Table 4 gives {PAPER_PEAK_MEMORY_RATIO:.2f}x for VTW against the baseline."
         )
     return "\n".join(lines)

@@ -114,10 +114,16 @@ def cmd_flops(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from vtw_core.bench import format_table, run_bench, weight_bytes
+    import torch
+
+    from vtw_core.bench import PAPER_PEAK_MEMORY_RATIO, format_table, run_bench, weight_bytes
     from vtw_core.images import load_image
     from vtw_core.prompts import build_model_inputs, user_message
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise VTWError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)  # before loading: a fixed count for every timed run
     manager = _load(args, random_weights=args.random_weights)
     inputs = None
     if args.synthetic_image_size:
@@ -136,15 +142,27 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     methods = tuple(parse_method(spec, manager.info.num_layers) for spec in args.method)
     rows = run_bench(manager, args.k, new_tokens=args.new_tokens, repeats=args.repeats, inputs=inputs,
-                     engines=tuple(args.engine), methods=methods)  # fmt: skip
+                     engines=tuple(args.engine), methods=methods,
+                     prefill_engines=tuple(args.prefill_engine))  # fmt: skip
     print(manager.info.describe())
+    counts = ", ".join(str(count) for count in args.new_tokens)
     print(
-        f"{rows[0].prompt_tokens} prompt tokens ({rows[0].vision_tokens} vision), {args.new_tokens} new tokens, "
-        f"median of {args.repeats} runs after a warm-up"
+        f"{rows[0].prompt_tokens} prompt tokens ({rows[0].vision_tokens} vision), {counts} new tokens, "
+        f"{torch.get_num_threads()} CPU thread(s); median [min-max] of {args.repeats} interleaved runs after a warm-up"
     )
     print(format_table(rows, args.bandwidth_gb_s, weight_bytes(manager.model)))
     if args.json:
-        _print_json({"model": manager.info.describe(), "rows": [asdict(row) for row in rows]})
+        _print_json(
+            {
+                "model": manager.info.describe(),
+                "threads": torch.get_num_threads(),
+                "repeats": args.repeats,
+                "bandwidth_gb_s": args.bandwidth_gb_s,
+                "weight_bytes": weight_bytes(manager.model),
+                "paper_peak_memory_ratio": PAPER_PEAK_MEMORY_RATIO,
+                "rows": [asdict(row) for row in rows],
+            }
+        )
 
 
 def _calibration_samples(data: str, limit: int | None) -> list:
@@ -387,8 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(bench)
     bench.add_argument("--random-weights", action="store_true", help="build the architecture from its config only")
     bench.add_argument("--k", type=int, nargs="*", default=[16], help="one or more K to compare with the baseline")
-    bench.add_argument("--new-tokens", type=int, default=64)
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--new-tokens", type=int, nargs="+", default=[64], help="one or more, e.g. 64 256")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per setting, interleaved across settings")
+    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     bench.add_argument("--image", help="a real image (needs a processor); default: a synthetic prompt")
     bench.add_argument("--prompt", default="Describe the image in detail.")
     bench.add_argument(
@@ -398,7 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--text-tokens", type=int, default=62, help="text tokens of the synthetic prompt")
     bench.add_argument(
         "--engine", nargs="+", default=["auto"], choices=["auto", "plain", "static", "graph"],
-        help="decode engines to compare (auto: CUDA graph on CUDA, plain elsewhere)",
+        help="decode engines to compare (auto: CUDA graph on CUDA, static on CPU)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--prefill-engine", nargs="+", default=["plain"], choices=["plain", "bucketed", "graph"],
+        help="prefill engines to compare (bucketed: fixed shapes; graph: those captured as CUDA graphs)",
     )  # fmt: skip
     bench.add_argument("--bandwidth-gb-s", type=float, help="device memory bandwidth, for the decode floor column")
     bench.add_argument("--method", action="append", default=[], help="also bench fastv:K:R or schedule:FILE")

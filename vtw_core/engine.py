@@ -89,7 +89,7 @@ class LayerGroup:
 class DecodeState:
     """Everything a decode step needs after prefill."""
 
-    cache: DynamicCache
+    cache: DynamicCache | None  # None after a prefill run with use_cache=False (nothing to decode from)
     groups: list[LayerGroup]
     group_of_layer: list[int]
     attention_implementation: str
@@ -98,7 +98,7 @@ class DecodeState:
     def kv_cache_bytes(self) -> int:
         """Bytes held by the real key and value tensors of every layer."""
         total = 0
-        for layer in self.cache.layers:
+        for layer in self.cache.layers if self.cache is not None else []:
             for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if tensor is not None:
                     total += tensor.numel() * tensor.element_size()
@@ -106,7 +106,7 @@ class DecodeState:
 
     def cache_lengths(self) -> list[int]:
         """Cached tokens per layer (including left padding)."""
-        return [layer.get_seq_length() for layer in self.cache.layers]
+        return [layer.get_seq_length() for layer in self.cache.layers] if self.cache is not None else []
 
 
 def attention_mask_for(
@@ -162,12 +162,14 @@ def cache_argument(layer_class: type) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def _run_layer(layer: nn.Module, hidden_states: torch.Tensor, group: LayerGroup, cache: DynamicCache) -> torch.Tensor:
+def _run_layer(
+    layer: nn.Module, hidden_states: torch.Tensor, group: LayerGroup, cache: DynamicCache | None
+) -> torch.Tensor:
     output = layer(
         hidden_states,
         attention_mask=group.attention_mask,
         position_embeddings=group.rotary,
-        use_cache=True,
+        use_cache=cache is not None,
         **{cache_argument(type(layer)): cache},
     )
     return output[0] if isinstance(output, tuple) else output  # older releases return (hidden_states, ...)
@@ -197,8 +199,12 @@ def prefill(
     selector: TokenSelector | None = None,
     position_mode: PositionMode = "original",
     observer: LayerObserver | None = None,
+    use_cache: bool = True,
 ) -> tuple[torch.Tensor, DecodeState]:
-    """Run the prompt through every decoder layer; return next-token logits (batch, vocab) and decode state."""
+    """Run the prompt through every decoder layer; return next-token logits (batch, vocab) and decode state.
+
+    `use_cache=False` stores no keys and values (the state cannot decode): for passes that only need logits.
+    """
     batch_size, prompt_length, _ = prompt.inputs_embeds.shape
     tokens = TokenState(
         prompt_index=torch.arange(prompt_length, device=prompt.inputs_embeds.device).expand(batch_size, -1),
@@ -207,7 +213,7 @@ def prefill(
         position_ids=prompt.position_ids,
     )
     return run_decoder(model, prompt.inputs_embeds, tokens, selector=selector, position_mode=position_mode,
-                       observer=observer)  # fmt: skip
+                       observer=observer, use_cache=use_cache)  # fmt: skip
 
 
 @torch.no_grad()
@@ -220,17 +226,19 @@ def run_decoder(
     selector: TokenSelector | None = None,
     position_mode: PositionMode = "original",
     observer: LayerObserver | None = None,
+    use_cache: bool = True,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Run decoder layers `first_layer`.. on `hidden_states` (the input of that layer) and its tokens.
 
     `observer(layer_idx, hidden_states, tokens)` sees each layer's input after token selection; the K
     search uses it to branch off VTW passes from one baseline pass, the attention analysis to keep query rows.
+    `use_cache=False` keeps no keys and values: the layers attend within the prompt and store nothing.
     """
     if position_mode not in ("original", "rearrange"):
         raise InputError(f"position_mode must be 'original' or 'rearrange', got {position_mode!r}")
     decoder = language_model(model)
     implementation = attention_implementation(decoder)
-    cache = DynamicCache(config=decoder.config)
+    cache = DynamicCache(config=decoder.config) if use_cache else None
     groups: list[LayerGroup] = []
     group_of_layer: list[int] = [0] * first_layer  # layers before first_layer are not run and cache nothing
     tokens_per_layer: list[torch.Tensor] = [tokens.valid.sum(1)] * first_layer

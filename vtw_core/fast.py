@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtw_core.engine import DecodeState, LayerGroup, _logits, _run_layer
+from vtw_core.engine import DecodeState, LayerGroup, _logits, _run_layer, attention_mask_for
 from vtw_core.families import language_model
 
 
@@ -34,12 +34,18 @@ class StaticLayerCache:
         self.keys = keys
         self.values = values
         self.write_index = write_index  # per layer: a shared (1,) long tensor of its group
+        # Per layer, how many leading slots a step attends over: None = the whole buffer (fixed shapes, for the
+        # graph); an int = only the slots written so far (eager steps: no work on the still empty room).
+        self.visible: list[int | None] = [None] * len(keys)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
         index = self.write_index[layer_idx]
         self.keys[layer_idx].index_copy_(2, index, key_states.to(self.keys[layer_idx].dtype))
         self.values[layer_idx].index_copy_(2, index, value_states.to(self.values[layer_idx].dtype))
-        return self.keys[layer_idx], self.values[layer_idx]
+        limit = self.visible[layer_idx]
+        if limit is None:
+            return self.keys[layer_idx], self.values[layer_idx]
+        return self.keys[layer_idx][:, :, :limit], self.values[layer_idx][:, :, :limit]  # views, no copy
 
     def kv_cache_bytes(self) -> int:
         """Bytes reserved by the buffers (they are allocated once, at their final size)."""
@@ -53,17 +59,20 @@ class FastDecodeState:
     write_index: list[torch.Tensor]  # per group: (1,) long, the slot the next step writes
     group_of_layer: list[int]
     input_ids: torch.Tensor  # (batch, 1): the token fed to the next step (a graph input)
+    next_slot: list[int]  # per group: `write_index` on the host, for eager steps that attend over written slots only
     logits: torch.Tensor | None = None  # (batch, vocab): the last step's output (a graph output)
 
     def _step_tensors(self) -> list[torch.Tensor]:
         return [*self.write_index, *(t for g in self.groups for t in (g.valid, g.next_position))]
 
-    def snapshot(self) -> list[torch.Tensor]:
-        return [t.clone() for t in self._step_tensors()]
+    def snapshot(self) -> tuple[list[torch.Tensor], list[int]]:
+        return [t.clone() for t in self._step_tensors()], list(self.next_slot)
 
-    def restore(self, saved: list[torch.Tensor]) -> None:
-        for tensor, value in zip(self._step_tensors(), saved, strict=True):
+    def restore(self, saved: tuple[list[torch.Tensor], list[int]]) -> None:
+        tensors, next_slot = saved
+        for tensor, value in zip(self._step_tensors(), tensors, strict=True):
             tensor.copy_(value)
+        self.next_slot = list(next_slot)
 
 
 def fast_state_from_prefill(state: DecodeState, max_new_tokens: int) -> FastDecodeState:
@@ -90,28 +99,39 @@ def fast_state_from_prefill(state: DecodeState, max_new_tokens: int) -> FastDeco
     batch = state.groups[0].valid.shape[0]
     input_ids = torch.zeros(batch, 1, dtype=torch.long, device=state.groups[0].valid.device)
     cache = StaticLayerCache(keys, values, indexes)
-    return FastDecodeState(cache, groups, write_index, list(state.group_of_layer), input_ids)
+    next_slot = [group.valid.shape[1] for group in state.groups]
+    return FastDecodeState(cache, groups, write_index, list(state.group_of_layer), input_ids, next_slot)
 
 
-def static_decode_step(model: nn.Module, state: FastDecodeState) -> torch.Tensor:
+@torch.no_grad()  # generation calls it outside any no_grad block: without this it records autograd graphs
+def static_decode_step(model: nn.Module, state: FastDecodeState, trim: bool = False) -> torch.Tensor:
     """One step on `state.input_ids`, in place on the buffers; returns (and keeps) the logits (batch, vocab).
 
-    Only fixed-shape tensor operations: no Python branch depends on a tensor value, so it can be captured.
+    trim=False: only fixed-shape tensor operations, no Python branch on a tensor value, so it can be captured;
+    the step attends over the whole buffer (empty slots masked). trim=True (eager steps): it attends over the
+    slots written so far only (views of the buffers, the host-side `next_slot` says how many), so a large
+    max_new_tokens costs nothing per step. Both give the same logits: the empty slots get exactly zero weight.
     """
     decoder = language_model(model)
     hidden_states = decoder.embed_tokens(state.input_ids)
-    for group, write_index in zip(state.groups, state.write_index, strict=True):
+    blocked = torch.finfo(hidden_states.dtype).min
+    for group, write_index, slot in zip(state.groups, state.write_index, state.next_slot, strict=True):
         group.valid.index_fill_(1, write_index, True)
-        blocked = torch.finfo(hidden_states.dtype).min
-        group.attention_mask = torch.zeros_like(group.valid, dtype=hidden_states.dtype).masked_fill(
-            ~group.valid, blocked
-        )[:, None, None, :]  # (batch, 1, 1, capacity)
+        if trim:  # eager: the plain step's mask, None without padding (the kernels' fastest path)
+            group.attention_mask = attention_mask_for(group.valid[:, : slot + 1], 1, "eager", hidden_states.dtype)
+        else:
+            group.attention_mask = torch.zeros_like(group.valid, dtype=hidden_states.dtype).masked_fill(
+                ~group.valid, blocked
+            )[:, None, None, :]  # (batch, 1, 1, capacity)
         group.rotary = decoder.rotary_emb(hidden_states, group.next_position[..., None])
+    for layer_idx, group_idx in enumerate(state.group_of_layer):
+        state.cache.visible[layer_idx] = state.next_slot[group_idx] + 1 if trim else None
     for layer_idx, layer in enumerate(decoder.layers):
         hidden_states = _run_layer(layer, hidden_states, state.groups[state.group_of_layer[layer_idx]], state.cache)
     for group, write_index in zip(state.groups, state.write_index, strict=True):
         write_index.add_(1)
         group.next_position.add_(1)
+    state.next_slot = [slot + 1 for slot in state.next_slot]
     state.logits = _logits(model, decoder, hidden_states)
     return state.logits
 

@@ -134,6 +134,8 @@ class ScheduleSelector:
         if self.previous is None:
             raise InputError("a schedule can only cut vision tokens after a layer that saw them")
         rows, positions, slots = self.previous
+        if cache is None:
+            raise InputError("a ranked schedule reads the keys of the layer before its cut: run with use_cache=True")
         keys = cache.layers[layer_idx - 1].keys
         valid = tokens.valid
         if self.schedule.ranking == "text":

@@ -91,10 +91,12 @@ def kl_per_k(model: nn.Module, prompt: PromptEmbeddings, ks: Sequence[int]) -> t
 
     def branch(layer_idx: int, hidden_states: torch.Tensor, tokens: TokenState) -> None:
         if layer_idx in wanted:
-            logits, _ = run_decoder(model, hidden_states, tokens, first_layer=layer_idx, selector=Withdrawal(layer_idx))
+            logits, _ = run_decoder(model, hidden_states, tokens, first_layer=layer_idx,
+                                    selector=Withdrawal(layer_idx), use_cache=False)  # fmt: skip
             branch_logits[layer_idx] = logits
 
-    baseline_logits, _ = prefill(model, prompt, observer=branch)
+    # Only logits are compared: neither the baseline pass nor a branch stores keys and values.
+    baseline_logits, _ = prefill(model, prompt, observer=branch, use_cache=False)
     if not ks:
         return baseline_logits.new_zeros(0, baseline_logits.shape[0])
     return torch.stack([kl_divergence(branch_logits[k], baseline_logits) for k in ks])

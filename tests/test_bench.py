@@ -1,0 +1,93 @@
+"""bench: the order runs go in (warm-up, then interleaved), medians/min/max of the timed runs, table and JSON."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+from test_cli import last_json, run_cli
+
+from vtw_core import bench
+from vtw_core.bench import DeviceClock, format_table, interleaved_order, run_bench
+from vtw_core.generate import GenerationStats
+from vtw_core.manager import ModelManager
+
+
+def test_interleaved_order():
+    # Warm-up pass over every setting, then whole cycles: never two timed runs of one setting in a row.
+    assert interleaved_order(3, 2) == [0, 1, 2, 0, 1, 2, 0, 1, 2]
+    assert interleaved_order(1, 3) == [0, 0, 0, 0]
+
+
+def test_run_bench_interleaves_and_drops_the_warm_up(monkeypatch, tiny_model_path):
+    manager = ModelManager.load(str(tiny_model_path("llava")), device="cpu")
+    calls = []
+
+    def fake_run(model, inputs, k, new_tokens, engine, schedule=None, prefill_engine="plain"):
+        calls.append((engine, new_tokens, k))
+        stats = GenerationStats(k=k, num_layers=4, engine=engine, new_tokens=new_tokens, prompt_tokens=20)
+        stats.ttft_s = float(len(calls))  # every run a different, known value
+        stats.total_s = stats.ttft_s + 0.5 * (new_tokens - 1)
+        return stats
+
+    monkeypatch.setattr(bench, "_timed_run", fake_run)
+    rows = run_bench(manager, [1, 2], new_tokens=[3, 5], repeats=3, engines=("plain", "static"))
+    settings = [(engine, count, k) for engine in ("plain", "static") for count in (3, 5) for k in (None, 1, 2)]
+    assert calls == settings * 4  # one warm-up pass, then three interleaved cycles
+    assert [(row.engine, row.new_tokens, row.k) for row in rows] == settings
+    for index, row in enumerate(rows):
+        timed = [float(index + 1 + cycle * len(settings)) for cycle in (1, 2, 3)]  # 1-based call numbers
+        assert row.ttft_samples_s == timed and row.ttft_s == statistics.median(timed)
+        assert row.decode_samples_ms == pytest.approx([500.0] * 3) and row.decode_ms_per_token == pytest.approx(500)
+    with pytest.raises(Exception, match="repeats"):
+        run_bench(manager, [1], repeats=0)
+
+
+def test_table_ratios_are_per_engine_and_token_count():
+    def row(engine, count, label, ttft, peak):
+        return bench.BenchRow(label, None, engine, ttft, 2.0, ttft + 1, 500.0, 10, 20, 2**20, peak, 9, 4, count,
+                              [ttft * 0.9, ttft, ttft * 1.2], [1.5, 2.0, 3.0], [ttft + 1], [peak])  # fmt: skip
+
+    rows = [row("graph", 64, "baseline", 0.010, 100), row("graph", 64, "VTW K=1", 0.005, 65),
+            row("graph", 256, "baseline", 0.020, 200), row("graph", 256, "VTW K=1", 0.015, 150)]  # fmt: skip
+    table = format_table(rows, bandwidth_gb_s=1.0, weights=10**6).splitlines()
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table if line.startswith("| graph")]
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert all(len(line) == len(header) for line in cells)
+    column = {name: index for index, name in enumerate(header)}
+    assert [line[column["TTFT ratio"]] for line in cells] == ["1.00", "0.50", "1.00", "0.75"]
+    assert [line[column["peak ratio"]] for line in cells] == ["1.00", "0.65", "1.00", "0.75"]
+    assert cells[0][column["TTFT ms"]] == "10.0 [9.0-12.0]"
+    assert cells[0][column["decode ms/token"]] == "2.00 [1.50-3.00]"
+    assert cells[0][column["% of bw"]] == "50%"  # floor 1 ms (1 MB at 1 GB/s) over 2 ms per token
+    assert "0.65x" in table[-1]
+
+
+def test_device_clock_on_cpu():
+    clock = DeviceClock(torch.device("cpu"))
+    for _ in range(3):
+        clock.mark()
+    first, second = clock.seconds_since_first()
+    assert 0 <= first <= second
+
+
+def test_bench_cli_rows_and_json(capsys, tiny_model_path):
+    code, out, _ = run_cli(
+        capsys, "bench", "--model", str(tiny_model_path("llava")), "--k", "1", "--new-tokens", "2", "4",
+        "--repeats", "2", "--threads", "1", "--engine", "plain", "static", "--json",
+    )  # fmt: skip
+    assert code == 0
+    report = last_json(out)
+    assert report["threads"] == 1 and report["repeats"] == 2 and report["paper_peak_memory_ratio"] == 0.65
+    rows = report["rows"]
+    assert [(row["engine"], row["new_tokens"], row["k"]) for row in rows] == [
+        (engine, count, k) for engine in ("plain", "static") for count in (2, 4) for k in (None, 1)
+    ]
+    for row in rows:
+        assert len(row["ttft_samples_s"]) == len(row["decode_samples_ms"]) == 2
+        assert min(row["ttft_samples_s"]) <= row["ttft_s"] <= max(row["ttft_samples_s"])
+        assert row["peak_memory_bytes"] is None  # CPU
+    table = [line for line in out.splitlines() if line.startswith("| plain") or line.startswith("| static")]
+    assert len(table) == len(rows)
+    assert "2 interleaved runs after a warm-up" in out and "1 CPU thread" in out
