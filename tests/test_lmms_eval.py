@@ -122,7 +122,7 @@ def test_bad_model_args_fail_early_with_a_message(tiny_model_path):
     path = str(tiny_model_path("llava"))
     with pytest.raises(InputError, match="unknown method"):
         VTW(pretrained=path, method="vtw9")
-    with pytest.raises(InputError, match="K must be between 0 and 4"):
+    with pytest.raises(InputError, match="K must be a whole number from 0 to 4"):
         VTW(pretrained=path, method="vtw:9", device="cpu")
     with pytest.raises(InputError, match="unknown model arg"):
         VTW(pretrained=path, temprature=0.5)
