@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import fields
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from vtw_core.concurrent import interleave
 from vtw_core.errors import InputError, ResourceError, VTWError
 from vtw_core.generate import GenerationResult, GenerationStats, SamplingConfig, StreamEvent
 from vtw_core.manager import ModelInfo
@@ -119,46 +119,16 @@ class RemoteManager:
 
     def race(self, requests: dict[str, dict[str, Any]]) -> Iterator[tuple[str, StreamEvent]]:
         """Several streams at once (the server may run them together); yields (name, event) as they come."""
-        events: queue.Queue = queue.Queue()
-        abandon = threading.Event()
-        done = object()
 
-        def run(name: str, options: dict[str, Any]) -> None:
+        def starter(options: dict[str, Any]):
+            return lambda stop: self.stream(stop_event=stop, **options)
+
+        streams = {}
+        for name, options in requests.items():
+            options = dict(options)
             stop = options.pop("stop_event", None)
-            try:
-                for event in self.stream(stop_event=_Either(abandon, stop), **options):
-                    events.put((name, event))
-            except Exception as error:  # handed to the consumer, which re-raises it
-                events.put((name, error))
-            finally:
-                events.put((name, done))
-
-        threads = [threading.Thread(target=run, args=(name, dict(options)), daemon=True)
-                   for name, options in requests.items()]  # fmt: skip
-        for thread in threads:
-            thread.start()
-        try:
-            running = len(threads)
-            while running:
-                name, item = events.get()
-                if item is done:
-                    running -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield name, item
-        finally:
-            abandon.set()
-            for thread in threads:
-                thread.join()
-
-
-class _Either:
-    def __init__(self, *events: threading.Event | None):
-        self.events = [event for event in events if event is not None]
-
-    def is_set(self) -> bool:
-        return any(event.is_set() for event in self.events)
+            streams[name] = (starter(options), stop)
+        yield from interleave(streams)
 
 
 def request_body(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from vtw_core.batch_stream import stream_generate_batch
+from vtw_core.concurrent import interleave
 from vtw_core.configs import shipped_config_path
 from vtw_core.engine import ATTENTION_IMPLEMENTATIONS, PositionMode, check_k
 from vtw_core.errors import InputError, VTWError
@@ -269,54 +269,19 @@ class ModelManager:
         Closing the iterator early stops every request and waits for them.
         """
         self._require_processor()
-        events: queue.Queue = queue.Queue()
-        abandon = threading.Event()
-        done = object()
 
-        def run(name: str, options: dict[str, Any]) -> None:
+        def starter(options: dict[str, Any]):
+            return lambda stop: stream_generate(self.model, self.processor, stop_event=stop, **options)
+
+        streams = {}
+        for name, options in requests.items():
+            options = dict(options)
             stop = options.pop("stop_event", None)
-            merged_stop = _AnyEvent(abandon, stop)
-            try:
-                for event in stream_generate(self.model, self.processor, stop_event=merged_stop, **options):
-                    events.put((name, event))
-            except Exception as error:  # handed to the consumer, which re-raises it
-                events.put((name, error))
-            finally:
-                events.put((name, done))
-
+            streams[name] = (starter(options), stop)
         with self.lock:
-            threads = [
-                threading.Thread(target=run, args=(name, dict(options)), daemon=True)
-                for name, options in requests.items()
-            ]
-            for thread in threads:
-                thread.start()
-            try:
-                running = len(threads)
-                while running:
-                    name, item = events.get()
-                    if item is done:
-                        running -= 1
-                    elif isinstance(item, Exception):
-                        raise item
-                    else:
-                        yield name, item
-            finally:
-                abandon.set()
-                for thread in threads:
-                    thread.join()
+            yield from interleave(streams)
 
     def generate(self, messages: list[Message], images: list[Image.Image], **options: Any) -> GenerationResult:
         self._check_request(options.get("k"), options.get("schedule"), options.get("sampling", SamplingConfig()))
         with self.lock:
             return generate(self.model, self.processor, messages, images, **options)
-
-
-class _AnyEvent:
-    """Set when any of the given events is set: the engine reads only `is_set()`."""
-
-    def __init__(self, *events: threading.Event | None):
-        self.events = [event for event in events if event is not None]
-
-    def is_set(self) -> bool:
-        return any(event.is_set() for event in self.events)
