@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import threading
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from vtw_core.bench import synthetic_inputs
 from vtw_core.embed import embed_prompt
 from vtw_core.engine import decode_step, prefill, withdrawal_selector
 from vtw_core.errors import InputError, UnsupportedModelError
-from vtw_core.families import language_model
+from vtw_core.families import language_model, vision_token_ids
 from vtw_core.generate import SamplingConfig, generate_tokens
-from vtw_core.tiny import tiny_config
+from vtw_core.tiny import build_tiny_processor, tiny_config
 
-FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+SYNTHETIC_FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+# Families whose test prompts come from their real processor class (tiny tokenizer and image processor).
+PROCESSOR_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "internvl"]
+FAMILIES = SYNTHETIC_FAMILIES + PROCESSOR_FAMILIES
 NUM_LAYERS = 4
 IMAGE_SIZES = {"llava": None, "llava_next": (40, 72), "qwen2_vl": (56, 56), "qwen2_5_vl": (56, 84)}
 
@@ -36,7 +41,36 @@ def family_model(request):
     return request.param, build_model(request.param)
 
 
+@functools.cache
+def tiny_processor(family: str):
+    return build_tiny_processor(family)
+
+
+def sample_image(width: int = 56, height: int = 80, seed: int = 0) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def processor_inputs(family: str, rows: list[list], text: str = "What is in the picture?") -> dict:
+    """A left-padded batch through the family's real processor; each row is a list of images (and/or videos)."""
+    processor = tiny_processor(family)
+    texts, images, videos = [], [], []
+    for items in rows:
+        content = [{"type": "video" if isinstance(item, list) else "image"} for item in items]
+        conversation = [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
+        texts.append(processor.apply_chat_template(conversation, add_generation_prompt=True))
+        images += [item for item in items if not isinstance(item, list)]
+        videos += [item for item in items if isinstance(item, list)]
+    batch = processor(
+        text=texts, images=images or None, videos=videos or None, padding=True, padding_side="left", return_tensors="pt"
+    )
+    return dict(batch)
+
+
 def prompt_inputs(model, family: str, text_tokens: int = 7) -> dict[str, torch.Tensor]:
+    if family in PROCESSOR_FAMILIES:
+        return processor_inputs(family, [[sample_image()]])
     return synthetic_inputs(model, text_tokens=text_tokens, image_size=IMAGE_SIZES[family])
 
 
@@ -57,7 +91,7 @@ def record_language_model_call(model, inputs) -> tuple[tuple, dict]:
     def remember(_module, _args, kwargs):
         seen.update(kwargs)
 
-    handle = model.model.language_model.register_forward_pre_hook(remember, with_kwargs=True)
+    handle = language_model(model).register_forward_pre_hook(remember, with_kwargs=True)
     try:
         with torch.no_grad():
             output = model(**inputs, output_hidden_states=True)
@@ -76,7 +110,7 @@ def stock_positions(seen: dict, length: int) -> torch.Tensor:
 
 def deep_layers_logits(model, layer_input, positions, k: int) -> torch.Tensor:
     """A stock decoder made of layers >= k, run from layer k's input on the given (kept) tokens."""
-    deep = copy.copy(model.model.language_model)
+    deep = copy.copy(language_model(model))
     deep._modules = dict(deep._modules)  # a shallow copy shares the submodule dict: don't cut the real model
     deep.config = copy.deepcopy(deep.config)
     deep.layers = torch.nn.ModuleList(list(deep.layers)[k:])
@@ -94,7 +128,7 @@ def reference_vtw_logits(model, inputs, k: int, rearrange: bool = False) -> torc
     """Layers < k on every token (stock forward), then a stock decoder made of layers >= k on text tokens only."""
     hidden_states, seen = record_language_model_call(model, inputs)
     input_ids = inputs["input_ids"][0]
-    keep = ~torch.isin(input_ids, torch.tensor([model.config.image_token_id]))
+    keep = ~torch.isin(input_ids, torch.tensor(vision_token_ids(model.config)))
     positions = stock_positions(seen, len(input_ids))[..., keep]
     if rearrange:
         positions = torch.arange(int(keep.sum()))[None].expand(*positions.shape[:-1], -1)
@@ -232,6 +266,20 @@ def test_batch_equals_one_by_one(attention, k):
     ids, mask = left_pad(rows)
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels)}
     assert engine_tokens(model, batch, k) == singles
+
+
+@pytest.mark.parametrize("family", PROCESSOR_FAMILIES)
+@pytest.mark.parametrize("k", [None, 1])
+def test_processor_batch_equals_one_by_one(family, k):
+    """The real processor's left-padded batch with 0, 1 and 2 images per row gives each row's unbatched tokens."""
+    model = build_model(family)
+    rows = [[], [sample_image(64, 64, 1)], [sample_image(48, 80, 2), sample_image(96, 64, 3)]]
+    singles = [engine_tokens(model, processor_inputs(family, [row]), k, steps=6)[0] for row in rows]
+    batch = processor_inputs(family, rows)
+    assert not bool(batch["attention_mask"][:, 0].all())  # really left-padded
+    vision = torch.isin(batch["input_ids"], torch.tensor(vision_token_ids(model.config))).sum(1).tolist()
+    assert vision[0] == 0 and 0 < vision[1] < vision[2]
+    assert engine_tokens(model, batch, k, steps=6) == singles
 
 
 def test_batch_matches_stock_generate_with_padding():

@@ -28,10 +28,25 @@ PROCESSOR_CLASSES = {
     "llava_next": "LlavaNextProcessor",
     "qwen2_vl": "Qwen2VLProcessor",
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "llava_next_video": "LlavaNextVideoProcessor",
+    "video_llava": "VideoLlavaProcessor",
+    "llava_onevision": "LlavaOnevisionProcessor",
+    "internvl": "InternVLProcessor",
 }
 # Image tokens for the 64x64 sample image: llava 6x6 patches; llava_next 2x2 tiles of 4x4 (+4 newline tokens per
 # row of 8) plus the 4x4 base image; qwen 64 px -> 70 px = 10x10 patches of 7 px, merged 2x2 -> 5x5.
-TOKENS_64X64 = {"llava": 36, "llava_next": 88, "qwen2_vl": 25, "qwen2_5_vl": 25}
+# llava_next_video as llava_next; video_llava 4x4 patches without CLS; llava_onevision 2x2 tiles + base of 4x4 SigLIP
+# patches (no CLS) with newlines; internvl 4 tiles + thumbnail of 2x2 pixel-shuffled tokens.
+TOKENS_64X64 = {
+    "llava": 36,
+    "llava_next": 88,
+    "qwen2_vl": 25,
+    "qwen2_5_vl": 25,
+    "llava_next_video": 88,
+    "video_llava": 16,
+    "llava_onevision": 88,
+    "internvl": 20,
+}
 
 
 def user_turn(num_images: int, text: str) -> list[dict]:
@@ -61,11 +76,12 @@ def test_folder_is_a_complete_checkpoint(loaded):
     family, _, processor, model = loaded
     assert type(processor).__name__ == PROCESSOR_CLASSES[family]
     if not is_torchvision_available():
-        assert "Pil" in type(processor.image_processor).__name__
+        # Video-LLaVA has a single image processor class, numpy / PIL backed.
+        assert "Pil" in type(processor.image_processor).__name__ or family == "video_llava"
     config = model.config
     text_config = config.get_text_config()
     assert config.model_type == family
-    if family.startswith("llava"):
+    if family in tiny.LLAMA_TOKENIZER_FAMILIES:
         assert text_config.model_type == "llama"
     assert text_config.vocab_size == len(processor.tokenizer) == VOCAB_SIZE
     heads = (text_config.num_attention_heads, text_config.num_key_value_heads)
@@ -74,7 +90,7 @@ def test_folder_is_a_complete_checkpoint(loaded):
     assert processor.tokenizer.pad_token_id is not None
     eos = model.generation_config.eos_token_id
     assert eos is not None
-    if family.startswith("qwen"):
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         for name, token in [("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>")]:
             assert getattr(config, name) == QWEN_IDS[token] == processor.tokenizer.convert_tokens_to_ids(token)
         assert QWEN_IDS["<|im_end|>"] in eos

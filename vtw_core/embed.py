@@ -74,9 +74,11 @@ def embed_prompt(model: nn.Module, model_inputs: dict[str, Any]) -> PromptEmbedd
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     vision_mask = torch.isin(input_ids, torch.tensor(vision_token_ids(model.config), device=input_ids.device))
-    has_pixels = any(model_inputs.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
+    # Video-LLaVA's processor names its image pixels `pixel_values_images`.
+    pixel_names = ("pixel_values", "pixel_values_images", "pixel_values_videos")
+    has_pixels = any(model_inputs.get(name) is not None for name in pixel_names)
     if bool(vision_mask.any()) and not has_pixels:
-        raise InputError("the prompt has image placeholder tokens but no image was given")
+        raise InputError("the prompt has image or video placeholder tokens but no image or video was given")
     captured = _capture_language_model_inputs(model, {**model_inputs, "attention_mask": attention_mask})
 
     inputs_embeds = captured["inputs_embeds"]

@@ -1,8 +1,9 @@
 """Which multimodal families the engine runs, and where their parts live.
 
 Every supported family is a stock transformers `*ForConditionalGeneration` whose `.model` holds a vision
-tower and a `language_model` (a decoder with `embed_tokens`, `layers`, `norm`, `rotary_emb`), and whose
-prompt marks each vision embedding with a placeholder token id named in the config.
+tower and a text decoder (`language_model`; `text_model` in Idefics3 / SmolVLM) with `embed_tokens`, `layers`,
+`norm`, `rotary_emb`, and whose prompt marks each vision embedding (image or video frame) with a placeholder
+token id named in the config. A family the engine cannot run by VTW's definition is refused with the reason.
 """
 
 from __future__ import annotations
@@ -17,6 +18,36 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "llava_next": "LLaVA-NeXT",
     "qwen2_vl": "Qwen2-VL",
     "qwen2_5_vl": "Qwen2.5-VL",
+    "llava_next_video": "LLaVA-NeXT-Video",
+    "video_llava": "Video-LLaVA",
+    "llava_onevision": "LLaVA-OneVision",
+    "internvl": "InternVL",
+}
+
+# Families whose processor takes videos (their vision tokens are image and video placeholders alike).
+VIDEO_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "llava_next_video", "video_llava", "llava_onevision"})
+
+# model_type -> why VTW cannot run it exactly on the stock layers today.
+REFUSED_FAMILIES: dict[str, str] = {
+    "gemma3": (
+        "Gemma 3 is not supported: every Gemma 3 checkpoint interleaves sliding-window layers with global ones, "
+        "and its image tokens attend bidirectionally within each image; the engine keeps one full KV cache and a "
+        "causal mask per layer group, so neither the sliding windows nor the bidirectional image mask of layers "
+        "< K would follow the stock model"
+    ),
+    "qwen3_vl": (
+        "Qwen3-VL is not supported: its DeepStack adds vision features into the hidden states of the first decoder "
+        "layers at the vision positions, inside the stock decoder's own loop, which the engine replaces"
+    ),
+    "qwen3_vl_moe": "Qwen3-VL-MoE is not supported: DeepStack (see qwen3_vl), and a mixture-of-experts decoder",
+    "smolvlm": (
+        "SmolVLM is not supported yet: its decoder lives at `model.text_model` and its processor splits images into "
+        "tiles with row/column markers; it has no tests here yet"
+    ),
+    "idefics3": (
+        "Idefics3 is not supported yet: its decoder lives at `model.text_model` and its processor splits images "
+        "into tiles with row/column markers; it has no tests here yet"
+    ),
 }
 
 # Families whose rotary embedding takes (3, batch, seq) multimodal positions.
@@ -30,6 +61,8 @@ def supported_families_text() -> str:
 def model_family(config) -> str:
     """The config's model_type if the engine supports it, else a clear UnsupportedModelError."""
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED_FAMILIES:
+        raise UnsupportedModelError(f"{REFUSED_FAMILIES[model_type]}; supported families: {supported_families_text()}")
     if model_type not in SUPPORTED_FAMILIES:
         raise UnsupportedModelError(
             f"model type {model_type!r} is not supported; supported families: {supported_families_text()}"
