@@ -24,6 +24,7 @@ SYNTHETIC_FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
 # Families whose test prompts come from their real processor class (tiny tokenizer and image processor).
 PROCESSOR_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "internvl"]
 FAMILIES = SYNTHETIC_FAMILIES + PROCESSOR_FAMILIES
+VIDEO_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
 NUM_LAYERS = 4
 IMAGE_SIZES = {"llava": None, "llava_next": (40, 72), "qwen2_vl": (56, 56), "qwen2_5_vl": (56, 84)}
 
@@ -66,6 +67,11 @@ def processor_inputs(family: str, rows: list[list], text: str = "What is in the 
         text=texts, images=images or None, videos=videos or None, padding=True, padding_side="left", return_tensors="pt"
     )
     return dict(batch)
+
+
+def sample_video(frames: int = 4, seed: int = 0) -> list[Image.Image]:
+    """A short clip as PIL frames (what vtw_core.videos.read_video returns), 48 wide x 40 high."""
+    return [sample_image(48, 40, seed * 100 + index) for index in range(frames)]
 
 
 def prompt_inputs(model, family: str, text_tokens: int = 7) -> dict[str, torch.Tensor]:
@@ -175,6 +181,42 @@ def test_vtw_equals_reference(family_model, k):
     logits, _ = prefill(model, embed_prompt(model, inputs), withdrawal_selector(k, NUM_LAYERS))
     torch.testing.assert_close(logits, reference_vtw_logits(model, inputs, k), rtol=1e-4, atol=1e-5)
     assert engine_tokens(model, inputs, k, steps=6)[0] == reference_vtw_tokens(model, inputs, k, steps=6)
+
+
+# --- Video prompts: the same checks, with video placeholders as the vision tokens --------------------------------
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_prompt_baseline_and_vtw(family):
+    model = build_model(family)
+    inputs = processor_inputs(family, [[sample_video()]], text="What happens in the video?")
+    video_id = model.config.video_token_id
+    assert int((inputs["input_ids"] == video_id).sum()) > 0
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 0
+    stock = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    for k in (None, NUM_LAYERS):
+        assert engine_tokens(model, inputs, k, steps=6) == stock.tolist(), (family, k)
+    for k in (0, 2):
+        logits, state = prefill(model, embed_prompt(model, inputs), withdrawal_selector(k, NUM_LAYERS))
+        torch.testing.assert_close(logits, reference_vtw_logits(model, inputs, k), rtol=1e-4, atol=1e-5)
+        assert engine_tokens(model, inputs, k, steps=4)[0] == reference_vtw_tokens(model, inputs, k, steps=4)
+        videos = int((inputs["input_ids"] == video_id).sum())
+        assert state.cache_lengths()[k:] == [inputs["input_ids"].shape[1] - videos] * (NUM_LAYERS - k)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_batch_equals_one_by_one(family):
+    """0, 1 and 2 videos per row (and an image beside a video), left-padded together, give each row's tokens."""
+    model = build_model(family)
+    rows = [[], [sample_video(seed=1)], [sample_video(seed=2), sample_video(seed=3)]]
+    if family != "video_llava":  # Video-LLaVA's processor takes images or videos in one call, not both
+        rows.append([sample_image(64, 64, 4), sample_video(seed=5)])
+    k = 1
+    singles = [engine_tokens(model, processor_inputs(family, [row]), k, steps=5)[0] for row in rows]
+    batch = processor_inputs(family, rows)
+    vision = torch.isin(batch["input_ids"], torch.tensor(vision_token_ids(model.config))).sum(1).tolist()
+    assert vision[0] == 0 and 0 < vision[1] < vision[2]
+    assert engine_tokens(model, batch, k, steps=5) == singles
 
 
 def test_vtw_changes_the_output():

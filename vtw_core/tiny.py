@@ -70,6 +70,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
 from transformers.utils import is_torchvision_available
 
+from vtw_core.videos import frame_video_processor
+
 SUPPORTED_TINY_FAMILIES = (
     "llava",
     "llava_next",
@@ -754,8 +756,6 @@ def load_processor(source: str | Path, **kwargs) -> ProcessorMixin:
         family = AutoConfig.from_pretrained(source, **config_kwargs).model_type
         if family not in PROCESSOR_CLASSES:
             raise
-    from vtw_core.videos import frame_video_processor  # here: videos imports this module
-
     processor_class = PROCESSOR_CLASSES[family]
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
@@ -806,14 +806,16 @@ def build_tiny_processor(family: str) -> ProcessorMixin:
             num_additional_image_tokens=1,
             chat_template=LLAVA_CHAT_TEMPLATE,
         )
-    # The rest are built without a video part even where torchvision exists, so the saved folder is the same on
-    # every machine; load_processor adds the frame-based video processor.
+    # The rest are built with the frame-based video processor (vtw_core.videos) even where torchvision exists, so
+    # the same processor runs on every machine; the saved folder names the family's stock video processor.
     processor_class = PROCESSOR_CLASSES[family]
     if family in QWEN_PROCESSOR_CLASSES:
+        image_processor = _qwen_image_processor()
         return processor_without_torchvision(
             processor_class,
-            image_processor=_qwen_image_processor(),
+            image_processor=image_processor,
             tokenizer=tokenizer,
+            video_processor=frame_video_processor(family, _video_processor_dict(family), image_processor),
             chat_template=QWEN_CHAT_TEMPLATE,
         )
     parts = {"tokenizer": tokenizer, "chat_template": CHAT_TEMPLATES[family]}
@@ -848,7 +850,10 @@ def build_tiny_processor(family: str) -> ProcessorMixin:
             max_patches=INTERNVL_MAX_TILES,
         )
         options = {"image_seq_length": INTERNVL_IMAGE_SEQ_LENGTH}
-    return processor_without_torchvision(processor_class, image_processor=image_processor, **parts, **options)
+    video_processor = frame_video_processor(family, _video_processor_dict(family), image_processor)
+    return processor_without_torchvision(
+        processor_class, image_processor=image_processor, video_processor=video_processor, **parts, **options
+    )
 
 
 def _save_processor(family: str, processor: ProcessorMixin, folder: Path) -> None:

@@ -1,9 +1,307 @@
-"""Videos: frames sampled with PyAV, and frame-based video processors for processors that need torchvision."""
+"""Videos: frames sampled with PyAV, and frame-based video processors for families whose processor takes video.
+
+Reading: `read_video(path, num_frames)` decodes the container with PyAV (FFmpeg) and keeps `num_frames` frames
+spread evenly over the whole video, as the stock video processors sample them (`np.linspace` over the frame
+indices). Every limit on what a user may upload lives in `VideoLimits`, so the CLI, the Python API and the app
+refuse the same files with the same `InputError` messages.
+
+Processing: in transformers 5.x every stock video processor is torchvision-backed. Where torchvision is missing,
+`frame_video_processor` gives the family's processor a stand-in that turns the sampled frames into exactly the
+tensors the stock video processor returns (`pixel_values_videos`, and `video_grid_thw` for Qwen), using the same
+resizing and normalisation as the family's image processor. The stock processor class still expands the video
+placeholders, so the token bookkeeping is the model's own.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.image_processing_utils import BatchFeature
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.video_utils import VideoMetadata
+
+from vtw_core.errors import InputError
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """What a video upload may be: one place for every entry point (CLI, Python API, app)."""
+
+    max_file_bytes: int = 512 * 1024 * 1024
+    max_duration_s: float = 30 * 60.0
+    max_side_px: int = 4096
+    min_frames: int = 1
+    max_frames: int = 64
+    default_frames: int = 8
+
+
+LIMITS = VideoLimits()
+
+
+@dataclass
+class Video:
+    """The sampled frames of one video (RGB, in time order) and where they came from."""
+
+    frames: list[Image.Image]
+    fps: float
+    total_frames: int
+    frame_indices: list[int] = field(default_factory=list)
+
+    @property
+    def duration_s(self) -> float:
+        return self.total_frames / self.fps if self.fps else 0.0
+
+    def metadata(self) -> VideoMetadata:
+        """The stock metadata record (the Qwen processors read the sampled frame rate from it)."""
+        width, height = self.frames[0].size
+        return VideoMetadata(
+            total_num_frames=self.total_frames,
+            fps=self.fps,
+            width=width,
+            height=height,
+            duration=self.duration_s,
+            video_backend="pyav",
+            frames_indices=list(self.frame_indices),
+        )
+
+    def as_array(self) -> np.ndarray:
+        """(frames, height, width, 3) uint8: the layout stock processors accept as one video."""
+        return np.stack([np.asarray(frame.convert("RGB")) for frame in self.frames])
+
+
+def check_num_frames(num_frames: Any, limits: VideoLimits = LIMITS) -> int:
+    """The frame count as a whole number within the limits, else a clear InputError."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)):
+        raise InputError(f"the frame count must be a whole number, got {num_frames!r}")
+    if not limits.min_frames <= int(num_frames) <= limits.max_frames:
+        raise InputError(f"the frame count must be from {limits.min_frames} to {limits.max_frames}, got {num_frames}")
+    return int(num_frames)
+
+
+def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
+    """`num_frames` indices spread evenly from the first to the last frame (fewer frames: every frame once)."""
+    if total_frames <= num_frames:
+        return list(range(total_frames))
+    return [round(float(index)) for index in np.linspace(0, total_frames - 1, num_frames)]
+
+
+def read_video(path: str | os.PathLike, num_frames: int = LIMITS.default_frames, limits: VideoLimits = LIMITS) -> Video:
+    """Decode a video file with PyAV and keep `num_frames` evenly spaced RGB frames.
+
+    Refuses, with an InputError that says why: a missing or oversized file, something that is not a video,
+    a video longer than `limits.max_duration_s`, frames larger than `limits.max_side_px`, and broken streams.
+    """
+    num_frames = check_num_frames(num_frames, limits)
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"no video file at {file.name!r}")
+    size = file.stat().st_size
+    if size > limits.max_file_bytes:
+        raise InputError(f"the video is {size / 2**20:.0f} MiB; the limit is {limits.max_file_bytes / 2**20:.0f} MiB")
+    try:
+        import av
+    except ImportError as error:  # a hard dependency, but say what is missing rather than fail obscurely
+        raise InputError("reading videos needs PyAV: pip install av") from error
+
+    try:
+        with av.open(str(file)) as container:
+            if not container.streams.video:
+                raise InputError("the file has no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0) or 24.0
+            duration = _duration_s(container, stream)
+            if duration is not None and duration > limits.max_duration_s:
+                limit = limits.max_duration_s / 60
+                raise InputError(f"the video is {duration / 60:.1f} minutes long; the limit is {limit:.0f} minutes")
+            if max(stream.codec_context.width or 0, stream.codec_context.height or 0) > limits.max_side_px:
+                raise InputError(f"video frames larger than {limits.max_side_px} px on a side are not accepted")
+            # The frame count in the header is missing or wrong for some containers: decode once, keeping only
+            # small references, then sample. Decoding stops at the duration limit, whatever the header says.
+            frames = []
+            for frame in container.decode(stream):
+                frames.append(frame)
+                if len(frames) / fps > limits.max_duration_s:
+                    raise InputError(f"the video is longer than the limit of {limits.max_duration_s / 60:.0f} minutes")
+            if not frames:
+                raise InputError("the video has no decodable frames")
+            indices = sample_frame_indices(len(frames), num_frames)
+            images = [frames[index].to_image().convert("RGB") for index in indices]
+    except InputError:
+        raise
+    except (av.error.FFmpegError, ValueError, OSError, EOFError) as error:
+        raise InputError(f"the file is not a readable video ({type(error).__name__})") from error
+    return Video(frames=images, fps=fps, total_frames=len(frames), frame_indices=indices)
+
+
+def _duration_s(container: Any, stream: Any) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # microseconds (av.time_base)
+    return None
+
+
+# --- Frame-based video processors ------------------------------------------------------------------------------
+
+
+def _frames_of(video: Any) -> list[Image.Image]:
+    """One video as PIL frames, from a Video, a list of PIL images or a (T, H, W, 3) array."""
+    if isinstance(video, Video):
+        return video.frames
+    if isinstance(video, (np.ndarray, torch.Tensor)):
+        array = np.asarray(video)
+        if array.ndim != 4 or array.shape[-1] != 3:
+            raise InputError(f"a video array must be (frames, height, width, 3), got {tuple(array.shape)}")
+        return [Image.fromarray(frame.astype(np.uint8)) for frame in array]
+    if isinstance(video, (list, tuple)) and video and all(isinstance(frame, Image.Image) for frame in video):
+        return [frame.convert("RGB") for frame in video]
+    raise InputError("a video must be a list of PIL frames, a (frames, height, width, 3) array or a Video")
+
+
+def _videos_of(videos: Any) -> list[list[Image.Image]]:
+    if isinstance(videos, (Video, np.ndarray, torch.Tensor)):
+        return [_frames_of(videos)]
+    if isinstance(videos, (list, tuple)) and videos and isinstance(videos[0], Image.Image):
+        return [_frames_of(videos)]  # one video given as its frames
+    return [_frames_of(video) for video in videos]
+
+
+def _metadata(videos: list[list[Image.Image]], given: Any) -> list[VideoMetadata]:
+    if given is not None:
+        given = given if isinstance(given, (list, tuple)) else [given]
+        return [item if isinstance(item, VideoMetadata) else VideoMetadata(**item) for item in given]
+    # Without metadata the frames are taken as 1 fps, each frame an original one (what callers passing bare frames
+    # mean); the Qwen processors only use the rate for their temporal position scale.
+    return [
+        VideoMetadata(total_num_frames=len(frames), fps=1.0, frames_indices=list(range(len(frames))))
+        for frames in videos
+    ]
+
+
+class ClipFrameVideoProcessor:
+    """LLaVA-NeXT-Video / Video-LLaVA / LLaVA-OneVision: every frame resized, cropped and normalised like an image.
+
+    Returns `pixel_values_videos` of shape (videos, frames, 3, height, width), as the stock video processors do.
+    """
+
+    def __init__(self, frame_processor: CLIPImageProcessorPil):
+        self.frame_processor = frame_processor
+
+    def __call__(self, videos: Any, video_metadata: Any = None, return_tensors: Any = None, **_: Any) -> BatchFeature:
+        clips = _videos_of(videos)
+        pixels = [self.frame_processor(frames, return_tensors="pt")["pixel_values"] for frames in clips]
+        if len({tuple(clip.shape) for clip in pixels}) > 1:
+            raise InputError("videos in one request must have the same number of frames")
+        return BatchFeature(
+            {"pixel_values_videos": torch.stack(pixels), "video_metadata": _metadata(clips, video_metadata)}
+        )
+
+
+class QwenFrameVideoProcessor:
+    """Qwen2-VL / Qwen2.5-VL: frames resized to a multiple of patch x merge, then cut into (t, h, w) patches.
+
+    Two consecutive frames form one temporal patch (a last odd frame is repeated), as in the stock
+    Qwen2VLVideoProcessor: `pixel_values_videos` (patches, 3 * temporal * patch * patch) and `video_grid_thw`.
+    """
+
+    def __init__(self, image_processor: Any):
+        self.image_processor = image_processor
+        self.patch_size = image_processor.patch_size
+        self.merge_size = image_processor.merge_size
+        self.temporal_patch_size = image_processor.temporal_patch_size
+
+    def _resized_size(self, height: int, width: int) -> tuple[int, int]:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        size = self.image_processor.size
+        return smart_resize(
+            height,
+            width,
+            factor=self.patch_size * self.merge_size,
+            min_pixels=size["shortest_edge"],
+            max_pixels=size["longest_edge"],
+        )
+
+    def _patches(self, frames: list[Image.Image]) -> tuple[torch.Tensor, list[int]]:
+        width, height = frames[0].size
+        new_height, new_width = self._resized_size(height, width)
+        mean = np.asarray(self.image_processor.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.image_processor.image_std, dtype=np.float32)[:, None, None]
+        clip = np.stack(
+            [
+                (np.asarray(frame.resize((new_width, new_height), Image.Resampling.BICUBIC), dtype=np.float32)
+                 .transpose(2, 0, 1) / 255.0 - mean) / std
+                for frame in frames
+            ]
+        )  # fmt: skip
+        temporal, patch, merge = self.temporal_patch_size, self.patch_size, self.merge_size
+        if len(clip) % temporal:  # repeat the last frame to fill the last temporal patch
+            clip = np.concatenate([clip, np.repeat(clip[-1:], temporal - len(clip) % temporal, axis=0)])
+        grid_t, grid_h, grid_w = len(clip) // temporal, new_height // patch, new_width // patch
+        channels = clip.shape[1]
+        # (t, temporal, C, h/merge, merge, patch, w/merge, merge, patch): merged 2x2 groups stay contiguous, and
+        # each patch flattens as (C, temporal, patch, patch), the Conv3d patch embedding's input layout.
+        patches = clip.reshape(
+            grid_t, temporal, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch
+        ).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        flat = patches.reshape(grid_t * grid_h * grid_w, channels * temporal * patch * patch)
+        return torch.from_numpy(np.ascontiguousarray(flat)), [grid_t, grid_h, grid_w]
+
+    def __call__(self, videos: Any, video_metadata: Any = None, return_tensors: Any = None, **_: Any) -> BatchFeature:
+        clips = _videos_of(videos)
+        results = [self._patches(frames) for frames in clips]
+        return BatchFeature(
+            {
+                "pixel_values_videos": torch.cat([patches for patches, _ in results]),
+                "video_grid_thw": torch.tensor([grid for _, grid in results]),
+                "video_metadata": _metadata(clips, video_metadata),
+            }
+        )
 
 
 def frame_video_processor(family: str, settings: dict[str, Any], image_processor: Any) -> Any:
+    """The stand-in video processor of a family (None where the family's processor takes no video).
+
+    `settings` is the saved `video_processor` entry of the checkpoint's processor_config.json (sizes, mean, std).
+    """
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        return QwenFrameVideoProcessor(image_processor)
+    if family in ("llava_next_video", "video_llava", "llava_onevision"):
+        from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        # LLaVA-OneVision resizes frames to a square without cropping, with SigLIP's mean and std (0.5).
+        onevision = family == "llava_onevision"
+        default_mean, default_std = ([0.5] * 3, [0.5] * 3) if onevision else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        size = settings.get("size") or {"shortest_edge": 224}
+        crop = settings.get("crop_size")
+        frame_processor = CLIPImageProcessorPil(
+            size=size,
+            crop_size=crop or size,
+            do_center_crop=not onevision and crop is not None,
+            image_mean=settings.get("image_mean") or list(default_mean),
+            image_std=settings.get("image_std") or list(default_std),
+        )
+        return ClipFrameVideoProcessor(frame_processor)
     return None
+
+
+def frames_per_video(inputs: dict[str, Any]) -> list[int]:
+    """Frames of each video in a processor batch (before Qwen's 2-frame temporal patches)."""
+    pixels = inputs.get("pixel_values_videos")
+    if pixels is None:
+        return []
+    grid = inputs.get("video_grid_thw")
+    if grid is not None:
+        return [int(t) * 2 for t, _, _ in grid.tolist()]  # temporal_patch_size 2 in every Qwen-VL checkpoint
+    return [int(pixels.shape[1])] * int(pixels.shape[0])
+
+
+def vision_tokens_per_frame(video_tokens: int, frames: int) -> float:
+    return video_tokens / frames if frames else math.nan
