@@ -414,7 +414,7 @@ def test_unsupported_model_type() -> None:
 
 
 def test_unsupported_vision_tower() -> None:
-    config = LlavaConfig(vision_config={"model_type": "siglip_vision_model"}, text_config=TINY_TEXT)
+    config = LlavaConfig(vision_config={"model_type": "dinov2"}, text_config=TINY_TEXT)
     with pytest.raises(UnsupportedModelError, match="clip_vision_model"):
         flops.vision_flops(config, num_crops=1)
 
@@ -475,3 +475,87 @@ def test_vision_arguments_per_family(llava7b_config) -> None:
         flops.vision_flops(qwen_config("qwen2_vl"), num_crops=1)
     with pytest.raises(InputError):
         flops.vision_flops(qwen_config("qwen2_vl"), grid_thw=[(1, 5, 4)])  # h not a multiple of the merge size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The new families: vision towers (images and video frames) and the engine's decoder, on the tiny configs
+
+
+def _tiny_family_model(family: str, attention: str) -> torch.nn.Module:
+    from vtw_core.tiny import tiny_config
+
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(tiny_config(family), attn_implementation=attention).eval()
+
+
+def _family_inputs(family: str, images: int, videos: int) -> dict:
+    from PIL import Image
+
+    from vtw_core.tiny import build_tiny_processor
+
+    processor = build_tiny_processor(family)
+    generator = torch.Generator().manual_seed(0)
+
+    def picture(width: int, height: int) -> Image.Image:
+        return Image.fromarray(
+            torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy()
+        )
+
+    content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": "What?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    clips = [[picture(48, 40) for _ in range(3)] for _ in range(videos)]
+    pictures = [picture(64, 40), picture(40, 72)][:images]
+    return dict(processor(text=[text], images=pictures or None, videos=clips or None, return_tensors="pt"))
+
+
+def _vision_part_flops(model: torch.nn.Module, inputs: dict) -> int:
+    """Everything the stock model computes before its decoder: the vision tower(s), projector and merging."""
+    from vtw_core.embed import embed_prompt
+
+    return measure(lambda: embed_prompt(model, inputs))
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize(
+    ("family", "images", "videos"),
+    [
+        ("llava_next_video", 1, 0),
+        ("llava_next_video", 0, 2),
+        ("llava_next_video", 1, 1),
+        ("video_llava", 2, 0),
+        ("video_llava", 0, 1),
+        ("llava_onevision", 1, 0),
+        ("llava_onevision", 2, 1),
+        ("llava_onevision", 0, 1),
+        ("internvl", 1, 0),
+        ("internvl", 2, 0),
+        ("qwen2_vl", 1, 1),
+        ("qwen2_5_vl", 0, 1),
+    ],
+)
+def test_family_vision_matches_flop_counter(family: str, images: int, videos: int, attention: str) -> None:
+    model = _tiny_family_model(family, attention)
+    inputs = _family_inputs(family, images, videos)
+    assert _vision_part_flops(model, inputs) == flops.request_vision_flops(model.config, inputs)
+
+
+@pytest.mark.parametrize("family", ["llava_next_video", "video_llava", "llava_onevision", "internvl"])
+@pytest.mark.parametrize("k", [0, 2, None])
+def test_family_engine_prefill_matches_flop_counter(family: str, k: int | None) -> None:
+    """The engine's VTW prefill on a real processor prompt costs what prefill_flops says for its layer schedule."""
+    from vtw_core.embed import embed_prompt
+    from vtw_core.engine import prefill, withdrawal_selector
+
+    model = _tiny_family_model(family, "sdpa")
+    inputs = _family_inputs(family, 1, 1 if family not in ("internvl",) else 0)
+    prompt = embed_prompt(model, inputs)
+    dims = flops.DecoderDims.from_config(model.config)
+    vision = int(prompt.vision_mask.sum())
+    text = int(prompt.attention_mask.sum()) - vision
+    schedule = flops.vtw_tokens_per_layer(dims.num_layers, vision, text, k)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=flops.flop_counter_formulas()) as counter:
+        prefill(model, prompt, withdrawal_selector(k, dims.num_layers))
+    # The rotary tables are one small matmul per layer group (inv_freq x positions), outside the FLOPs convention.
+    per_module = counter.get_flop_counts()
+    rotary = sum(sum(counts.values()) for name, counts in per_module.items() if name.endswith("rotary_emb"))
+    assert counter.get_total_flops() - rotary == flops.prefill_flops(dims, schedule)
