@@ -47,7 +47,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from vtw_core.prompts import user_message
 
     images = [load_image(path) for path in args.image]
-    messages = [user_message(args.prompt, num_images=len(images))]
+    if args.video:
+        from vtw_core.videos import read_video
+
+        videos = [read_video(path, args.frames) for path in args.video]
+    else:
+        videos = []
+    messages = [user_message(args.prompt, num_images=len(images), num_videos=len(videos))]
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.sample,
@@ -67,7 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         method = parse_method(args.method, manager.info.num_layers)
         k, schedule = method.k, method.schedule
     options = {"k": k, "schedule": schedule, "position_mode": args.position_mode, "sampling": sampling}
-    for event in manager.stream(messages, images, **options):
+    for event in manager.stream(messages, images, videos=videos, **options):
         if not args.json:
             print(event.text_delta, end="", flush=True)
         last = event
@@ -84,6 +90,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         f"KV cache {stats.kv_cache_bytes / 2**20:.2f} MB",
         file=sys.stderr,
     )
+    if stats.video_frames:
+        print(
+            f"[{side}] {stats.video_frames} video frames, {stats.vision_tokens_per_frame:.1f} vision tokens per frame",
+            file=sys.stderr,
+        )
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
@@ -336,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="answer a question about images, streaming the text")
     _add_model_options(generate)
     generate.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    generate.add_argument("--video", action="append", default=[], help="video file (repeat for several)")
+    generate.add_argument("--frames", type=int, default=8, help="frames sampled evenly from each video (1..64)")
     generate.add_argument("--prompt", required=True, help="the question")
     generate.add_argument("--k", type=int, default=None, help="withdraw vision tokens after K layers (none: baseline)")
     generate.add_argument("--method", help="instead of --k: baseline, vtw:K, fastv:K:R or schedule:FILE")

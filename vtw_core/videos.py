@@ -52,7 +52,16 @@ class Video:
     frames: list[Image.Image]
     fps: float
     total_frames: int
-    frame_indices: list[int] = field(default_factory=list)
+    frame_indices: list[int] = field(default_factory=list)  # empty: the frames are the video's first ones
+
+    def __post_init__(self) -> None:
+        if not self.frames:
+            raise InputError("a video needs at least one frame")
+        if not self.fps > 0:
+            raise InputError(f"a video's frame rate must be positive, got {self.fps}")
+        if not self.frame_indices:
+            self.frame_indices = list(range(len(self.frames)))
+        self.total_frames = max(self.total_frames, len(self.frames))
 
     @property
     def duration_s(self) -> float:
