@@ -428,6 +428,10 @@ SHIPPED = {
     "llava-1.5-13b": ("LlavaForConditionalGeneration", 13.35e9),
     "llava-v1.6-vicuna-7b": ("LlavaNextForConditionalGeneration", 7.06e9),
     "qwen2-vl-2b": ("Qwen2VLForConditionalGeneration", 2.21e9),
+    "video-llava-7b": ("VideoLlavaForConditionalGeneration", 7.37e9),
+    "llava-next-video-7b": ("LlavaNextVideoForConditionalGeneration", 7.06e9),
+    "llava-onevision-qwen2-0.5b": ("LlavaOnevisionForConditionalGeneration", 0.894e9),
+    "internvl3-1b": ("InternVLForConditionalGeneration", 0.938e9),
 }
 
 
@@ -465,6 +469,14 @@ def test_qwen2_vl_2b_real_tower_on_meta_matches() -> None:
         )
     )
     assert measured == flops.vision_flops(model.config, grid_thw=grids)
+
+
+def test_real_video_llava_video_tower_on_meta_matches() -> None:
+    """Video-LLaVA-7B on 8 frames: each frame through the video tower (CLS kept), then the projector."""
+    model = meta_model("video-llava-7b")
+    frames = torch.empty(1, 8, 3, 224, 224, device="meta")
+    measured = measure(lambda: model.model.get_video_features(pixel_values_videos=frames))
+    assert measured == flops.vision_flops(model.config, video_frames=8)
 
 
 def test_vision_arguments_per_family(llava7b_config) -> None:

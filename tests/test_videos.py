@@ -163,3 +163,40 @@ def test_cli_generate_with_a_video(capsys, tiny_model_path, clip_path, tmp_path)
     argv[argv.index(str(clip_path))] = str(broken)
     assert main(argv) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["video_llava", "llava_next_video", "llava_onevision", "qwen2_vl"])
+def test_synthetic_video_prompt_is_what_the_stock_model_takes(family):
+    """The bench's synthetic video prompt: as many video tokens as the real processor makes, and stock-valid."""
+    from transformers import AutoModelForImageTextToText
+
+    from vtw_core.bench import synthetic_video_inputs
+    from vtw_core.generate import SamplingConfig, generate_tokens
+    from vtw_core.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(tiny_config(family)).eval()
+    model.generation_config.eos_token_id = None
+    inputs = synthetic_video_inputs(model, frames=4, text_tokens=6)
+    video_tokens = int((inputs["input_ids"] == model.config.video_token_id).sum())
+    if not family.startswith("qwen"):  # Qwen's synthetic frames are 448 px, beyond the tiny processor's pixel cap
+        processor = build_tiny_processor(family)
+        text = processor.apply_chat_template(
+            [user_message("Hi", num_images=0, num_videos=1)], add_generation_prompt=True
+        )
+        frames = [Image.new("RGB", (40, 40), "blue")] * 4
+        real = processor(text=[text], videos=[frames], return_tensors="pt")
+        assert video_tokens == int((real["input_ids"] == model.config.video_token_id).sum())
+    stock = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    columns = generate_tokens(model, inputs, sampling=SamplingConfig(max_new_tokens=4))
+    assert torch.stack(list(columns), 1).tolist() == stock.tolist()
+
+
+def test_bench_cli_runs_a_synthetic_video_row(capsys, tiny_model_path):
+    from vtw_core.cli import main
+
+    model = str(tiny_model_path("video_llava"))
+    argv = ["bench", "--model", model, "--random-weights", "--video-frames", "3", "--k", "1", "--new-tokens", "2"]
+    assert main([*argv, "--repeats", "1", "--text-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "51 vision" in out  # 3 frames x (16 patches + CLS)

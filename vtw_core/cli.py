@@ -131,7 +131,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     manager = _load(args, random_weights=args.random_weights)
     inputs = None
-    if args.synthetic_image_size:
+    if args.video_frames:
+        from vtw_core.bench import synthetic_video_inputs
+
+        inputs = synthetic_video_inputs(manager.model, frames=args.video_frames, text_tokens=args.text_tokens)
+    elif args.synthetic_image_size:
         from vtw_core.bench import synthetic_inputs
 
         height, width = args.synthetic_image_size
@@ -384,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthetic prompt for an image of this size (LLaVA-NeXT 672 672: the paper's 2880 vision tokens)",
     )  # fmt: skip
     bench.add_argument("--text-tokens", type=int, default=62, help="text tokens of the synthetic prompt")
+    bench.add_argument(
+        "--video-frames", type=int, help="synthetic prompt for a video of this many frames (Video-LLaVA-7B, 8: 2056)"
+    )
     bench.add_argument(
         "--engine", nargs="+", default=["auto"], choices=["auto", "plain", "static", "graph"],
         help="decode engines to compare (auto: CUDA graph on CUDA, plain elsewhere)",
