@@ -200,3 +200,17 @@ def test_bench_cli_runs_a_synthetic_video_row(capsys, tiny_model_path):
     assert main([*argv, "--repeats", "1", "--text-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert "51 vision" in out  # 3 frames x (16 patches + CLS)
+
+
+def test_app_video_upload_handler(clip_path, tmp_path):
+    from app.handlers import format_video_stats, read_video_upload
+
+    video = read_video_upload(clip_path, 5, [clip_path.parent])
+    assert len(video.frames) == 5
+    with pytest.raises(InputError, match="uploads"):
+        read_video_upload(clip_path, 5, [tmp_path])
+    with pytest.raises(InputError, match="frame count"):
+        read_video_upload(clip_path, 0, [clip_path.parent])
+    line = format_video_stats({"video_frames": 5, "video_tokens": 85, "vision_tokens_per_frame": 17.0})
+    assert "5 frames" in line and "17.0 per frame" in line
+    assert format_video_stats({"video_frames": 0}) == ""
