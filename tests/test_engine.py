@@ -22,9 +22,9 @@ from vtw_core.tiny import build_tiny_processor, tiny_config
 
 SYNTHETIC_FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
 # Families whose test prompts come from their real processor class (tiny tokenizer and image processor).
-PROCESSOR_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "internvl"]
+PROCESSOR_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl"]
 FAMILIES = SYNTHETIC_FAMILIES + PROCESSOR_FAMILIES
-VIDEO_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
+VIDEO_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 NUM_LAYERS = 4
 IMAGE_SIZES = {"llava": None, "llava_next": (40, 72), "qwen2_vl": (56, 56), "qwen2_5_vl": (56, 84)}
 
@@ -384,6 +384,41 @@ def test_unsupported_model_names_the_supported_families():
     inputs = {"input_ids": torch.tensor([[1, 2, 3]])}
     with pytest.raises(UnsupportedModelError, match=r"LLaVA-1\.5.*LLaVA-NeXT.*Qwen2-VL.*Qwen2\.5-VL"):
         list(generate_tokens(model, inputs))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "reason"),
+    [
+        ("gemma3", "sliding-window"),
+        ("qwen3_vl_moe", "mixture-of-experts"),
+        ("smolvlm", "text_model"),
+        ("idefics3", "tiles"),
+    ],
+)
+def test_refused_families_say_why(model_type, reason):
+    from transformers import AutoConfig
+
+    from vtw_core.families import model_family
+
+    with pytest.raises(UnsupportedModelError, match=reason) as error:
+        model_family(AutoConfig.for_model(model_type))
+    assert "LLaVA-1.5" in str(error.value)  # and names what is supported
+
+
+def test_deepstack_reaches_the_decoder_only_below_k():
+    """Qwen3-VL adds DeepStack features to the outputs of decoder layers 0 and 1 at the vision positions. The
+    layer-1 features reach the text only through layer 2 attending to vision, so only K >= 3 depends on them."""
+    model = build_model("qwen3_vl")
+    inputs = prompt_inputs(model, "qwen3_vl")
+    prompt = embed_prompt(model, inputs)
+    assert len(prompt.layer_additions) == 2
+    assert all(bool((addition[~prompt.vision_mask] == 0).all()) for addition in prompt.layer_additions)
+    changed = copy.copy(prompt)
+    changed.layer_additions = (prompt.layer_additions[0], prompt.layer_additions[1] * 3)
+    for k, differs in ((2, False), (3, True)):
+        first, _ = prefill(model, prompt, withdrawal_selector(k, NUM_LAYERS))
+        second, _ = prefill(model, changed, withdrawal_selector(k, NUM_LAYERS))
+        assert bool((first != second).any()) == differs, k
 
 
 def test_image_token_mismatch_is_a_clear_error():

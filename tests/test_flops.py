@@ -432,6 +432,7 @@ SHIPPED = {
     "llava-next-video-7b": ("LlavaNextVideoForConditionalGeneration", 7.06e9),
     "llava-onevision-qwen2-0.5b": ("LlavaOnevisionForConditionalGeneration", 0.894e9),
     "internvl3-1b": ("InternVLForConditionalGeneration", 0.938e9),
+    "qwen3-vl-2b": ("Qwen3VLForConditionalGeneration", 2.13e9),
 }
 
 
@@ -543,6 +544,8 @@ def _vision_part_flops(model: torch.nn.Module, inputs: dict) -> int:
         ("internvl", 2, 0),
         ("qwen2_vl", 1, 1),
         ("qwen2_5_vl", 0, 1),
+        ("qwen3_vl", 2, 0),
+        ("qwen3_vl", 1, 1),
     ],
 )
 def test_family_vision_matches_flop_counter(family: str, images: int, videos: int, attention: str) -> None:
@@ -551,7 +554,7 @@ def test_family_vision_matches_flop_counter(family: str, images: int, videos: in
     assert _vision_part_flops(model, inputs) == flops.request_vision_flops(model.config, inputs)
 
 
-@pytest.mark.parametrize("family", ["llava_next_video", "video_llava", "llava_onevision", "internvl"])
+@pytest.mark.parametrize("family", ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl"])
 @pytest.mark.parametrize("k", [0, 2, None])
 def test_family_engine_prefill_matches_flop_counter(family: str, k: int | None) -> None:
     """The engine's VTW prefill on a real processor prompt costs what prefill_flops says for its layer schedule."""

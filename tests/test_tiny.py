@@ -32,6 +32,7 @@ PROCESSOR_CLASSES = {
     "video_llava": "VideoLlavaProcessor",
     "llava_onevision": "LlavaOnevisionProcessor",
     "internvl": "InternVLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
 }
 # Image tokens for the 64x64 sample image: llava 6x6 patches; llava_next 2x2 tiles of 4x4 (+4 newline tokens per
 # row of 8) plus the 4x4 base image; qwen 64 px -> 70 px = 10x10 patches of 7 px, merged 2x2 -> 5x5.
@@ -46,6 +47,7 @@ TOKENS_64X64 = {
     "video_llava": 16,
     "llava_onevision": 88,
     "internvl": 20,
+    "qwen3_vl": 16,  # 64 px: 8x8 patches of 8 px, merged 2x2
 }
 
 
@@ -90,7 +92,7 @@ def test_folder_is_a_complete_checkpoint(loaded):
     assert processor.tokenizer.pad_token_id is not None
     eos = model.generation_config.eos_token_id
     assert eos is not None
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         for name, token in [("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>")]:
             assert getattr(config, name) == QWEN_IDS[token] == processor.tokenizer.convert_tokens_to_ids(token)
         assert QWEN_IDS["<|im_end|>"] in eos

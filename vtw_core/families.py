@@ -22,10 +22,11 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "video_llava": "Video-LLaVA",
     "llava_onevision": "LLaVA-OneVision",
     "internvl": "InternVL",
+    "qwen3_vl": "Qwen3-VL",
 }
 
 # Families whose processor takes videos (their vision tokens are image and video placeholders alike).
-VIDEO_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "llava_next_video", "video_llava", "llava_onevision"})
+VIDEO_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next_video", "video_llava", "llava_onevision"})
 
 # model_type -> why VTW cannot run it exactly on the stock layers today.
 REFUSED_FAMILIES: dict[str, str] = {
@@ -35,11 +36,9 @@ REFUSED_FAMILIES: dict[str, str] = {
         "causal mask per layer group, so neither the sliding windows nor the bidirectional image mask of layers "
         "< K would follow the stock model"
     ),
-    "qwen3_vl": (
-        "Qwen3-VL is not supported: its DeepStack adds vision features into the hidden states of the first decoder "
-        "layers at the vision positions, inside the stock decoder's own loop, which the engine replaces"
+    "qwen3_vl_moe": (
+        "Qwen3-VL-MoE is not supported yet: its mixture-of-experts decoder has no tests here and no FLOPs model"
     ),
-    "qwen3_vl_moe": "Qwen3-VL-MoE is not supported: DeepStack (see qwen3_vl), and a mixture-of-experts decoder",
     "smolvlm": (
         "SmolVLM is not supported yet: its decoder lives at `model.text_model` and its processor splits images into "
         "tiles with row/column markers; it has no tests here yet"
@@ -51,7 +50,11 @@ REFUSED_FAMILIES: dict[str, str] = {
 }
 
 # Families whose rotary embedding takes (3, batch, seq) multimodal positions.
-MROPE_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl"})
+MROPE_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
+
+# Families whose stock decoder adds vision features into the outputs of its first layers at the vision positions
+# (Qwen3-VL's DeepStack); embed.py hands them to the engine as per-layer additions.
+DEEPSTACK_FAMILIES = frozenset({"qwen3_vl"})
 
 
 def supported_families_text() -> str:

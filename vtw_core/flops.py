@@ -27,6 +27,7 @@ VISION_FAMILIES: dict[str, str] = {
     "video_llava": "Video-LLaVA",
     "llava_onevision": "LLaVA-OneVision",
     "internvl": "InternVL",
+    "qwen3_vl": "Qwen3-VL",
 }
 # Families whose vision tower runs once per crop / tile / video frame (the rest take Qwen's grid_thw).
 _PER_CROP_FAMILIES = ("llava", "llava_next", "llava_next_video", "video_llava", "llava_onevision", "internvl")
@@ -267,9 +268,27 @@ def _window_lengths(t: int, h: int, w: int, vision: Any) -> list[int]:
     return [r * c * merge * merge for _ in range(t) for r in rows for c in cols]
 
 
+def _qwen3_vit_flops(config: Any, grid_thw: Sequence[tuple[int, int, int]]) -> int:
+    """Qwen3-VL ViT: fc1/fc2 blocks with full attention per frame, the merger, and one DeepStack merger per
+    deepstack layer (the same shapes). The learned position grid is interpolated elementwise: no matmul."""
+    vision = config.vision_config
+    hidden, head_dim = vision.hidden_size, vision.hidden_size // vision.num_heads
+    grids = [tuple(int(x) for x in thw) for thw in grid_thw]
+    patches = sum(t * h * w for t, h, w in grids)
+    patch_embed = 2 * patches * hidden * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    attention = sum(_attention_flops(h * w, h * w, vision.num_heads, head_dim) for t, h, w in grids for _ in range(t))
+    blocks = vision.depth * _vit_block_flops(patches, hidden, 2 * 2 * hidden * vision.intermediate_size, attention)
+    merged_width = hidden * vision.spatial_merge_size**2
+    merged = patches // vision.spatial_merge_size**2
+    merger = 2 * merged * merged_width * (merged_width + vision.out_hidden_size)
+    return patch_embed + blocks + (1 + len(vision.deepstack_visual_indexes)) * merger
+
+
 def _qwen_vit_flops(config: Any, grid_thw: Sequence[tuple[int, int, int]]) -> int:
     """Qwen2-VL / Qwen2.5-VL ViT on all images at once (attention within each image frame or window)."""
     vision = config.vision_config
+    if config.model_type == "qwen3_vl":
+        return _qwen3_vit_flops(config, grid_thw)
     qwen25 = config.model_type == "qwen2_5_vl"
     hidden = vision.hidden_size if qwen25 else vision.embed_dim
     out_hidden = vision.out_hidden_size if qwen25 else vision.hidden_size
@@ -337,7 +356,7 @@ def vision_flops(
 def request_vision_flops(config: Any, model_inputs: dict[str, Any]) -> int:
     """`vision_flops` for a processor batch: crops, tiles, frames and grids read from its tensors as the model does."""
     family = getattr(config, "model_type", None)
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         grids = [
             tuple(row)
             for name in ("image_grid_thw", "video_grid_thw")

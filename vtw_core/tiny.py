@@ -58,6 +58,8 @@ from transformers import (
     Qwen2Tokenizer,
     Qwen2VLConfig,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLProcessor,
     SiglipVisionConfig,
     VideoLlavaConfig,
     VideoLlavaProcessor,
@@ -81,6 +83,7 @@ SUPPORTED_TINY_FAMILIES = (
     "video_llava",
     "llava_onevision",
     "internvl",
+    "qwen3_vl",
 )
 # Families whose tokenizer is the Llama layout (the rest use the Qwen2 layout).
 LLAMA_TOKENIZER_FAMILIES = ("llava", "llava_next", "llava_next_video", "video_llava")
@@ -125,6 +128,12 @@ QWEN_MAX_PIXELS = (QWEN_PATCH * QWEN_MERGE * 8) ** 2
 # windows; vision layer 0 is windowed and layer 1 (in fullatt_block_indexes) attends over the whole image.
 QWEN25_WINDOW = 28
 QWEN25_FULLATT_BLOCKS = [1]
+# Qwen3-VL: 8 px patches merged 2x2 -> one token per 16x16 px, learned positions on a 4x4 grid (interpolated), and
+# DeepStack features from vision layers 0 and 1 added to the outputs of decoder layers 0 and 1.
+QWEN3_PATCH = 8
+QWEN3_MIN_PIXELS = (QWEN3_PATCH * QWEN_MERGE * 2) ** 2
+QWEN3_MAX_PIXELS = (QWEN3_PATCH * QWEN_MERGE * 8) ** 2
+QWEN3_DEEPSTACK = [0, 1]
 
 # Video-LLaVA: one CLIP geometry for the image and the video tower: 32 px, 8 px patches -> 16 patches; images drop
 # CLS (15+1 = 16 tokens), frames keep it (17 tokens per frame), as the stock processor counts them.
@@ -182,6 +191,7 @@ LLAVA_VIDEO_IDS = {LLAVA_IMAGE_TOKEN: VOCAB_SIZE - 3, VIDEO_TOKEN: VOCAB_SIZE - 
 QWEN_EXTRA_SPECIALS: dict[str, list[str]] = {
     "qwen2_vl": [],
     "qwen2_5_vl": [],
+    "qwen3_vl": [],
     "llava_onevision": [LLAVA_IMAGE_TOKEN, VIDEO_TOKEN],
     "internvl": ["<img>", "</img>", "<IMG_CONTEXT>", VIDEO_TOKEN],
 }
@@ -600,6 +610,26 @@ def tiny_config(family: str, *, num_layers: int = 4) -> PreTrainedConfig:
             vision_feature_select_strategy="default",
             tie_word_embeddings=False,
         )
+    if family == "qwen3_vl":
+        text = _qwen_text_config(num_layers)
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+        return Qwen3VLConfig(
+            text_config={**text, "head_dim": TEXT_HIDDEN // TEXT_HEADS},
+            vision_config={
+                "depth": VISION_LAYERS,
+                "hidden_size": VISION_HIDDEN,
+                "intermediate_size": VISION_INTERMEDIATE,
+                "num_heads": VISION_HEADS,
+                "out_hidden_size": TEXT_HIDDEN,
+                "patch_size": QWEN3_PATCH,
+                "spatial_merge_size": QWEN_MERGE,
+                "temporal_patch_size": QWEN_TEMPORAL_PATCH,
+                "num_position_embeddings": 16,
+                "deepstack_visual_indexes": QWEN3_DEEPSTACK,
+            },
+            **_qwen_token_ids(),
+            tie_word_embeddings=False,
+        )
     if family == "qwen2_vl":
         return Qwen2VLConfig(
             text_config=_qwen_text_config(num_layers),
@@ -656,21 +686,26 @@ def _generation_config(family: str) -> GenerationConfig:
 PROCESSOR_CLASSES: dict[str, type[ProcessorMixin]] = {
     "qwen2_vl": Qwen2VLProcessor,
     "qwen2_5_vl": Qwen2_5_VLProcessor,
+    "qwen3_vl": Qwen3VLProcessor,
     "llava_next_video": LlavaNextVideoProcessor,
     "video_llava": VideoLlavaProcessor,
     "llava_onevision": LlavaOnevisionProcessor,
     "internvl": InternVLProcessor,
 }
-QWEN_PROCESSOR_CLASSES = {family: PROCESSOR_CLASSES[family] for family in ("qwen2_vl", "qwen2_5_vl")}
+QWEN_PROCESSOR_CLASSES = {family: PROCESSOR_CLASSES[family] for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")}
 
 
-def _qwen_image_processor() -> Qwen2VLImageProcessorPil:
+def _qwen_image_processor(family: str = "qwen2_vl") -> Qwen2VLImageProcessorPil:
+    qwen3 = family == "qwen3_vl"
+    # Qwen3-VL normalises with mean = std = 0.5 (its hub preprocessor config); Qwen2(.5)-VL with CLIP's.
+    normalisation = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if qwen3 else {}
     return Qwen2VLImageProcessorPil(
-        patch_size=QWEN_PATCH,
+        **normalisation,
+        patch_size=QWEN3_PATCH if qwen3 else QWEN_PATCH,
         merge_size=QWEN_MERGE,
         temporal_patch_size=QWEN_TEMPORAL_PATCH,
-        min_pixels=QWEN_MIN_PIXELS,
-        max_pixels=QWEN_MAX_PIXELS,
+        min_pixels=QWEN3_MIN_PIXELS if qwen3 else QWEN_MIN_PIXELS,
+        max_pixels=QWEN3_MAX_PIXELS if qwen3 else QWEN_MAX_PIXELS,
     )
 
 
@@ -678,6 +713,17 @@ def _video_processor_dict(family: str) -> dict:
     # Saved so that, where torchvision is installed, stock AutoProcessor builds the family's video processor with
     # the tiny geometry instead of the real model's. It cannot be instantiated here without torchvision, hence a
     # plain dict of the video processor's init kwargs.
+    if family == "qwen3_vl":
+        return {
+            "video_processor_type": "Qwen3VLVideoProcessor",
+            "patch_size": QWEN3_PATCH,
+            "merge_size": QWEN_MERGE,
+            "temporal_patch_size": QWEN_TEMPORAL_PATCH,
+            # Qwen3-VL's video budget covers all frames: room for 8 frames at the image cap.
+            "size": {"shortest_edge": QWEN3_MIN_PIXELS, "longest_edge": 8 * QWEN3_MAX_PIXELS},
+            "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3,
+        }
     if family in QWEN_PROCESSOR_CLASSES:
         return {
             "video_processor_type": "Qwen2VLVideoProcessor",
@@ -810,7 +856,7 @@ def build_tiny_processor(family: str) -> ProcessorMixin:
     # the same processor runs on every machine; the saved folder names the family's stock video processor.
     processor_class = PROCESSOR_CLASSES[family]
     if family in QWEN_PROCESSOR_CLASSES:
-        image_processor = _qwen_image_processor()
+        image_processor = _qwen_image_processor(family)
         return processor_without_torchvision(
             processor_class,
             image_processor=image_processor,

@@ -213,36 +213,49 @@ class ClipFrameVideoProcessor:
         )
 
 
-class QwenFrameVideoProcessor:
-    """Qwen2-VL / Qwen2.5-VL: frames resized to a multiple of patch x merge, then cut into (t, h, w) patches.
+# The stock Qwen video processors' pixel budgets, for checkpoints that save none.
+QWEN_VIDEO_SIZES = {
+    "qwen2_vl": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768},
+    "qwen2_5_vl": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768},
+    "qwen3_vl": {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768},
+}
 
-    Two consecutive frames form one temporal patch (a last odd frame is repeated), as in the stock
-    Qwen2VLVideoProcessor: `pixel_values_videos` (patches, 3 * temporal * patch * patch) and `video_grid_thw`.
+
+class QwenFrameVideoProcessor:
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: frames resized to a multiple of patch x merge, then cut into (t, h, w) patches.
+
+    Two consecutive frames form one temporal patch (a last odd frame is repeated), as in the stock video processors:
+    `pixel_values_videos` (patches, 3 * temporal * patch * patch) and `video_grid_thw`. The pixel budget is the
+    video processor's own (`settings["size"]`): per frame for Qwen2(.5)-VL, over all frames for Qwen3-VL.
     """
 
-    def __init__(self, image_processor: Any):
-        self.image_processor = image_processor
-        self.patch_size = image_processor.patch_size
-        self.merge_size = image_processor.merge_size
-        self.temporal_patch_size = image_processor.temporal_patch_size
+    def __init__(self, family: str, image_processor: Any, settings: dict[str, Any] | None = None):
+        settings = settings or {}
+        self.family = family
+        self.patch_size = settings.get("patch_size") or image_processor.patch_size
+        self.merge_size = settings.get("merge_size") or image_processor.merge_size
+        self.temporal_patch_size = settings.get("temporal_patch_size") or image_processor.temporal_patch_size
+        self.size = settings.get("size") or QWEN_VIDEO_SIZES[family]
+        self.image_mean = settings.get("image_mean") or image_processor.image_mean
+        self.image_std = settings.get("image_std") or image_processor.image_std
 
-    def _resized_size(self, height: int, width: int) -> tuple[int, int]:
+    def _resized_size(self, frames: int, height: int, width: int) -> tuple[int, int]:
+        factor = self.patch_size * self.merge_size
+        low, high = self.size["shortest_edge"], self.size["longest_edge"]
+        if self.family == "qwen3_vl":  # the budget covers the whole clip (t x h x w)
+            from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as clip_resize
+
+            frames = max(frames, self.temporal_patch_size)
+            return clip_resize(frames, height, width, self.temporal_patch_size, factor, low, high)
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-        size = self.image_processor.size
-        return smart_resize(
-            height,
-            width,
-            factor=self.patch_size * self.merge_size,
-            min_pixels=size["shortest_edge"],
-            max_pixels=size["longest_edge"],
-        )
+        return smart_resize(height, width, factor=factor, min_pixels=low, max_pixels=high)
 
     def _patches(self, frames: list[Image.Image]) -> tuple[torch.Tensor, list[int]]:
         width, height = frames[0].size
-        new_height, new_width = self._resized_size(height, width)
-        mean = np.asarray(self.image_processor.image_mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(self.image_processor.image_std, dtype=np.float32)[:, None, None]
+        new_height, new_width = self._resized_size(len(frames), height, width)
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
         clip = np.stack(
             [
                 (np.asarray(frame.resize((new_width, new_height), Image.Resampling.BICUBIC), dtype=np.float32)
@@ -280,8 +293,8 @@ def frame_video_processor(family: str, settings: dict[str, Any], image_processor
 
     `settings` is the saved `video_processor` entry of the checkpoint's processor_config.json (sizes, mean, std).
     """
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        return QwenFrameVideoProcessor(image_processor)
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        return QwenFrameVideoProcessor(family, image_processor, settings)
     if family in ("llava_next_video", "video_llava", "llava_onevision"):
         from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
