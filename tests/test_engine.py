@@ -22,7 +22,7 @@ from vtw_core.tiny import build_tiny_processor, tiny_config
 
 SYNTHETIC_FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
 # Families whose test prompts come from their real processor class (tiny tokenizer and image processor).
-PROCESSOR_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl"]
+PROCESSOR_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl", "idefics3"]
 FAMILIES = SYNTHETIC_FAMILIES + PROCESSOR_FAMILIES
 VIDEO_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 NUM_LAYERS = 4
@@ -391,8 +391,7 @@ def test_unsupported_model_names_the_supported_families():
     [
         ("gemma3", "sliding-window"),
         ("qwen3_vl_moe", "mixture-of-experts"),
-        ("smolvlm", "text_model"),
-        ("idefics3", "tiles"),
+        ("smolvlm", "num2words"),
     ],
 )
 def test_refused_families_say_why(model_type, reason):

@@ -546,6 +546,8 @@ def _vision_part_flops(model: torch.nn.Module, inputs: dict) -> int:
         ("qwen2_5_vl", 0, 1),
         ("qwen3_vl", 2, 0),
         ("qwen3_vl", 1, 1),
+        ("idefics3", 1, 0),
+        ("idefics3", 2, 0),
     ],
 )
 def test_family_vision_matches_flop_counter(family: str, images: int, videos: int, attention: str) -> None:
@@ -554,7 +556,9 @@ def test_family_vision_matches_flop_counter(family: str, images: int, videos: in
     assert _vision_part_flops(model, inputs) == flops.request_vision_flops(model.config, inputs)
 
 
-@pytest.mark.parametrize("family", ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl"])
+@pytest.mark.parametrize(
+    "family", ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl", "idefics3"]
+)
 @pytest.mark.parametrize("k", [0, 2, None])
 def test_family_engine_prefill_matches_flop_counter(family: str, k: int | None) -> None:
     """The engine's VTW prefill on a real processor prompt costs what prefill_flops says for its layer schedule."""
@@ -562,7 +566,7 @@ def test_family_engine_prefill_matches_flop_counter(family: str, k: int | None) 
     from vtw_core.engine import prefill, withdrawal_selector
 
     model = _tiny_family_model(family, "sdpa")
-    inputs = _family_inputs(family, 1, 1 if family not in ("internvl",) else 0)
+    inputs = _family_inputs(family, 1, 1 if family not in ("internvl", "idefics3") else 0)
     prompt = embed_prompt(model, inputs)
     dims = flops.DecoderDims.from_config(model.config)
     vision = int(prompt.vision_mask.sum())

@@ -33,6 +33,7 @@ PROCESSOR_CLASSES = {
     "llava_onevision": "LlavaOnevisionProcessor",
     "internvl": "InternVLProcessor",
     "qwen3_vl": "Qwen3VLProcessor",
+    "idefics3": "Idefics3Processor",
 }
 # Image tokens for the 64x64 sample image: llava 6x6 patches; llava_next 2x2 tiles of 4x4 (+4 newline tokens per
 # row of 8) plus the 4x4 base image; qwen 64 px -> 70 px = 10x10 patches of 7 px, merged 2x2 -> 5x5.
@@ -48,6 +49,7 @@ TOKENS_64X64 = {
     "llava_onevision": 88,
     "internvl": 20,
     "qwen3_vl": 16,  # 64 px: 8x8 patches of 8 px, merged 2x2
+    "idefics3": 20,  # 2x2 tiles of 32 px and the global image, 4 tokens each
 }
 
 

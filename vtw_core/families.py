@@ -23,6 +23,7 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "llava_onevision": "LLaVA-OneVision",
     "internvl": "InternVL",
     "qwen3_vl": "Qwen3-VL",
+    "idefics3": "Idefics3",
 }
 
 # Families whose processor takes videos (their vision tokens are image and video placeholders alike).
@@ -40,14 +41,13 @@ REFUSED_FAMILIES: dict[str, str] = {
         "Qwen3-VL-MoE is not supported yet: its mixture-of-experts decoder has no tests here and no FLOPs model"
     ),
     "smolvlm": (
-        "SmolVLM is not supported yet: its decoder lives at `model.text_model` and its processor splits images into "
-        "tiles with row/column markers; it has no tests here yet"
-    ),
-    "idefics3": (
-        "Idefics3 is not supported yet: its decoder lives at `model.text_model` and its processor splits images "
-        "into tiles with row/column markers; it has no tests here yet"
+        "SmolVLM is not supported yet: its processor needs the num2words package and has no tests here yet "
+        "(its model is Idefics3's, which is supported)"
     ),
 }
+
+# Where the text decoder lives inside `model.model`, where it is not `language_model`.
+DECODER_ATTRIBUTE: dict[str, str] = {"idefics3": "text_model", "smolvlm": "text_model"}
 
 # Families whose rotary embedding takes (3, batch, seq) multimodal positions.
 MROPE_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
@@ -94,8 +94,8 @@ def vision_token_ids(config) -> tuple[int, ...]:
 
 def language_model(model: nn.Module) -> nn.Module:
     """The text decoder (embed_tokens, layers, norm, rotary_emb) inside a conditional-generation model."""
-    model_family(model.config)
-    decoder = model.model.language_model
+    family = model_family(model.config)
+    decoder = getattr(model.model, DECODER_ATTRIBUTE.get(family, "language_model"))
     for part in ("embed_tokens", "layers", "norm", "rotary_emb"):
         if not hasattr(decoder, part):
             raise UnsupportedModelError(f"{type(decoder).__name__} has no `{part}`; cannot run it layer by layer")

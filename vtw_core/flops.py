@@ -28,9 +28,18 @@ VISION_FAMILIES: dict[str, str] = {
     "llava_onevision": "LLaVA-OneVision",
     "internvl": "InternVL",
     "qwen3_vl": "Qwen3-VL",
+    "idefics3": "Idefics3",
 }
 # Families whose vision tower runs once per crop / tile / video frame (the rest take Qwen's grid_thw).
-_PER_CROP_FAMILIES = ("llava", "llava_next", "llava_next_video", "video_llava", "llava_onevision", "internvl")
+_PER_CROP_FAMILIES = (
+    "llava",
+    "llava_next",
+    "llava_next_video",
+    "video_llava",
+    "llava_onevision",
+    "internvl",
+    "idefics3",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,7 +203,7 @@ def _vit_tower_flops(vision: Any) -> tuple[int, int]:
     Patch embedding, then pre-norm blocks (q, k, v, o; fc1, fc2) over the patches plus CLS where the tower has one
     (CLIP, InternViT); SigLIP's attention-pooling head only where the config enables it.
     """
-    if vision.model_type not in ("clip_vision_model", "siglip_vision_model", "internvl_vision"):
+    if vision.model_type not in ("clip_vision_model", "siglip_vision_model", "internvl_vision", "idefics3_vision"):
         raise UnsupportedModelError(
             f"vision tower {vision.model_type!r} is not supported for FLOPs; only CLIP (`clip_vision_model`), "
             "SigLIP (`siglip_vision_model`) and InternViT (`internvl_vision`)"
@@ -203,7 +212,7 @@ def _vit_tower_flops(vision: Any) -> tuple[int, int]:
     image_size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
     patch_size = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
     patches = (image_size // patch_size) ** 2
-    tokens = patches + (0 if vision.model_type == "siglip_vision_model" else 1)  # CLS
+    tokens = patches + (1 if vision.model_type in ("clip_vision_model", "internvl_vision") else 0)  # CLS
     patch_embed = 2 * patches * hidden * vision.num_channels * patch_size**2
     # HF runs every encoder layer even when a middle layer's hidden states are the ones selected.
     block = _vit_block_flops(tokens, hidden, 2 * 2 * hidden * vision.intermediate_size, 4 * tokens * tokens * hidden)
@@ -244,6 +253,14 @@ def _clip_llava_flops(config: Any, num_crops: int, video_frames: int = 0) -> int
     else:
         frame_tokens = selected
     return images + video_frames * (tower + _llava_projector_flops(config, frame_tokens))
+
+
+def _idefics3_flops(config: Any, num_tiles: int) -> int:
+    """Idefics3's SigLIP-style tower once per tile, then the connector: pixel shuffle (a reshape) and one linear."""
+    tower, tokens = _vit_tower_flops(config.vision_config)
+    width = config.vision_config.hidden_size * config.scale_factor**2
+    connector = 2 * (tokens // config.scale_factor**2) * width * config.get_text_config().hidden_size
+    return num_tiles * (tower + connector)
 
 
 def _internvl_flops(config: Any, num_tiles: int) -> int:
@@ -339,10 +356,12 @@ def vision_flops(
     if model_type in _PER_CROP_FAMILIES:
         if num_crops < 0 or video_frames < 0 or len(grid_thw):
             raise InputError(f"{model_type} takes num_crops >= 0 (got {num_crops}) and video_frames, not grid_thw")
-        if video_frames and model_type in ("llava", "llava_next", "internvl"):
+        if video_frames and model_type in ("llava", "llava_next", "internvl", "idefics3"):
             raise InputError(f"{model_type} takes no video frames")
         if model_type == "internvl":
             return _internvl_flops(config, num_crops)
+        if model_type == "idefics3":
+            return _idefics3_flops(config, num_crops)
         return _clip_llava_flops(config, num_crops, video_frames)
     if num_crops or video_frames:
         raise InputError(f"{model_type} takes grid_thw (one (t, h, w) per image or video), not num_crops")
@@ -389,6 +408,10 @@ def request_vision_flops(config: Any, model_inputs: dict[str, Any]) -> int:
             image_size_to_num_patches(size, config.image_grid_pinpoints, tile) if crop else 1
             for size, crop in zip(sizes, patching, strict=True)
         )
+    elif pixel_values is not None and family == "idefics3":
+        # (images, tiles, 3, h, w), padded with all-zero tiles that the model skips, as it does here.
+        tiles = pixel_values.flatten(0, 1)
+        crops = int((tiles.flatten(1) != 0).any(1).sum())
     elif pixel_values is not None:
         crops = int(pixel_values.shape[0])
     if not crops and not frames:

@@ -39,6 +39,8 @@ from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
     GenerationConfig,
+    Idefics3Config,
+    Idefics3Processor,
     InternVLConfig,
     InternVLProcessor,
     LlamaConfig,
@@ -66,6 +68,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -84,9 +87,10 @@ SUPPORTED_TINY_FAMILIES = (
     "llava_onevision",
     "internvl",
     "qwen3_vl",
+    "idefics3",
 )
 # Families whose tokenizer is the Llama layout (the rest use the Qwen2 layout).
-LLAMA_TOKENIZER_FAMILIES = ("llava", "llava_next", "llava_next_video", "video_llava")
+LLAMA_TOKENIZER_FAMILIES = ("llava", "llava_next", "llava_next_video", "video_llava", "idefics3")
 
 # --- Sizes ---------------------------------------------------------------------------------------------------
 
@@ -153,6 +157,13 @@ INTERNVL_PATCH = 8
 INTERNVL_MAX_TILES = 4
 INTERNVL_IMAGE_SEQ_LENGTH = (INTERNVL_TILE // INTERNVL_PATCH) ** 2 // 4
 
+# Idefics3: 32 px tiles of 8 px patches, pixel-shuffled by 2 -> 4 tokens per tile; images up to 64 px a side are
+# split into up to 2x2 tiles plus the whole image (the global tile), as the real model splits into 364 px tiles.
+IDEFICS3_TILE = 32
+IDEFICS3_PATCH = 8
+IDEFICS3_SCALE = 2
+IDEFICS3_IMAGE_SEQ_LEN = (IDEFICS3_TILE // IDEFICS3_PATCH) ** 2 // IDEFICS3_SCALE**2
+
 # --- Tokenizers ----------------------------------------------------------------------------------------------
 
 # Llama layout: <unk>=0, <s>=1, </s>=2, <0x00>..<0xFF>=3..258 (byte fallback: any character encodes, nothing
@@ -187,6 +198,9 @@ QWEN_IDS = {token: VOCAB_SIZE - len(QWEN_SPECIALS) + i for i, token in enumerate
 VIDEO_TOKEN = "<video>"
 # Video-LLaVA / LLaVA-NeXT-Video (Llama): <image>, <video> and <pad> after the trained pieces.
 LLAVA_VIDEO_IDS = {LLAVA_IMAGE_TOKEN: VOCAB_SIZE - 3, VIDEO_TOKEN: VOCAB_SIZE - 2, LLAVA_PAD_TOKEN: VOCAB_SIZE - 1}
+# Idefics3 (Llama): its image markers and end-of-turn token, then <pad>, after the trained pieces.
+IDEFICS3_SPECIALS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+IDEFICS3_IDS = {token: VOCAB_SIZE - 5 + i for i, token in enumerate([*IDEFICS3_SPECIALS, LLAVA_PAD_TOKEN])}
 # Qwen2-text families append their own vision tokens after Qwen's specials, as their hub tokenizers do.
 QWEN_EXTRA_SPECIALS: dict[str, list[str]] = {
     "qwen2_vl": [],
@@ -313,6 +327,14 @@ def build_tiny_tokenizer(family: str) -> LlamaTokenizer | Qwen2Tokenizer:
     if family in ("llava", "llava_next"):
         tokenizer = llava_tokenizer()
         expected = {LLAVA_IMAGE_TOKEN: LLAVA_IMAGE_TOKEN_ID, LLAVA_PAD_TOKEN: LLAVA_PAD_TOKEN_ID, "</s>": 2}
+    elif family == "idefics3":
+        vocab, merges = _llama_vocab_and_merges(VOCAB_SIZE - len(IDEFICS3_IDS))
+        tokenizer = LlamaTokenizer(
+            vocab=dict(vocab), merges=list(merges), add_bos_token=True, legacy=False, padding_side="left"
+        )
+        tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_SPECIALS})
+        tokenizer.add_special_tokens({"pad_token": LLAVA_PAD_TOKEN})
+        expected = {**IDEFICS3_IDS, "</s>": 2}
     elif family in LLAMA_TOKENIZER_FAMILIES:
         vocab, merges = _llama_vocab_and_merges(VOCAB_SIZE - 3)
         tokenizer = LlamaTokenizer(
@@ -427,7 +449,18 @@ def _chatml_template(image: str, video: str) -> str:
     )
 
 
+# Idefics3's "User:<image>question<end_of_utterance>\nAssistant:" turns.
+IDEFICS3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
 CHAT_TEMPLATES = {
+    "idefics3": IDEFICS3_CHAT_TEMPLATE,
     "llava_next_video": _user_assistant_template("<image>\\n", "<video>\\n"),
     "video_llava": _user_assistant_template("<image>\\n", "<video>\\n"),
     "llava_onevision": _chatml_template("<image>\\n", "<video>\\n"),
@@ -610,6 +643,23 @@ def tiny_config(family: str, *, num_layers: int = 4) -> PreTrainedConfig:
             vision_feature_select_strategy="default",
             tie_word_embeddings=False,
         )
+    if family == "idefics3":
+        pad = IDEFICS3_IDS[LLAVA_PAD_TOKEN]
+        return Idefics3Config(
+            vision_config={
+                "hidden_size": VISION_HIDDEN,
+                "intermediate_size": VISION_INTERMEDIATE,
+                "num_hidden_layers": VISION_LAYERS,
+                "num_attention_heads": VISION_HEADS,
+                "image_size": IDEFICS3_TILE,
+                "patch_size": IDEFICS3_PATCH,
+            },
+            text_config=_llama_text_config(num_layers, pad),
+            image_token_id=IDEFICS3_IDS["<image>"],
+            scale_factor=IDEFICS3_SCALE,
+            pad_token_id=pad,
+            tie_word_embeddings=False,
+        )
     if family == "qwen3_vl":
         text = _qwen_text_config(num_layers)
         text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
@@ -668,6 +718,9 @@ def tiny_config(family: str, *, num_layers: int = 4) -> PreTrainedConfig:
 def _generation_config(family: str) -> GenerationConfig:
     if family in ("llava", "llava_next"):
         return GenerationConfig(bos_token_id=LLAMA_BOS_ID, eos_token_id=LLAMA_EOS_ID, pad_token_id=LLAVA_PAD_TOKEN_ID)
+    if family == "idefics3":  # ends a turn with <end_of_utterance>
+        eos = [IDEFICS3_IDS["<end_of_utterance>"], LLAMA_EOS_ID]
+        return GenerationConfig(bos_token_id=LLAMA_BOS_ID, eos_token_id=eos, pad_token_id=IDEFICS3_IDS[LLAVA_PAD_TOKEN])
     if family in LLAMA_TOKENIZER_FAMILIES:
         pad = LLAVA_VIDEO_IDS[LLAVA_PAD_TOKEN]
         return GenerationConfig(bos_token_id=LLAMA_BOS_ID, eos_token_id=LLAMA_EOS_ID, pad_token_id=pad)
@@ -837,6 +890,16 @@ def build_tiny_processor(family: str) -> ProcessorMixin:
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
             chat_template=LLAVA_CHAT_TEMPLATE,
+        )
+    if family == "idefics3":
+        image_processor = Idefics3ImageProcessorPil(
+            size={"longest_edge": 2 * IDEFICS3_TILE}, max_image_size={"longest_edge": IDEFICS3_TILE}
+        )
+        return Idefics3Processor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            image_seq_len=IDEFICS3_IMAGE_SEQ_LEN,
+            chat_template=IDEFICS3_CHAT_TEMPLATE,
         )
     if family == "llava_next":
         image_processor = LlavaNextImageProcessorPil(
