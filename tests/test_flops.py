@@ -29,6 +29,7 @@ from transformers.vision_utils import get_vision_position_ids
 from vtw_core import flops
 from vtw_core.configs import shipped_config_names, shipped_config_path
 from vtw_core.errors import InputError, UnsupportedModelError
+from vtw_core.families import language_model
 
 ATTENTIONS = ["sdpa", "eager"]
 
@@ -433,6 +434,7 @@ SHIPPED = {
     "llava-onevision-qwen2-0.5b": ("LlavaOnevisionForConditionalGeneration", 0.894e9),
     "internvl3-1b": ("InternVLForConditionalGeneration", 0.938e9),
     "qwen3-vl-2b": ("Qwen3VLForConditionalGeneration", 2.13e9),
+    "idefics3-8b-llama3": ("Idefics3ForConditionalGeneration", 8.46e9),
 }
 
 
@@ -451,7 +453,7 @@ def test_shipped_config_builds_the_real_architecture(name: str) -> None:
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(parameters, rel=0.005)
     # Independent of FlopCounterMode: per token, a linear layer costs 2 FLOPs per weight.
     dims = flops.DecoderDims.from_config(model.config)
-    decoder = model.model.language_model
+    decoder = language_model(model)
     layer_weights = sum(m.weight.numel() for m in decoder.layers.modules() if isinstance(m, torch.nn.Linear))
     assert dims.num_layers * flops.decoder_layer_flops(dims, 1, 0) == 2 * layer_weights
     assert flops.lm_head_flops(dims, 1) == 2 * model.lm_head.weight.numel()
