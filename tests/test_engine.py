@@ -18,11 +18,20 @@ from vtw_core.engine import decode_step, prefill, withdrawal_selector
 from vtw_core.errors import InputError, UnsupportedModelError
 from vtw_core.families import language_model, vision_token_ids
 from vtw_core.generate import SamplingConfig, generate_tokens
+from vtw_core.prompts import processor_images
 from vtw_core.tiny import build_tiny_processor, tiny_config
 
 SYNTHETIC_FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
 # Families whose test prompts come from their real processor class (tiny tokenizer and image processor).
-PROCESSOR_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl", "idefics3"]
+PROCESSOR_FAMILIES = [
+    "llava_next_video",
+    "video_llava",
+    "llava_onevision",
+    "internvl",
+    "qwen3_vl",
+    "idefics3",
+    "smolvlm",
+]
 FAMILIES = SYNTHETIC_FAMILIES + PROCESSOR_FAMILIES
 VIDEO_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 NUM_LAYERS = 4
@@ -61,10 +70,15 @@ def processor_inputs(family: str, rows: list[list], text: str = "What is in the 
         content = [{"type": "video" if isinstance(item, list) else "image"} for item in items]
         conversation = [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
         texts.append(processor.apply_chat_template(conversation, add_generation_prompt=True))
-        images += [item for item in items if not isinstance(item, list)]
+        images.append([item for item in items if not isinstance(item, list)])
         videos += [item for item in items if isinstance(item, list)]
     batch = processor(
-        text=texts, images=images or None, videos=videos or None, padding=True, padding_side="left", return_tensors="pt"
+        text=texts,
+        images=processor_images(processor, images),
+        videos=videos or None,
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
     )
     return dict(batch)
 
@@ -391,7 +405,6 @@ def test_unsupported_model_names_the_supported_families():
     [
         ("gemma3", "sliding-window"),
         ("qwen3_vl_moe", "mixture-of-experts"),
-        ("smolvlm", "num2words"),
     ],
 )
 def test_refused_families_say_why(model_type, reason):

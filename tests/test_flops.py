@@ -435,6 +435,7 @@ SHIPPED = {
     "internvl3-1b": ("InternVLForConditionalGeneration", 0.938e9),
     "qwen3-vl-2b": ("Qwen3VLForConditionalGeneration", 2.13e9),
     "idefics3-8b-llama3": ("Idefics3ForConditionalGeneration", 8.46e9),
+    "smolvlm-256m": ("SmolVLMForConditionalGeneration", 0.256e9),
 }
 
 
@@ -506,6 +507,7 @@ def _tiny_family_model(family: str, attention: str) -> torch.nn.Module:
 def _family_inputs(family: str, images: int, videos: int) -> dict:
     from PIL import Image
 
+    from vtw_core.prompts import processor_images
     from vtw_core.tiny import build_tiny_processor
 
     processor = build_tiny_processor(family)
@@ -520,7 +522,8 @@ def _family_inputs(family: str, images: int, videos: int) -> dict:
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     clips = [[picture(48, 40) for _ in range(3)] for _ in range(videos)]
     pictures = [picture(64, 40), picture(40, 72)][:images]
-    return dict(processor(text=[text], images=pictures or None, videos=clips or None, return_tensors="pt"))
+    images = processor_images(processor, [pictures])
+    return dict(processor(text=[text], images=images, videos=clips or None, return_tensors="pt"))
 
 
 def _vision_part_flops(model: torch.nn.Module, inputs: dict) -> int:
@@ -550,6 +553,7 @@ def _vision_part_flops(model: torch.nn.Module, inputs: dict) -> int:
         ("qwen3_vl", 1, 1),
         ("idefics3", 1, 0),
         ("idefics3", 2, 0),
+        ("smolvlm", 1, 0),
     ],
 )
 def test_family_vision_matches_flop_counter(family: str, images: int, videos: int, attention: str) -> None:
@@ -559,7 +563,7 @@ def test_family_vision_matches_flop_counter(family: str, images: int, videos: in
 
 
 @pytest.mark.parametrize(
-    "family", ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl", "idefics3"]
+    "family", ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl", "idefics3", "smolvlm"]
 )
 @pytest.mark.parametrize("k", [0, 2, None])
 def test_family_engine_prefill_matches_flop_counter(family: str, k: int | None) -> None:
@@ -568,7 +572,7 @@ def test_family_engine_prefill_matches_flop_counter(family: str, k: int | None) 
     from vtw_core.engine import prefill, withdrawal_selector
 
     model = _tiny_family_model(family, "sdpa")
-    inputs = _family_inputs(family, 1, 1 if family not in ("internvl", "idefics3") else 0)
+    inputs = _family_inputs(family, 1, 1 if family not in ("internvl", "idefics3", "smolvlm") else 0)
     prompt = embed_prompt(model, inputs)
     dims = flops.DecoderDims.from_config(model.config)
     vision = int(prompt.vision_mask.sum())

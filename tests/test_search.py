@@ -51,7 +51,7 @@ def test_kl_divergence_against_a_hand_computation():
     assert float(kl_divergence(p.log(), p.log())) == pytest.approx(0, abs=1e-7)
 
 
-NEW_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl", "idefics3"]
+NEW_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl", "idefics3", "smolvlm"]
 VIDEO_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import is_torchvision_available
 
 from vtw_core import tiny
+from vtw_core.prompts import count_image_items, processor_images
 from vtw_core.tiny import (
     QWEN_IDS,
     SUPPORTED_TINY_FAMILIES,
@@ -34,6 +35,7 @@ PROCESSOR_CLASSES = {
     "internvl": "InternVLProcessor",
     "qwen3_vl": "Qwen3VLProcessor",
     "idefics3": "Idefics3Processor",
+    "smolvlm": "SmolVLMProcessor",
 }
 # Image tokens for the 64x64 sample image: llava 6x6 patches; llava_next 2x2 tiles of 4x4 (+4 newline tokens per
 # row of 8) plus the 4x4 base image; qwen 64 px -> 70 px = 10x10 patches of 7 px, merged 2x2 -> 5x5.
@@ -50,6 +52,7 @@ TOKENS_64X64 = {
     "internvl": 20,
     "qwen3_vl": 16,  # 64 px: 8x8 patches of 8 px, merged 2x2
     "idefics3": 20,  # 2x2 tiles of 32 px and the global image, 4 tokens each
+    "smolvlm": 20,  # as Idefics3
 }
 
 
@@ -69,7 +72,18 @@ def loaded(request, tiny_model_path):
 
 def run(processor, model, conversations: list[list[dict]], images: list[Image.Image], max_new_tokens: int = 8):
     texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-    inputs = processor(images=images or None, text=texts, padding=True, padding_side="left", return_tensors="pt")
+    per_prompt, start = [], 0
+    for conversation in conversations:  # the images of each conversation, in order
+        count = count_image_items(conversation)
+        per_prompt.append(images[start : start + count])
+        start += count
+    inputs = processor(
+        images=processor_images(processor, per_prompt),
+        text=texts,
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+    )
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

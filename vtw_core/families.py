@@ -24,6 +24,7 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "internvl": "InternVL",
     "qwen3_vl": "Qwen3-VL",
     "idefics3": "Idefics3",
+    "smolvlm": "SmolVLM",
 }
 
 # Families whose processor takes videos (their vision tokens are image and video placeholders alike).
@@ -39,10 +40,6 @@ REFUSED_FAMILIES: dict[str, str] = {
     ),
     "qwen3_vl_moe": (
         "Qwen3-VL-MoE is not supported yet: its mixture-of-experts decoder has no tests here and no FLOPs model"
-    ),
-    "smolvlm": (
-        "SmolVLM is not supported yet: its processor needs the num2words package and has no tests here yet "
-        "(its model is Idefics3's, which is supported)"
     ),
 }
 

@@ -29,6 +29,7 @@ VISION_FAMILIES: dict[str, str] = {
     "internvl": "InternVL",
     "qwen3_vl": "Qwen3-VL",
     "idefics3": "Idefics3",
+    "smolvlm": "SmolVLM",
 }
 # Families whose vision tower runs once per crop / tile / video frame (the rest take Qwen's grid_thw).
 _PER_CROP_FAMILIES = (
@@ -39,6 +40,7 @@ _PER_CROP_FAMILIES = (
     "llava_onevision",
     "internvl",
     "idefics3",
+    "smolvlm",
 )
 
 
@@ -197,13 +199,16 @@ def _vit_block_flops(tokens: int, hidden: int, mlp_flops_per_token: int, attenti
     return 2 * tokens * 4 * hidden * hidden + tokens * mlp_flops_per_token + attention
 
 
+_VIT_TOWERS = ("clip_vision_model", "siglip_vision_model", "internvl_vision", "idefics3_vision", "smolvlm_vision")
+
+
 def _vit_tower_flops(vision: Any) -> tuple[int, int]:
     """(FLOPs of one pass, output tokens) of a CLIP / SigLIP / InternViT tower on one crop.
 
     Patch embedding, then pre-norm blocks (q, k, v, o; fc1, fc2) over the patches plus CLS where the tower has one
     (CLIP, InternViT); SigLIP's attention-pooling head only where the config enables it.
     """
-    if vision.model_type not in ("clip_vision_model", "siglip_vision_model", "internvl_vision", "idefics3_vision"):
+    if vision.model_type not in _VIT_TOWERS:
         raise UnsupportedModelError(
             f"vision tower {vision.model_type!r} is not supported for FLOPs; only CLIP (`clip_vision_model`), "
             "SigLIP (`siglip_vision_model`) and InternViT (`internvl_vision`)"
@@ -356,11 +361,11 @@ def vision_flops(
     if model_type in _PER_CROP_FAMILIES:
         if num_crops < 0 or video_frames < 0 or len(grid_thw):
             raise InputError(f"{model_type} takes num_crops >= 0 (got {num_crops}) and video_frames, not grid_thw")
-        if video_frames and model_type in ("llava", "llava_next", "internvl", "idefics3"):
+        if video_frames and model_type in ("llava", "llava_next", "internvl", "idefics3", "smolvlm"):
             raise InputError(f"{model_type} takes no video frames")
         if model_type == "internvl":
             return _internvl_flops(config, num_crops)
-        if model_type == "idefics3":
+        if model_type in ("idefics3", "smolvlm"):
             return _idefics3_flops(config, num_crops)
         return _clip_llava_flops(config, num_crops, video_frames)
     if num_crops or video_frames:
@@ -408,7 +413,7 @@ def request_vision_flops(config: Any, model_inputs: dict[str, Any]) -> int:
             image_size_to_num_patches(size, config.image_grid_pinpoints, tile) if crop else 1
             for size, crop in zip(sizes, patching, strict=True)
         )
-    elif pixel_values is not None and family == "idefics3":
+    elif pixel_values is not None and family in ("idefics3", "smolvlm"):
         # (images, tiles, 3, h, w), padded with all-zero tiles that the model skips, as it does here.
         tiles = pixel_values.flatten(0, 1)
         crops = int((tiles.flatten(1) != 0).any(1).sum())

@@ -108,6 +108,19 @@ def render_prompt(processor: Any, messages: list[Message]) -> str:
     return processor.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
 
 
+def processor_images(processor: Any, images: list[list[Image.Image]]) -> Any:
+    """The `images` argument for a batch: one flat list in prompt order, or None without images.
+
+    SmolVLM's processor is the exception: it takes one list per prompt (it does not split a flat list by the prompts'
+    placeholders, as Idefics3's and the others' do).
+    """
+    if not any(images):
+        return None
+    if type(processor).__name__ == "SmolVLMProcessor":
+        return [list(row) for row in images]
+    return [image for row in images for image in row]
+
+
 def build_model_inputs(
     processor: Any,
     conversations: list[list[Message]],
@@ -134,7 +147,6 @@ def build_model_inputs(
     if flat_videos and getattr(processor, "video_processor", None) is None:
         raise InputError("this model's processor takes no video")
     prompts = [render_prompt(processor, messages) for messages in conversations]
-    flat_images = [image for conversation_images in images for image in conversation_images]
     video_options = {}
     if flat_videos:
         video_options = {
@@ -144,7 +156,7 @@ def build_model_inputs(
     try:
         batch = processor(
             text=prompts,
-            images=flat_images or None,
+            images=processor_images(processor, images),
             padding=True,
             padding_side="left",
             return_tensors="pt",

@@ -63,6 +63,8 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLProcessor,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMProcessor,
     VideoLlavaConfig,
     VideoLlavaProcessor,
 )
@@ -72,6 +74,7 @@ from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3I
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
 from transformers.utils import is_torchvision_available
 
@@ -88,9 +91,12 @@ SUPPORTED_TINY_FAMILIES = (
     "internvl",
     "qwen3_vl",
     "idefics3",
+    "smolvlm",
 )
 # Families whose tokenizer is the Llama layout (the rest use the Qwen2 layout).
-LLAMA_TOKENIZER_FAMILIES = ("llava", "llava_next", "llava_next_video", "video_llava", "idefics3")
+LLAMA_TOKENIZER_FAMILIES = ("llava", "llava_next", "llava_next_video", "video_llava", "idefics3", "smolvlm")
+# SmolVLM's model and image tokens are Idefics3's.
+IDEFICS3_FAMILIES = ("idefics3", "smolvlm")
 
 # --- Sizes ---------------------------------------------------------------------------------------------------
 
@@ -327,7 +333,7 @@ def build_tiny_tokenizer(family: str) -> LlamaTokenizer | Qwen2Tokenizer:
     if family in ("llava", "llava_next"):
         tokenizer = llava_tokenizer()
         expected = {LLAVA_IMAGE_TOKEN: LLAVA_IMAGE_TOKEN_ID, LLAVA_PAD_TOKEN: LLAVA_PAD_TOKEN_ID, "</s>": 2}
-    elif family == "idefics3":
+    elif family in IDEFICS3_FAMILIES:
         vocab, merges = _llama_vocab_and_merges(VOCAB_SIZE - len(IDEFICS3_IDS))
         tokenizer = LlamaTokenizer(
             vocab=dict(vocab), merges=list(merges), add_bos_token=True, legacy=False, padding_side="left"
@@ -461,6 +467,7 @@ IDEFICS3_CHAT_TEMPLATE = (
 
 CHAT_TEMPLATES = {
     "idefics3": IDEFICS3_CHAT_TEMPLATE,
+    "smolvlm": IDEFICS3_CHAT_TEMPLATE,
     "llava_next_video": _user_assistant_template("<image>\\n", "<video>\\n"),
     "video_llava": _user_assistant_template("<image>\\n", "<video>\\n"),
     "llava_onevision": _chatml_template("<image>\\n", "<video>\\n"),
@@ -643,9 +650,10 @@ def tiny_config(family: str, *, num_layers: int = 4) -> PreTrainedConfig:
             vision_feature_select_strategy="default",
             tie_word_embeddings=False,
         )
-    if family == "idefics3":
+    if family in IDEFICS3_FAMILIES:
         pad = IDEFICS3_IDS[LLAVA_PAD_TOKEN]
-        return Idefics3Config(
+        config_class = Idefics3Config if family == "idefics3" else SmolVLMConfig
+        return config_class(
             vision_config={
                 "hidden_size": VISION_HIDDEN,
                 "intermediate_size": VISION_INTERMEDIATE,
@@ -718,7 +726,7 @@ def tiny_config(family: str, *, num_layers: int = 4) -> PreTrainedConfig:
 def _generation_config(family: str) -> GenerationConfig:
     if family in ("llava", "llava_next"):
         return GenerationConfig(bos_token_id=LLAMA_BOS_ID, eos_token_id=LLAMA_EOS_ID, pad_token_id=LLAVA_PAD_TOKEN_ID)
-    if family == "idefics3":  # ends a turn with <end_of_utterance>
+    if family in IDEFICS3_FAMILIES:  # ends a turn with <end_of_utterance>
         eos = [IDEFICS3_IDS["<end_of_utterance>"], LLAMA_EOS_ID]
         return GenerationConfig(bos_token_id=LLAMA_BOS_ID, eos_token_id=eos, pad_token_id=IDEFICS3_IDS[LLAVA_PAD_TOKEN])
     if family in LLAMA_TOKENIZER_FAMILIES:
@@ -740,6 +748,7 @@ PROCESSOR_CLASSES: dict[str, type[ProcessorMixin]] = {
     "qwen2_vl": Qwen2VLProcessor,
     "qwen2_5_vl": Qwen2_5_VLProcessor,
     "qwen3_vl": Qwen3VLProcessor,
+    "smolvlm": SmolVLMProcessor,
     "llava_next_video": LlavaNextVideoProcessor,
     "video_llava": VideoLlavaProcessor,
     "llava_onevision": LlavaOnevisionProcessor,
@@ -943,6 +952,11 @@ def build_tiny_processor(family: str) -> ProcessorMixin:
         )
         options = {"patch_size": VIDEO_LLAVA_PATCH, "vision_feature_select_strategy": "default"}
         options["num_additional_image_tokens"] = 1
+    elif family == "smolvlm":
+        image_processor = SmolVLMImageProcessorPil(
+            size={"longest_edge": 2 * IDEFICS3_TILE}, max_image_size={"longest_edge": IDEFICS3_TILE}
+        )
+        options = {"image_seq_len": IDEFICS3_IMAGE_SEQ_LEN}
     elif family == "llava_onevision":
         image_processor = LlavaOnevisionImageProcessorPil(
             size={"height": ONEVISION_TILE, "width": ONEVISION_TILE}, image_grid_pinpoints=ONEVISION_PINPOINTS

@@ -288,6 +288,17 @@ class QwenFrameVideoProcessor:
         )
 
 
+class NoVideoProcessor:
+    """SmolVLM: its processor's chat template reads the video processor's default sampling options even for image
+    prompts; this stand-in has them (SmolVLMVideoProcessor's defaults) and refuses videos with a clear message."""
+
+    num_frames = 64
+    fps = 1
+
+    def __call__(self, videos: Any, **_: Any) -> BatchFeature:
+        raise InputError("video input is not supported for this model family yet")
+
+
 def frame_video_processor(family: str, settings: dict[str, Any], image_processor: Any) -> Any:
     """The stand-in video processor of a family (None where the family's processor takes no video).
 
@@ -295,6 +306,8 @@ def frame_video_processor(family: str, settings: dict[str, Any], image_processor
     """
     if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         return QwenFrameVideoProcessor(family, image_processor, settings)
+    if family == "smolvlm":
+        return NoVideoProcessor()
     if family in ("llava_next_video", "video_llava", "llava_onevision"):
         from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
