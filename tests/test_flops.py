@@ -407,10 +407,10 @@ def test_bad_schedules_and_counts(llava7b_config) -> None:
 
 
 def test_unsupported_model_type() -> None:
-    config = AutoConfig.for_model("idefics3")
+    config = AutoConfig.for_model("paligemma")
     with pytest.raises(UnsupportedModelError) as error:
         flops.vision_flops(config, num_crops=1)
-    for family in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"):
+    for family in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "video_llava", "internvl", "qwen3_vl", "smolvlm"):
         assert f"`{family}`" in str(error.value)
 
 

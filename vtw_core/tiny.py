@@ -10,16 +10,18 @@ shapes, token bookkeeping and numerics matter.
     processor = load_processor(folder)  # = AutoProcessor.from_pretrained(folder), see below
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
 
-Loading quirk: in transformers 5.x every Qwen2-VL / Qwen2.5-VL processor includes a video processor, and all
-video processors need torchvision; without torchvision, `AutoProcessor.from_pretrained` fails for these
-families (for real hub checkpoints too). `load_processor` tries AutoProcessor first and only then builds the
-same processor without its video part. LLaVA / LLaVA-NeXT folders load with plain AutoProcessor anywhere.
+Loading quirk: in transformers 5.x the processors of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT-Video,
+Video-LLaVA, LLaVA-OneVision, InternVL and SmolVLM include a video processor, and all stock video processors need
+torchvision; without torchvision, `AutoProcessor.from_pretrained` fails for these families (for real hub
+checkpoints too). `load_processor` tries AutoProcessor first and only then builds the same stock processor with
+the frame-based video processor of vtw_core.videos (or none). LLaVA, LLaVA-NeXT and Idefics3 folders load with
+plain AutoProcessor anywhere.
 
 Nothing here touches the network: the tokenizers are BPE models trained in code on a short built-in corpus,
-in the layout of the real families (Llama: <unk>/<s>/</s>, 256 byte-fallback pieces, pieces, then <image>
-and <pad>; Qwen2: byte-level BPE followed by the ChatML / vision special tokens), so any text encodes without
-unknown tokens. Image processors are the PIL-backed ones (AutoImageProcessor picks them when torchvision is
-missing).
+in the layout of the real families (Llama: <unk>/<s>/</s>, 256 byte-fallback pieces, pieces, then the family's
+vision tokens and <pad>; Qwen2: byte-level BPE followed by the ChatML / vision special tokens, then the family's
+own), so any text encodes without unknown tokens. Image processors are the PIL-backed ones (AutoImageProcessor
+picks them when torchvision is missing).
 """
 
 from __future__ import annotations
