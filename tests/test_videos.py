@@ -214,3 +214,22 @@ def test_app_video_upload_handler(clip_path, tmp_path):
     line = format_video_stats({"video_frames": 5, "video_tokens": 85, "vision_tokens_per_frame": 17.0})
     assert "5 frames" in line and "17.0 per frame" in line
     assert format_video_stats({"video_frames": 0}) == ""
+
+
+def test_video_families_are_those_whose_processor_takes_video(sample_images):
+    """families.VIDEO_FAMILIES names exactly the tiny families whose processor turns frames into video tokens."""
+    from vtw_core.families import VIDEO_FAMILIES
+    from vtw_core.tiny import SUPPORTED_TINY_FAMILIES
+
+    clip = Video(frames=[sample_images[0].resize((48, 40))] * 2, fps=1.0, total_frames=2)
+    messages = [user_message("What happens?", num_images=0, num_videos=1)]
+    takes_video = set()
+    for family in SUPPORTED_TINY_FAMILIES:
+        processor = build_tiny_processor(family)
+        try:
+            inputs = build_model_inputs(processor, [messages], [[]], "cpu", torch.float32, videos=[[clip]])
+        except InputError:
+            continue
+        assert "pixel_values_videos" in inputs
+        takes_video.add(family)
+    assert takes_video == set(VIDEO_FAMILIES)
