@@ -233,3 +233,22 @@ def test_video_families_are_those_whose_processor_takes_video(sample_images):
         assert "pixel_values_videos" in inputs
         takes_video.add(family)
     assert takes_video == set(VIDEO_FAMILIES)
+
+
+@pytest.mark.parametrize("family", ["llava_next_video", "video_llava", "llava_onevision"])
+def test_frames_follow_the_image_processor_without_saved_video_settings(tiny_model_path, tmp_path, family):
+    """A checkpoint without video settings (older hub layout): frames get its image processor's geometry."""
+    import json
+    import shutil
+
+    from vtw_core.tiny import load_processor
+
+    folder = tmp_path / family
+    shutil.copytree(tiny_model_path(family), folder)
+    config = json.loads((folder / "processor_config.json").read_text())
+    config.pop("video_processor")
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    frames = [Image.new("RGB", (48, 40), "green")] * 2
+    bare = load_processor(folder).video_processor([frames])["pixel_values_videos"]
+    saved = load_processor(tiny_model_path(family)).video_processor([frames])["pixel_values_videos"]
+    torch.testing.assert_close(bare, saved)

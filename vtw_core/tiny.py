@@ -849,6 +849,20 @@ def image_only_qwen_processor(
     )
 
 
+def _video_preprocessor_config(source: str | Path, kwargs: dict) -> dict:
+    """A checkpoint's separate video_preprocessor_config.json (hub layout before nested processor configs), or {}."""
+    from transformers.utils import cached_file
+
+    options = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only") if key in kwargs}
+    try:
+        path = cached_file(
+            source, "video_preprocessor_config.json", _raise_exceptions_for_missing_entries=False, **options
+        )
+    except OSError:
+        return {}
+    return json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
+
+
 def load_processor(source: str | Path, **kwargs) -> ProcessorMixin:
     """`AutoProcessor.from_pretrained(source, **kwargs)`, with a fallback for processors that need torchvision.
 
@@ -859,7 +873,7 @@ def load_processor(source: str | Path, **kwargs) -> ProcessorMixin:
     """
     try:
         return AutoProcessor.from_pretrained(source, **kwargs)
-    except ImportError:
+    except (ImportError, OSError):  # no torchvision; or, for some checkpoints, no video processor config to find
         if is_torchvision_available():
             raise
         config_kwargs = {key: value for key, value in kwargs.items() if key not in ("use_fast", "backend")}
@@ -876,11 +890,12 @@ def load_processor(source: str | Path, **kwargs) -> ProcessorMixin:
         for key, value in processor_dict.items()
         if key in accepted and key not in ("self", "image_processor", "tokenizer", "video_processor", "chat_template")
     }
+    video_settings = processor_dict.get("video_processor") or _video_preprocessor_config(source, kwargs)
     return processor_without_torchvision(
         processor_class,
         image_processor=image_processor,
         tokenizer=tokenizer,
-        video_processor=frame_video_processor(family, processor_dict.get("video_processor") or {}, image_processor),
+        video_processor=frame_video_processor(family, video_settings, image_processor),
         chat_template=processor_dict.get("chat_template") or tokenizer.chat_template,
         **options,
     )

@@ -14,7 +14,6 @@ placeholders, so the token bookkeeping is the model's own.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,32 +310,27 @@ def frame_video_processor(family: str, settings: dict[str, Any], image_processor
     if family in ("llava_next_video", "video_llava", "llava_onevision"):
         from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-        # LLaVA-OneVision resizes frames to a square without cropping, with SigLIP's mean and std (0.5).
+        # Without saved video settings, frames are processed like the checkpoint's images: its image processor's
+        # size, crop and normalisation (the stock video processors of these families share them).
+        # LLaVA-OneVision resizes frames to a square without cropping.
         onevision = family == "llava_onevision"
+        size = settings.get("size") or _as_dict(getattr(image_processor, "size", None)) or {"shortest_edge": 224}
+        crop = None if onevision else settings.get("crop_size") or _as_dict(getattr(image_processor, "crop_size", None))
         default_mean, default_std = ([0.5] * 3, [0.5] * 3) if onevision else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-        size = settings.get("size") or {"shortest_edge": 224}
-        crop = settings.get("crop_size")
         frame_processor = CLIPImageProcessorPil(
             size=size,
             crop_size=crop or size,
-            do_center_crop=not onevision and crop is not None,
-            image_mean=settings.get("image_mean") or list(default_mean),
-            image_std=settings.get("image_std") or list(default_std),
+            do_center_crop=crop is not None,
+            image_mean=settings.get("image_mean") or getattr(image_processor, "image_mean", None) or list(default_mean),
+            image_std=settings.get("image_std") or getattr(image_processor, "image_std", None) or list(default_std),
         )
         return ClipFrameVideoProcessor(frame_processor)
     return None
 
 
-def frames_per_video(inputs: dict[str, Any]) -> list[int]:
-    """Frames of each video in a processor batch (before Qwen's 2-frame temporal patches)."""
-    pixels = inputs.get("pixel_values_videos")
-    if pixels is None:
-        return []
-    grid = inputs.get("video_grid_thw")
-    if grid is not None:
-        return [int(t) * 2 for t, _, _ in grid.tolist()]  # temporal_patch_size 2 in every Qwen-VL checkpoint
-    return [int(pixels.shape[1])] * int(pixels.shape[0])
-
-
-def vision_tokens_per_frame(video_tokens: int, frames: int) -> float:
-    return video_tokens / frames if frames else math.nan
+def _as_dict(size: Any) -> dict[str, int] | None:
+    """A processor's size / crop_size (a dict or a SizeDict) as a plain dict without empty entries."""
+    if size is None:
+        return None
+    items = size.items() if isinstance(size, dict) else vars(size).items()
+    return {key: value for key, value in items if value is not None} or None
