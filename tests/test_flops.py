@@ -547,6 +547,7 @@ def _vision_part_flops(model: torch.nn.Module, inputs: dict) -> int:
         ("llava_onevision", 0, 1),
         ("internvl", 1, 0),
         ("internvl", 2, 0),
+        ("internvl", 1, 1),
         ("qwen2_vl", 1, 1),
         ("qwen2_5_vl", 0, 1),
         ("qwen3_vl", 2, 0),

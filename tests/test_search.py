@@ -52,7 +52,15 @@ def test_kl_divergence_against_a_hand_computation():
 
 
 NEW_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl", "idefics3", "smolvlm"]
-VIDEO_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+VIDEO_FAMILIES = [
+    "llava_next_video",
+    "video_llava",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "internvl",
+]
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", *NEW_FAMILIES])

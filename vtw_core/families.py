@@ -27,8 +27,11 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "smolvlm": "SmolVLM",
 }
 
-# Families whose processor takes videos (their vision tokens are image and video placeholders alike).
-VIDEO_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next_video", "video_llava", "llava_onevision"})
+# Families whose processor takes videos (their vision tokens are image and video placeholders alike; InternVL marks
+# video frames with its image token).
+VIDEO_FAMILIES = frozenset(
+    {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next_video", "video_llava", "llava_onevision", "internvl"}
+)
 
 # model_type -> why VTW cannot run it exactly on the stock layers today.
 REFUSED_FAMILIES: dict[str, str] = {

@@ -361,10 +361,10 @@ def vision_flops(
     if model_type in _PER_CROP_FAMILIES:
         if num_crops < 0 or video_frames < 0 or len(grid_thw):
             raise InputError(f"{model_type} takes num_crops >= 0 (got {num_crops}) and video_frames, not grid_thw")
-        if video_frames and model_type in ("llava", "llava_next", "internvl", "idefics3", "smolvlm"):
+        if video_frames and model_type in ("llava", "llava_next", "idefics3", "smolvlm"):
             raise InputError(f"{model_type} takes no video frames")
-        if model_type == "internvl":
-            return _internvl_flops(config, num_crops)
+        if model_type == "internvl":  # a video frame is one more tile
+            return _internvl_flops(config, num_crops + video_frames)
         if model_type in ("idefics3", "smolvlm"):
             return _idefics3_flops(config, num_crops)
         return _clip_llava_flops(config, num_crops, video_frames)

@@ -279,11 +279,14 @@ def _decoder_for(model: nn.Module, state: DecodeState, engine: str, max_new_toke
 
 def _video_stats(model: nn.Module, model_inputs: dict[str, torch.Tensor], videos: list[Video], stats) -> None:
     """Frames and video tokens of the request (its video placeholders, as the processor expanded them)."""
-    video_token = getattr(model.config, "video_token_id", None)
-    if not videos or video_token is None:
+    if not videos:
         return
     stats.video_frames = sum(len(video.frames) for video in videos)
-    stats.video_tokens = int((model_inputs["input_ids"] == video_token).sum())
+    video_token = getattr(model.config, "video_token_id", None)
+    if video_token is not None:
+        stats.video_tokens = int((model_inputs["input_ids"] == video_token).sum())
+    else:  # InternVL marks frames with its image token: one tile of image_seq_length tokens per frame
+        stats.video_tokens = stats.video_frames * model.config.image_seq_length
     stats.vision_tokens_per_frame = stats.video_tokens / stats.video_frames
 
 

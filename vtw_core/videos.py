@@ -194,7 +194,7 @@ def _metadata(videos: list[list[Image.Image]], given: Any) -> list[VideoMetadata
 
 
 class ClipFrameVideoProcessor:
-    """LLaVA-NeXT-Video / Video-LLaVA / LLaVA-OneVision: every frame resized, cropped and normalised like an image.
+    """LLaVA-NeXT-Video / Video-LLaVA / LLaVA-OneVision / InternVL: every frame resized (and cropped) like an image.
 
     Returns `pixel_values_videos` of shape (videos, frames, 3, height, width), as the stock video processors do.
     """
@@ -307,15 +307,16 @@ def frame_video_processor(family: str, settings: dict[str, Any], image_processor
         return QwenFrameVideoProcessor(family, image_processor, settings)
     if family == "smolvlm":
         return NoVideoProcessor()
-    if family in ("llava_next_video", "video_llava", "llava_onevision"):
+    if family in ("llava_next_video", "video_llava", "llava_onevision", "internvl"):
         from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
         # Without saved video settings, frames are processed like the checkpoint's images: its image processor's
         # size, crop and normalisation (the stock video processors of these families share them).
-        # LLaVA-OneVision resizes frames to a square without cropping.
-        onevision = family == "llava_onevision"
+        # LLaVA-OneVision and InternVL resize frames to a square without cropping (InternVL: one tile per frame).
+        square = family in ("llava_onevision", "internvl")
         size = settings.get("size") or _as_dict(getattr(image_processor, "size", None)) or {"shortest_edge": 224}
-        crop = None if onevision else settings.get("crop_size") or _as_dict(getattr(image_processor, "crop_size", None))
+        crop = None if square else settings.get("crop_size") or _as_dict(getattr(image_processor, "crop_size", None))
+        onevision = family == "llava_onevision"
         default_mean, default_std = ([0.5] * 3, [0.5] * 3) if onevision else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         frame_processor = CLIPImageProcessorPil(
             size=size,
