@@ -277,7 +277,9 @@ def _decoder_for(model: nn.Module, state: DecodeState, engine: str, max_new_toke
     return _Decoder(model, state, engine, max_new_tokens, stats)
 
 
-def _video_stats(model: nn.Module, model_inputs: dict[str, torch.Tensor], videos: list[Video], stats) -> None:
+def _video_stats(
+    model: nn.Module, model_inputs: dict[str, torch.Tensor], videos: list[Video], stats: GenerationStats
+) -> None:
     """Frames and video tokens of the request (its video placeholders, as the processor expanded them)."""
     if not videos:
         return

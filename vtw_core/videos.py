@@ -120,32 +120,62 @@ def read_video(path: str | os.PathLike, num_frames: int = LIMITS.default_frames,
 
     try:
         with av.open(str(file)) as container:
-            if not container.streams.video:
-                raise InputError("the file has no video stream")
-            stream = container.streams.video[0]
+            stream = _video_stream(container, limits)
             fps = float(stream.average_rate or stream.guessed_rate or 0) or 24.0
-            duration = _duration_s(container, stream)
-            if duration is not None and duration > limits.max_duration_s:
-                limit = limits.max_duration_s / 60
-                raise InputError(f"the video is {duration / 60:.1f} minutes long; the limit is {limit:.0f} minutes")
-            if max(stream.codec_context.width or 0, stream.codec_context.height or 0) > limits.max_side_px:
-                raise InputError(f"video frames larger than {limits.max_side_px} px on a side are not accepted")
-            # The frame count in the header is missing or wrong for some containers: decode once, keeping only
-            # small references, then sample. Decoding stops at the duration limit, whatever the header says.
-            frames = []
-            for frame in container.decode(stream):
-                frames.append(frame)
-                if len(frames) / fps > limits.max_duration_s:
-                    raise InputError(f"the video is longer than the limit of {limits.max_duration_s / 60:.0f} minutes")
-            if not frames:
-                raise InputError("the video has no decodable frames")
-            indices = sample_frame_indices(len(frames), num_frames)
-            images = [frames[index].to_image().convert("RGB") for index in indices]
+            # The header's frame count is missing or wrong for some containers: then count the packets (no decoding).
+            total = int(stream.frames or 0) or sum(1 for packet in container.demux(stream) if packet.size)
+        indices = sample_frame_indices(total, num_frames)
+        images, decoded = _decode_frames(file, indices, fps, limits)
+        if len(images) < len(indices) and decoded:  # the stream ended early: sample again from what is there
+            indices = sample_frame_indices(decoded, num_frames)
+            images, decoded = _decode_frames(file, indices, fps, limits)
     except InputError:
         raise
     except (av.error.FFmpegError, ValueError, OSError, EOFError) as error:
         raise InputError(f"the file is not a readable video ({type(error).__name__})") from error
-    return Video(frames=images, fps=fps, total_frames=len(frames), frame_indices=indices)
+    if not images:
+        raise InputError("the video has no decodable frames")
+    kept = sorted(images)
+    return Video(
+        frames=[images[index] for index in kept], fps=fps, total_frames=max(total, decoded), frame_indices=kept
+    )
+
+
+def _video_stream(container: Any, limits: VideoLimits) -> Any:
+    """The first video stream, if its header is within the limits."""
+    if not container.streams.video:
+        raise InputError("the file has no video stream")
+    stream = container.streams.video[0]
+    duration = _duration_s(container, stream)
+    if duration is not None and duration > limits.max_duration_s:
+        limit = limits.max_duration_s / 60
+        raise InputError(f"the video is {duration / 60:.1f} minutes long; the limit is {limit:.0f} minutes")
+    if max(stream.codec_context.width or 0, stream.codec_context.height or 0) > limits.max_side_px:
+        raise InputError(f"video frames larger than {limits.max_side_px} px on a side are not accepted")
+    return stream
+
+
+def _decode_frames(
+    file: Path, indices: list[int], fps: float, limits: VideoLimits
+) -> tuple[dict[int, Image.Image], int]:
+    """Decode from the start, keeping only the frames at `indices` as RGB images: memory stays at the sampled frames
+    whatever the video's length. Stops after the last wanted frame, and at the duration limit whatever the header
+    said. Returns the kept frames by index and how many frames were decoded."""
+    import av
+
+    wanted, last = set(indices), max(indices, default=-1)
+    images: dict[int, Image.Image] = {}
+    decoded = 0
+    with av.open(str(file)) as container:
+        for index, frame in enumerate(container.decode(container.streams.video[0])):
+            decoded = index + 1
+            if decoded / fps > limits.max_duration_s:
+                raise InputError(f"the video is longer than the limit of {limits.max_duration_s / 60:.0f} minutes")
+            if index in wanted:
+                images[index] = frame.to_image().convert("RGB")
+            if index >= last:
+                break
+    return images, decoded
 
 
 def _duration_s(container: Any, stream: Any) -> float | None:
