@@ -36,10 +36,11 @@ VIDEO_FAMILIES = frozenset(
 # model_type -> why VTW cannot run it exactly on the stock layers today.
 REFUSED_FAMILIES: dict[str, str] = {
     "gemma3": (
-        "Gemma 3 is not supported: every Gemma 3 checkpoint interleaves sliding-window layers with global ones, "
-        "and its image tokens attend bidirectionally within each image; the engine keeps one full KV cache and a "
-        "causal mask per layer group, so neither the sliding windows nor the bidirectional image mask of layers "
-        "< K would follow the stock model"
+        "Gemma 3 is not supported: every Gemma 3 checkpoint interleaves sliding-window layers (their own rotary "
+        "table, a window counted in sequence slots) with global ones, and its image tokens attend bidirectionally "
+        "within each image; the engine keeps one causal mask and one rotary table per layer group, and after "
+        "withdrawal a window over the packed text slots would no longer be the stock window, so K = N would not "
+        "be the stock model"
     ),
     "qwen3_vl_moe": (
         "Qwen3-VL-MoE is not supported yet: its mixture-of-experts decoder has no tests here and no FLOPs model"
