@@ -253,3 +253,18 @@ def test_frames_follow_the_image_processor_without_saved_video_settings(tiny_mod
     bare = load_processor(folder).video_processor([frames])["pixel_values_videos"]
     saved = load_processor(tiny_model_path(family)).video_processor([frames])["pixel_values_videos"]
     torch.testing.assert_close(bare, saved)
+
+
+def test_video_llava_7b_bench_prompt_has_the_real_video_length():
+    """The bench row's prompt on the real Video-LLaVA-7B config: 8 frames of 257 tokens, the config's 2,056."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vtw_core.bench import synthetic_video_inputs
+    from vtw_core.configs import shipped_config_path
+
+    config = AutoConfig.from_pretrained(shipped_config_path("video-llava-7b"))
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    inputs = synthetic_video_inputs(model, frames=8, text_tokens=62)
+    assert inputs["input_ids"].shape[1] == config.video_seq_length + 62 == 2056 + 62
+    assert inputs["pixel_values_videos"].shape == (1, 8, 3, 224, 224)
