@@ -26,6 +26,7 @@ from vtw_core.methods import Method, parse_method
 from vtw_core.prompts import Message, assistant_message, user_message
 from vtw_core.search import CalibrationSample, Progress, check_eta, search_k
 from vtw_core.validation import check_k, check_max_new_tokens, check_text
+from vtw_core.videos import Video
 
 logger = logging.getLogger("vtw_chat")
 SIDES = ("baseline", "vtw")
@@ -362,3 +363,30 @@ def log_failure(error: BaseException, where: str) -> str:
     else:
         logger.error("%s failed", where, exc_info=error)
     return message
+
+
+# --- Video uploads (handler side; the UI wiring, a gr.Video input with a frame-count control, is separate) -----
+
+
+def read_video_upload(path: str | Path, num_frames: Any, allowed_roots: list[Path]) -> Video:
+    """A video upload's sampled frames, if the file lies under an allowed folder and passes every video limit.
+
+    `num_frames` comes from the frame-count control; limits and messages are vtw_core.videos's, the same as the CLI's.
+    """
+    from vtw_core.videos import check_num_frames, read_video
+
+    frames = check_num_frames(num_frames)
+    resolved = Path(path).resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in allowed_roots):
+        raise InputError("videos can only come from uploads or the bundled examples")
+    return read_video(resolved, frames)
+
+
+def format_video_stats(stats: dict[str, Any] | None) -> str:
+    """The video counters of one side as a Markdown line ('' when the request had no video)."""
+    if not stats or not stats.get("video_frames"):
+        return ""
+    return (
+        f"- video: {stats['video_frames']} frames, {stats['video_tokens']} video tokens "
+        f"({stats['vision_tokens_per_frame']:.1f} per frame)"
+    )

@@ -3,22 +3,45 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import threading
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from vtw_core.bench import synthetic_inputs
 from vtw_core.embed import embed_prompt
 from vtw_core.engine import decode_step, prefill, withdrawal_selector
 from vtw_core.errors import InputError, UnsupportedModelError
-from vtw_core.families import language_model
+from vtw_core.families import language_model, vision_token_ids
 from vtw_core.generate import SamplingConfig, generate_tokens
-from vtw_core.tiny import tiny_config
+from vtw_core.prompts import processor_images
+from vtw_core.tiny import build_tiny_processor, tiny_config
 
-FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+SYNTHETIC_FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+# Families whose test prompts come from their real processor class (tiny tokenizer and image processor).
+PROCESSOR_FAMILIES = [
+    "llava_next_video",
+    "video_llava",
+    "llava_onevision",
+    "internvl",
+    "qwen3_vl",
+    "idefics3",
+    "smolvlm",
+]
+FAMILIES = SYNTHETIC_FAMILIES + PROCESSOR_FAMILIES
+VIDEO_FAMILIES = [
+    "llava_next_video",
+    "video_llava",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "internvl",
+]
 NUM_LAYERS = 4
 IMAGE_SIZES = {"llava": None, "llava_next": (40, 72), "qwen2_vl": (56, 56), "qwen2_5_vl": (56, 84)}
 
@@ -36,7 +59,46 @@ def family_model(request):
     return request.param, build_model(request.param)
 
 
+@functools.cache
+def tiny_processor(family: str):
+    return build_tiny_processor(family)
+
+
+def sample_image(width: int = 56, height: int = 80, seed: int = 0) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def processor_inputs(family: str, rows: list[list], text: str = "What is in the picture?") -> dict:
+    """A left-padded batch through the family's real processor; each row is a list of images (and/or videos)."""
+    processor = tiny_processor(family)
+    texts, images, videos = [], [], []
+    for items in rows:
+        content = [{"type": "video" if isinstance(item, list) else "image"} for item in items]
+        conversation = [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
+        texts.append(processor.apply_chat_template(conversation, add_generation_prompt=True))
+        images.append([item for item in items if not isinstance(item, list)])
+        videos += [item for item in items if isinstance(item, list)]
+    batch = processor(
+        text=texts,
+        images=processor_images(processor, images),
+        videos=videos or None,
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+    )
+    return dict(batch)
+
+
+def sample_video(frames: int = 4, seed: int = 0) -> list[Image.Image]:
+    """A short clip as PIL frames (what vtw_core.videos.read_video returns), 48 wide x 40 high."""
+    return [sample_image(48, 40, seed * 100 + index) for index in range(frames)]
+
+
 def prompt_inputs(model, family: str, text_tokens: int = 7) -> dict[str, torch.Tensor]:
+    if family in PROCESSOR_FAMILIES:
+        return processor_inputs(family, [[sample_image()]])
     return synthetic_inputs(model, text_tokens=text_tokens, image_size=IMAGE_SIZES[family])
 
 
@@ -57,7 +119,7 @@ def record_language_model_call(model, inputs) -> tuple[tuple, dict]:
     def remember(_module, _args, kwargs):
         seen.update(kwargs)
 
-    handle = model.model.language_model.register_forward_pre_hook(remember, with_kwargs=True)
+    handle = language_model(model).register_forward_pre_hook(remember, with_kwargs=True)
     try:
         with torch.no_grad():
             output = model(**inputs, output_hidden_states=True)
@@ -76,7 +138,7 @@ def stock_positions(seen: dict, length: int) -> torch.Tensor:
 
 def deep_layers_logits(model, layer_input, positions, k: int) -> torch.Tensor:
     """A stock decoder made of layers >= k, run from layer k's input on the given (kept) tokens."""
-    deep = copy.copy(model.model.language_model)
+    deep = copy.copy(language_model(model))
     deep._modules = dict(deep._modules)  # a shallow copy shares the submodule dict: don't cut the real model
     deep.config = copy.deepcopy(deep.config)
     deep.layers = torch.nn.ModuleList(list(deep.layers)[k:])
@@ -94,7 +156,7 @@ def reference_vtw_logits(model, inputs, k: int, rearrange: bool = False) -> torc
     """Layers < k on every token (stock forward), then a stock decoder made of layers >= k on text tokens only."""
     hidden_states, seen = record_language_model_call(model, inputs)
     input_ids = inputs["input_ids"][0]
-    keep = ~torch.isin(input_ids, torch.tensor([model.config.image_token_id]))
+    keep = ~torch.isin(input_ids, torch.tensor(vision_token_ids(model.config)))
     positions = stock_positions(seen, len(input_ids))[..., keep]
     if rearrange:
         positions = torch.arange(int(keep.sum()))[None].expand(*positions.shape[:-1], -1)
@@ -141,6 +203,45 @@ def test_vtw_equals_reference(family_model, k):
     logits, _ = prefill(model, embed_prompt(model, inputs), withdrawal_selector(k, NUM_LAYERS))
     torch.testing.assert_close(logits, reference_vtw_logits(model, inputs, k), rtol=1e-4, atol=1e-5)
     assert engine_tokens(model, inputs, k, steps=6)[0] == reference_vtw_tokens(model, inputs, k, steps=6)
+
+
+# --- Video prompts: the same checks, with video placeholders as the vision tokens --------------------------------
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_prompt_baseline_and_vtw(family):
+    model = build_model(family)
+    inputs = processor_inputs(family, [[sample_video()]], text="What happens in the video?")
+    video_id = getattr(model.config, "video_token_id", None)
+    if video_id is None:  # InternVL marks video frames with its image token
+        video_id = model.config.image_token_id
+    else:
+        assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 0
+    assert int((inputs["input_ids"] == video_id).sum()) > 0
+    stock = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    for k in (None, NUM_LAYERS):
+        assert engine_tokens(model, inputs, k, steps=6) == stock.tolist(), (family, k)
+    for k in (0, 2):
+        logits, state = prefill(model, embed_prompt(model, inputs), withdrawal_selector(k, NUM_LAYERS))
+        torch.testing.assert_close(logits, reference_vtw_logits(model, inputs, k), rtol=1e-4, atol=1e-5)
+        assert engine_tokens(model, inputs, k, steps=4)[0] == reference_vtw_tokens(model, inputs, k, steps=4)
+        videos = int((inputs["input_ids"] == video_id).sum())
+        assert state.cache_lengths()[k:] == [inputs["input_ids"].shape[1] - videos] * (NUM_LAYERS - k)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_batch_equals_one_by_one(family):
+    """0, 1 and 2 videos per row (and an image beside a video), left-padded together, give each row's tokens."""
+    model = build_model(family)
+    rows = [[], [sample_video(seed=1)], [sample_video(seed=2), sample_video(seed=3)]]
+    if family != "video_llava":  # Video-LLaVA's processor takes images or videos in one call, not both
+        rows.append([sample_image(64, 64, 4), sample_video(seed=5)])
+    k = 1
+    singles = [engine_tokens(model, processor_inputs(family, [row]), k, steps=5)[0] for row in rows]
+    batch = processor_inputs(family, rows)
+    vision = torch.isin(batch["input_ids"], torch.tensor(vision_token_ids(model.config))).sum(1).tolist()
+    assert vision[0] == 0 and 0 < vision[1] < vision[2]
+    assert engine_tokens(model, batch, k, steps=5) == singles
 
 
 def test_vtw_changes_the_output():
@@ -234,6 +335,20 @@ def test_batch_equals_one_by_one(attention, k):
     assert engine_tokens(model, batch, k) == singles
 
 
+@pytest.mark.parametrize("family", PROCESSOR_FAMILIES)
+@pytest.mark.parametrize("k", [None, 1])
+def test_processor_batch_equals_one_by_one(family, k):
+    """The real processor's left-padded batch with 0, 1 and 2 images per row gives each row's unbatched tokens."""
+    model = build_model(family)
+    rows = [[], [sample_image(64, 64, 1)], [sample_image(48, 80, 2), sample_image(96, 64, 3)]]
+    singles = [engine_tokens(model, processor_inputs(family, [row]), k, steps=6)[0] for row in rows]
+    batch = processor_inputs(family, rows)
+    assert not bool(batch["attention_mask"][:, 0].all())  # really left-padded
+    vision = torch.isin(batch["input_ids"], torch.tensor(vision_token_ids(model.config))).sum(1).tolist()
+    assert vision[0] == 0 and 0 < vision[1] < vision[2]
+    assert engine_tokens(model, batch, k, steps=6) == singles
+
+
 def test_batch_matches_stock_generate_with_padding():
     model = build_model("llava")
     rows = [torch.tensor([1, 30, 31, 32, 33, 34, 35]), torch.tensor([1, 40, 41])]
@@ -294,6 +409,39 @@ def test_unsupported_model_names_the_supported_families():
     inputs = {"input_ids": torch.tensor([[1, 2, 3]])}
     with pytest.raises(UnsupportedModelError, match=r"LLaVA-1\.5.*LLaVA-NeXT.*Qwen2-VL.*Qwen2\.5-VL"):
         list(generate_tokens(model, inputs))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "reason"),
+    [
+        ("gemma3", "sliding-window"),
+        ("qwen3_vl_moe", "mixture-of-experts"),
+    ],
+)
+def test_refused_families_say_why(model_type, reason):
+    from transformers import AutoConfig
+
+    from vtw_core.families import model_family
+
+    with pytest.raises(UnsupportedModelError, match=reason) as error:
+        model_family(AutoConfig.for_model(model_type))
+    assert "LLaVA-1.5" in str(error.value)  # and names what is supported
+
+
+def test_deepstack_reaches_the_decoder_only_below_k():
+    """Qwen3-VL adds DeepStack features to the outputs of decoder layers 0 and 1 at the vision positions. The
+    layer-1 features reach the text only through layer 2 attending to vision, so only K >= 3 depends on them."""
+    model = build_model("qwen3_vl")
+    inputs = prompt_inputs(model, "qwen3_vl")
+    prompt = embed_prompt(model, inputs)
+    assert len(prompt.layer_additions) == 2
+    assert all(bool((addition[~prompt.vision_mask] == 0).all()) for addition in prompt.layer_additions)
+    changed = copy.copy(prompt)
+    changed.layer_additions = (prompt.layer_additions[0], prompt.layer_additions[1] * 3)
+    for k, differs in ((2, False), (3, True)):
+        first, _ = prefill(model, prompt, withdrawal_selector(k, NUM_LAYERS))
+        second, _ = prefill(model, changed, withdrawal_selector(k, NUM_LAYERS))
+        assert bool((first != second).any()) == differs, k
 
 
 def test_image_token_mismatch_is_a_clear_error():

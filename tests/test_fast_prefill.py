@@ -147,3 +147,16 @@ def test_graph_cache_capture_failure_and_eviction(monkeypatch):
     fp.fast_prefill(model, prompt, None, engine="graph")  # still kept: replayed
     fp.fast_prefill(model, prompt, withdrawal_selector(1, NUM_LAYERS), engine="graph")  # evicted: captured again
     assert [k for _, k in built] == [None, 1, 3, 2, 1]
+
+
+def test_prompts_with_per_layer_vision_additions_fall_back_to_the_plain_prefill():
+    """Qwen3-VL's DeepStack adds vision features inside the layer loop, which only the plain prefill applies."""
+    import dataclasses
+
+    from vtw_core.fast_prefill import fallback_reason
+
+    model = build_model("llava")
+    prompt = embed_prompt(model, prompt_inputs(model, "llava"))
+    assert fallback_reason(model, prompt, None, "original") is None
+    with_additions = dataclasses.replace(prompt, layer_additions=(torch.zeros_like(prompt.inputs_embeds),))
+    assert "DeepStack" in fallback_reason(model, with_additions, None, "original")

@@ -29,6 +29,7 @@ from transformers.vision_utils import get_vision_position_ids
 from vtw_core import flops
 from vtw_core.configs import shipped_config_names, shipped_config_path
 from vtw_core.errors import InputError, UnsupportedModelError
+from vtw_core.families import language_model
 
 ATTENTIONS = ["sdpa", "eager"]
 
@@ -406,15 +407,15 @@ def test_bad_schedules_and_counts(llava7b_config) -> None:
 
 
 def test_unsupported_model_type() -> None:
-    config = AutoConfig.for_model("idefics3")
+    config = AutoConfig.for_model("paligemma")
     with pytest.raises(UnsupportedModelError) as error:
         flops.vision_flops(config, num_crops=1)
-    for family in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"):
+    for family in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "video_llava", "internvl", "qwen3_vl", "smolvlm"):
         assert f"`{family}`" in str(error.value)
 
 
 def test_unsupported_vision_tower() -> None:
-    config = LlavaConfig(vision_config={"model_type": "siglip_vision_model"}, text_config=TINY_TEXT)
+    config = LlavaConfig(vision_config={"model_type": "dinov2"}, text_config=TINY_TEXT)
     with pytest.raises(UnsupportedModelError, match="clip_vision_model"):
         flops.vision_flops(config, num_crops=1)
 
@@ -428,6 +429,13 @@ SHIPPED = {
     "llava-1.5-13b": ("LlavaForConditionalGeneration", 13.35e9),
     "llava-v1.6-vicuna-7b": ("LlavaNextForConditionalGeneration", 7.06e9),
     "qwen2-vl-2b": ("Qwen2VLForConditionalGeneration", 2.21e9),
+    "video-llava-7b": ("VideoLlavaForConditionalGeneration", 7.37e9),
+    "llava-next-video-7b": ("LlavaNextVideoForConditionalGeneration", 7.06e9),
+    "llava-onevision-qwen2-0.5b": ("LlavaOnevisionForConditionalGeneration", 0.894e9),
+    "internvl3-1b": ("InternVLForConditionalGeneration", 0.938e9),
+    "qwen3-vl-2b": ("Qwen3VLForConditionalGeneration", 2.13e9),
+    "idefics3-8b-llama3": ("Idefics3ForConditionalGeneration", 8.46e9),
+    "smolvlm-256m": ("SmolVLMForConditionalGeneration", 0.256e9),
 }
 
 
@@ -446,7 +454,7 @@ def test_shipped_config_builds_the_real_architecture(name: str) -> None:
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(parameters, rel=0.005)
     # Independent of FlopCounterMode: per token, a linear layer costs 2 FLOPs per weight.
     dims = flops.DecoderDims.from_config(model.config)
-    decoder = model.model.language_model
+    decoder = language_model(model)
     layer_weights = sum(m.weight.numel() for m in decoder.layers.modules() if isinstance(m, torch.nn.Linear))
     assert dims.num_layers * flops.decoder_layer_flops(dims, 1, 0) == 2 * layer_weights
     assert flops.lm_head_flops(dims, 1) == 2 * model.lm_head.weight.numel()
@@ -467,6 +475,14 @@ def test_qwen2_vl_2b_real_tower_on_meta_matches() -> None:
     assert measured == flops.vision_flops(model.config, grid_thw=grids)
 
 
+def test_real_video_llava_video_tower_on_meta_matches() -> None:
+    """Video-LLaVA-7B on 8 frames: each frame through the video tower (CLS kept), then the projector."""
+    model = meta_model("video-llava-7b")
+    frames = torch.empty(1, 8, 3, 224, 224, device="meta")
+    measured = measure(lambda: model.model.get_video_features(pixel_values_videos=frames))
+    assert measured == flops.vision_flops(model.config, video_frames=8)
+
+
 def test_vision_arguments_per_family(llava7b_config) -> None:
     assert flops.vision_flops(llava7b_config) == 0  # no images
     with pytest.raises(InputError):
@@ -475,3 +491,97 @@ def test_vision_arguments_per_family(llava7b_config) -> None:
         flops.vision_flops(qwen_config("qwen2_vl"), num_crops=1)
     with pytest.raises(InputError):
         flops.vision_flops(qwen_config("qwen2_vl"), grid_thw=[(1, 5, 4)])  # h not a multiple of the merge size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The new families: vision towers (images and video frames) and the engine's decoder, on the tiny configs
+
+
+def _tiny_family_model(family: str, attention: str) -> torch.nn.Module:
+    from vtw_core.tiny import tiny_config
+
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(tiny_config(family), attn_implementation=attention).eval()
+
+
+def _family_inputs(family: str, images: int, videos: int) -> dict:
+    from PIL import Image
+
+    from vtw_core.prompts import processor_images
+    from vtw_core.tiny import build_tiny_processor
+
+    processor = build_tiny_processor(family)
+    generator = torch.Generator().manual_seed(0)
+
+    def picture(width: int, height: int) -> Image.Image:
+        return Image.fromarray(
+            torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy()
+        )
+
+    content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": "What?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    clips = [[picture(48, 40) for _ in range(3)] for _ in range(videos)]
+    pictures = [picture(64, 40), picture(40, 72)][:images]
+    images = processor_images(processor, [pictures])
+    return dict(processor(text=[text], images=images, videos=clips or None, return_tensors="pt"))
+
+
+def _vision_part_flops(model: torch.nn.Module, inputs: dict) -> int:
+    """Everything the stock model computes before its decoder: the vision tower(s), projector and merging."""
+    from vtw_core.embed import embed_prompt
+
+    return measure(lambda: embed_prompt(model, inputs))
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize(
+    ("family", "images", "videos"),
+    [
+        ("llava_next_video", 1, 0),
+        ("llava_next_video", 0, 2),
+        ("llava_next_video", 1, 1),
+        ("video_llava", 2, 0),
+        ("video_llava", 0, 1),
+        ("llava_onevision", 1, 0),
+        ("llava_onevision", 2, 1),
+        ("llava_onevision", 0, 1),
+        ("internvl", 1, 0),
+        ("internvl", 2, 0),
+        ("internvl", 1, 1),
+        ("qwen2_vl", 1, 1),
+        ("qwen2_5_vl", 0, 1),
+        ("qwen3_vl", 2, 0),
+        ("qwen3_vl", 1, 1),
+        ("idefics3", 1, 0),
+        ("idefics3", 2, 0),
+        ("smolvlm", 1, 0),
+    ],
+)
+def test_family_vision_matches_flop_counter(family: str, images: int, videos: int, attention: str) -> None:
+    model = _tiny_family_model(family, attention)
+    inputs = _family_inputs(family, images, videos)
+    assert _vision_part_flops(model, inputs) == flops.request_vision_flops(model.config, inputs)
+
+
+@pytest.mark.parametrize(
+    "family", ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl", "idefics3", "smolvlm"]
+)
+@pytest.mark.parametrize("k", [0, 2, None])
+def test_family_engine_prefill_matches_flop_counter(family: str, k: int | None) -> None:
+    """The engine's VTW prefill on a real processor prompt costs what prefill_flops says for its layer schedule."""
+    from vtw_core.embed import embed_prompt
+    from vtw_core.engine import prefill, withdrawal_selector
+
+    model = _tiny_family_model(family, "sdpa")
+    inputs = _family_inputs(family, 1, 1 if family not in ("internvl", "idefics3", "smolvlm") else 0)
+    prompt = embed_prompt(model, inputs)
+    dims = flops.DecoderDims.from_config(model.config)
+    vision = int(prompt.vision_mask.sum())
+    text = int(prompt.attention_mask.sum()) - vision
+    schedule = flops.vtw_tokens_per_layer(dims.num_layers, vision, text, k)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=flops.flop_counter_formulas()) as counter:
+        prefill(model, prompt, withdrawal_selector(k, dims.num_layers))
+    # The rotary tables are one small matmul per layer group (inv_freq x positions), outside the FLOPs convention.
+    per_module = counter.get_flop_counts()
+    rotary = sum(sum(counts.values()) for name, counts in per_module.items() if name.endswith("rotary_emb"))
+    assert counter.get_total_flops() - rotary == flops.prefill_flops(dims, schedule)

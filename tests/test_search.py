@@ -51,7 +51,19 @@ def test_kl_divergence_against_a_hand_computation():
     assert float(kl_divergence(p.log(), p.log())) == pytest.approx(0, abs=1e-7)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+NEW_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl", "idefics3", "smolvlm"]
+VIDEO_FAMILIES = [
+    "llava_next_video",
+    "video_llava",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "internvl",
+]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", *NEW_FAMILIES])
 def test_one_pass_equals_a_vtw_pass_per_k(managers, sample_images, family):
     manager = managers(family)
     model = manager.model
@@ -99,8 +111,31 @@ def test_search_when_no_k_meets_eta(managers, sample_images):
     assert result.to_dict()["k"] is None and result.to_dict()["curve"][0]["k"] == 5
 
 
-def test_fast_and_naive_search_agree(managers, sample_images):
-    manager = managers("llava_next")
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_one_pass_equals_a_vtw_pass_per_k_on_video(managers, sample_images, family):
+    from vtw_core.videos import Video
+
+    manager = managers(family)
+    model = manager.model
+    clip = Video(frames=[image.resize((48, 40)) for image in sample_images], fps=1.0, total_frames=3)
+    inputs = build_model_inputs(
+        manager.processor,
+        [[user_message("What happens?", num_images=0, num_videos=1)]],
+        [[]],
+        model.device,
+        model.dtype,
+        videos=[[clip]],
+    )
+    prompt = embed_prompt(model, inputs)
+    assert int(prompt.vision_mask.sum()) > 0
+    ks = list(range(NUM_LAYERS))
+    fast, naive = kl_per_k(model, prompt, ks), kl_per_k_naive(model, prompt, ks)
+    torch.testing.assert_close(fast, naive, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["llava_next", *NEW_FAMILIES])
+def test_fast_and_naive_search_agree(managers, sample_images, family):
+    manager = managers(family)
     fast = search_k(manager.model, manager.processor, samples(sample_images, 2), start=1)
     naive = search_k(manager.model, manager.processor, samples(sample_images, 2), start=1, naive=True)
     assert fast.k == naive.k

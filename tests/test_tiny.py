@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import is_torchvision_available
 
 from vtw_core import tiny
+from vtw_core.prompts import count_image_items, processor_images
 from vtw_core.tiny import (
     QWEN_IDS,
     SUPPORTED_TINY_FAMILIES,
@@ -28,10 +29,31 @@ PROCESSOR_CLASSES = {
     "llava_next": "LlavaNextProcessor",
     "qwen2_vl": "Qwen2VLProcessor",
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "llava_next_video": "LlavaNextVideoProcessor",
+    "video_llava": "VideoLlavaProcessor",
+    "llava_onevision": "LlavaOnevisionProcessor",
+    "internvl": "InternVLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
+    "idefics3": "Idefics3Processor",
+    "smolvlm": "SmolVLMProcessor",
 }
 # Image tokens for the 64x64 sample image: llava 6x6 patches; llava_next 2x2 tiles of 4x4 (+4 newline tokens per
 # row of 8) plus the 4x4 base image; qwen 64 px -> 70 px = 10x10 patches of 7 px, merged 2x2 -> 5x5.
-TOKENS_64X64 = {"llava": 36, "llava_next": 88, "qwen2_vl": 25, "qwen2_5_vl": 25}
+# llava_next_video as llava_next; video_llava 4x4 patches without CLS; llava_onevision 2x2 tiles + base of 4x4 SigLIP
+# patches (no CLS) with newlines; internvl 4 tiles + thumbnail of 2x2 pixel-shuffled tokens.
+TOKENS_64X64 = {
+    "llava": 36,
+    "llava_next": 88,
+    "qwen2_vl": 25,
+    "qwen2_5_vl": 25,
+    "llava_next_video": 88,
+    "video_llava": 16,
+    "llava_onevision": 88,
+    "internvl": 20,
+    "qwen3_vl": 16,  # 64 px: 8x8 patches of 8 px, merged 2x2
+    "idefics3": 20,  # 2x2 tiles of 32 px and the global image, 4 tokens each
+    "smolvlm": 20,  # as Idefics3
+}
 
 
 def user_turn(num_images: int, text: str) -> list[dict]:
@@ -50,7 +72,18 @@ def loaded(request, tiny_model_path):
 
 def run(processor, model, conversations: list[list[dict]], images: list[Image.Image], max_new_tokens: int = 8):
     texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-    inputs = processor(images=images or None, text=texts, padding=True, padding_side="left", return_tensors="pt")
+    per_prompt, start = [], 0
+    for conversation in conversations:  # the images of each conversation, in order
+        count = count_image_items(conversation)
+        per_prompt.append(images[start : start + count])
+        start += count
+    inputs = processor(
+        images=processor_images(processor, per_prompt),
+        text=texts,
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+    )
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -61,11 +94,12 @@ def test_folder_is_a_complete_checkpoint(loaded):
     family, _, processor, model = loaded
     assert type(processor).__name__ == PROCESSOR_CLASSES[family]
     if not is_torchvision_available():
-        assert "Pil" in type(processor.image_processor).__name__
+        # Video-LLaVA has a single image processor class, numpy / PIL backed.
+        assert "Pil" in type(processor.image_processor).__name__ or family == "video_llava"
     config = model.config
     text_config = config.get_text_config()
     assert config.model_type == family
-    if family.startswith("llava"):
+    if family in tiny.LLAMA_TOKENIZER_FAMILIES:
         assert text_config.model_type == "llama"
     assert text_config.vocab_size == len(processor.tokenizer) == VOCAB_SIZE
     heads = (text_config.num_attention_heads, text_config.num_key_value_heads)
@@ -74,7 +108,7 @@ def test_folder_is_a_complete_checkpoint(loaded):
     assert processor.tokenizer.pad_token_id is not None
     eos = model.generation_config.eos_token_id
     assert eos is not None
-    if family.startswith("qwen"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         for name, token in [("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>")]:
             assert getattr(config, name) == QWEN_IDS[token] == processor.tokenizer.convert_tokens_to_ids(token)
         assert QWEN_IDS["<|im_end|>"] in eos

@@ -11,6 +11,7 @@ EOS so every run decodes the same number of tokens.
 from __future__ import annotations
 
 import inspect
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -52,7 +53,12 @@ def synthetic_inputs(
     device, dtype = model.device, model.dtype
     family = config.model_type
     inputs: dict[str, torch.Tensor] = {}
-    if family in ("llava", "llava_next"):
+    if family == "video_llava":  # one CLIP image; the CLS token is dropped ("default")
+        tile = config.vision_config.image_size
+        vision_tokens = (tile // config.vision_config.patch_size) ** 2
+        inputs["pixel_values_images"] = torch.randn(1, 3, tile, tile, device=device, dtype=dtype)
+        image_token = config.image_token_id
+    elif family in ("llava", "llava_next"):
         tile = config.vision_config.image_size
         height, width = image_size or (tile, tile)
         if family == "llava":
@@ -87,6 +93,51 @@ def synthetic_inputs(
     if "mm_token_type_ids" in inspect.signature(model.model.forward).parameters:
         # Qwen's multimodal rope reads the token types the processor would return: 1 marks image tokens.
         inputs["mm_token_type_ids"] = (input_ids == image_token).long()
+    return inputs
+
+
+def synthetic_video_inputs(model: nn.Module, frames: int = 8, text_tokens: int = 62) -> dict[str, torch.Tensor]:
+    """A one-video prompt of the model's real shape: text, `frames` frames' worth of video tokens, more text.
+
+    Video-LLaVA keeps CLS per frame (257 tokens per 224 px frame); LLaVA-NeXT-Video pools each frame's patch grid
+    by its spatial stride; LLaVA-OneVision pools 2x2 (rounding up) and adds one newline token per video;
+    Qwen2-VL / Qwen2.5-VL take 448 px frames in temporal pairs.
+    """
+    config = model.config
+    device, dtype = model.device, model.dtype
+    family = config.model_type
+    if frames < 1:
+        raise InputError(f"a synthetic video needs at least one frame, got {frames}")
+    inputs: dict[str, torch.Tensor] = {}
+    if family in ("video_llava", "llava_next_video", "llava_onevision"):
+        tile = config.vision_config.image_size
+        side = tile // config.vision_config.patch_size
+        if family == "video_llava":
+            per_frame = side * side + 1
+        elif family == "llava_next_video":
+            per_frame = (side // config.spatial_pool_stride) ** 2
+        else:
+            per_frame = math.ceil(side / 2) ** 2
+        vision_tokens = frames * per_frame + (1 if family == "llava_onevision" else 0)
+        inputs["pixel_values_videos"] = torch.randn(1, frames, 3, tile, tile, device=device, dtype=dtype)
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        vision = config.vision_config
+        patch, merge, temporal = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+        grid = (math.ceil(frames / temporal), 448 // patch, 448 // patch)
+        vision_tokens = grid[0] * grid[1] * grid[2] // merge**2
+        features = vision.in_channels * temporal * patch * patch
+        inputs["pixel_values_videos"] = torch.randn(grid[0] * grid[1] * grid[2], features, device=device, dtype=dtype)
+        inputs["video_grid_thw"] = torch.tensor([grid], device=device)
+    else:
+        raise InputError(f"no synthetic video input for model type {family!r}")
+    video_token = config.video_token_id
+    head = _text_ids(config, min(5, text_tokens))
+    tail = _text_ids(config, text_tokens - len(head), seed=1)
+    input_ids = torch.cat([head, torch.full((vision_tokens,), video_token), tail])[None].to(device)
+    inputs["input_ids"] = input_ids
+    inputs["attention_mask"] = torch.ones_like(input_ids)
+    if "mm_token_type_ids" in inspect.signature(model.model.forward).parameters:
+        inputs["mm_token_type_ids"] = (input_ids == video_token).long() * 2  # 2 marks video tokens, as the processor
     return inputs
 
 

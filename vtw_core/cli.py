@@ -47,7 +47,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from vtw_core.prompts import user_message
 
     images = [load_image(path) for path in args.image]
-    messages = [user_message(args.prompt, num_images=len(images))]
+    if args.video:
+        from vtw_core.videos import read_video
+
+        videos = [read_video(path, args.frames) for path in args.video]
+    else:
+        videos = []
+    messages = [user_message(args.prompt, num_images=len(images), num_videos=len(videos))]
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.sample,
@@ -67,7 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         method = parse_method(args.method, manager.info.num_layers)
         k, schedule = method.k, method.schedule
     options = {"k": k, "schedule": schedule, "position_mode": args.position_mode, "sampling": sampling}
-    for event in manager.stream(messages, images, **options):
+    for event in manager.stream(messages, images, videos=videos, **options):
         if not args.json:
             print(event.text_delta, end="", flush=True)
         last = event
@@ -84,6 +90,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         f"KV cache {stats.kv_cache_bytes / 2**20:.2f} MB",
         file=sys.stderr,
     )
+    if stats.video_frames:
+        print(
+            f"[{side}] {stats.video_frames} video frames, {stats.vision_tokens_per_frame:.1f} vision tokens per frame",
+            file=sys.stderr,
+        )
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
@@ -126,7 +137,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)  # before loading: a fixed count for every timed run
     manager = _load(args, random_weights=args.random_weights)
     inputs = None
-    if args.synthetic_image_size:
+    if args.video_frames:
+        from vtw_core.bench import synthetic_video_inputs
+
+        inputs = synthetic_video_inputs(manager.model, frames=args.video_frames, text_tokens=args.text_tokens)
+    elif args.synthetic_image_size:
         from vtw_core.bench import synthetic_inputs
 
         height, width = args.synthetic_image_size
@@ -379,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="answer a question about images, streaming the text")
     _add_model_options(generate)
     generate.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    generate.add_argument("--video", action="append", default=[], help="video file (repeat for several)")
+    generate.add_argument("--frames", type=int, default=8, help="frames sampled evenly from each video (1..64)")
     generate.add_argument("--prompt", required=True, help="the question")
     generate.add_argument("--k", type=int, default=None, help="withdraw vision tokens after K layers (none: baseline)")
     generate.add_argument("--method", help="instead of --k: baseline, vtw:K, fastv:K:R or schedule:FILE")
@@ -415,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthetic prompt for an image of this size (LLaVA-NeXT 672 672: the paper's 2880 vision tokens)",
     )  # fmt: skip
     bench.add_argument("--text-tokens", type=int, default=62, help="text tokens of the synthetic prompt")
+    bench.add_argument(
+        "--video-frames", type=int, help="synthetic prompt for a video of this many frames (Video-LLaVA-7B, 8: 2056)"
+    )
     bench.add_argument(
         "--engine", nargs="+", default=["auto"], choices=["auto", "plain", "static", "graph"],
         help="decode engines to compare (auto: CUDA graph on CUDA, static on CPU)",

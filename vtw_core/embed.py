@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vtw_core.errors import InputError
-from vtw_core.families import MROPE_FAMILIES, language_model, model_family, vision_token_ids
+from vtw_core.families import DEEPSTACK_FAMILIES, MROPE_FAMILIES, language_model, model_family, vision_token_ids
 
 
 @dataclass
@@ -28,6 +28,9 @@ class PromptEmbeddings:
     attention_mask: torch.Tensor  # (batch, seq) bool, False on left padding
     position_ids: torch.Tensor  # (batch, seq), or (3, batch, seq) for multimodal rope
     vision_mask: torch.Tensor  # (batch, seq) bool, True on vision placeholder positions
+    # Added to the output of decoder layer i, each (batch, seq, hidden): Qwen3-VL's DeepStack vision features at
+    # the vision positions, zero elsewhere. Empty for every other family.
+    layer_additions: tuple[torch.Tensor, ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -74,9 +77,11 @@ def embed_prompt(model: nn.Module, model_inputs: dict[str, Any]) -> PromptEmbedd
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     vision_mask = torch.isin(input_ids, torch.tensor(vision_token_ids(model.config), device=input_ids.device))
-    has_pixels = any(model_inputs.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
+    # Video-LLaVA's processor names its image pixels `pixel_values_images`.
+    pixel_names = ("pixel_values", "pixel_values_images", "pixel_values_videos")
+    has_pixels = any(model_inputs.get(name) is not None for name in pixel_names)
     if bool(vision_mask.any()) and not has_pixels:
-        raise InputError("the prompt has image placeholder tokens but no image was given")
+        raise InputError("the prompt has image or video placeholder tokens but no image or video was given")
     captured = _capture_language_model_inputs(model, {**model_inputs, "attention_mask": attention_mask})
 
     inputs_embeds = captured["inputs_embeds"]
@@ -91,9 +96,30 @@ def embed_prompt(model: nn.Module, model_inputs: dict[str, Any]) -> PromptEmbedd
 
     if inputs_embeds.shape[:2] != input_ids.shape:
         raise InputError(f"embeddings {tuple(inputs_embeds.shape[:2])} do not match input ids {tuple(input_ids.shape)}")
+    layer_additions = ()
+    if family in DEEPSTACK_FAMILIES and captured.get("deepstack_visual_embeds") is not None:
+        layer_additions = _deepstack_additions(
+            inputs_embeds, captured["visual_pos_masks"], captured["deepstack_visual_embeds"]
+        )
     return PromptEmbeddings(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask.bool(),
         position_ids=position_ids.to(inputs_embeds.device),
         vision_mask=vision_mask & attention_mask.bool(),
+        layer_additions=layer_additions,
     )
+
+
+def _deepstack_additions(
+    inputs_embeds: torch.Tensor, visual_pos_masks: torch.Tensor, deepstack_embeds: list[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """Qwen3-VL: the stock decoder adds deepstack_embeds[i] (one row per vision position, in prompt order) to the
+    output of layer i at the vision positions. As full (batch, seq, hidden) tensors, zero elsewhere, they follow
+    the engine's token selection like every other per-token tensor (x + 0 is x exactly)."""
+    mask = visual_pos_masks.to(inputs_embeds.device)
+    additions = []
+    for features in deepstack_embeds:
+        addition = torch.zeros_like(inputs_embeds)
+        addition[mask] = features.to(inputs_embeds.device, inputs_embeds.dtype)
+        additions.append(addition)
+    return tuple(additions)

@@ -213,7 +213,7 @@ def prefill(
         position_ids=prompt.position_ids,
     )
     return run_decoder(model, prompt.inputs_embeds, tokens, selector=selector, position_mode=position_mode,
-                       observer=observer, use_cache=use_cache)  # fmt: skip
+                       observer=observer, use_cache=use_cache, layer_additions=prompt.layer_additions)  # fmt: skip
 
 
 @torch.no_grad()
@@ -227,12 +227,15 @@ def run_decoder(
     position_mode: PositionMode = "original",
     observer: LayerObserver | None = None,
     use_cache: bool = True,
+    layer_additions: tuple[torch.Tensor, ...] = (),
 ) -> tuple[torch.Tensor, DecodeState]:
     """Run decoder layers `first_layer`.. on `hidden_states` (the input of that layer) and its tokens.
 
     `observer(layer_idx, hidden_states, tokens)` sees each layer's input after token selection; the K
     search uses it to branch off VTW passes from one baseline pass, the attention analysis to keep query rows.
     `use_cache=False` keeps no keys and values: the layers attend within the prompt and store nothing.
+    `layer_additions[i]` (batch, prompt, hidden) is added to layer i's output on the tokens still kept
+    (PromptEmbeddings.layer_additions: Qwen3-VL's DeepStack, zero outside vision positions).
     """
     if position_mode not in ("original", "rearrange"):
         raise InputError(f"position_mode must be 'original' or 'rearrange', got {position_mode!r}")
@@ -271,6 +274,9 @@ def run_decoder(
         if observer is not None:
             observer(layer_idx, hidden_states, tokens)
         hidden_states = _run_layer(layer, hidden_states, groups[-1], cache)
+        if layer_idx < len(layer_additions):
+            index = tokens.prompt_index[..., None].expand(-1, -1, hidden_states.shape[-1])
+            hidden_states = hidden_states + layer_additions[layer_idx].gather(1, index)
 
     state = DecodeState(cache, groups, group_of_layer, implementation, tokens_per_layer)
     return _logits(model, decoder, hidden_states), state

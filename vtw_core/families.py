@@ -1,8 +1,9 @@
 """Which multimodal families the engine runs, and where their parts live.
 
 Every supported family is a stock transformers `*ForConditionalGeneration` whose `.model` holds a vision
-tower and a `language_model` (a decoder with `embed_tokens`, `layers`, `norm`, `rotary_emb`), and whose
-prompt marks each vision embedding with a placeholder token id named in the config.
+tower and a text decoder (`language_model`; `text_model` in Idefics3 / SmolVLM) with `embed_tokens`, `layers`,
+`norm`, `rotary_emb`, and whose prompt marks each vision embedding (image or video frame) with a placeholder
+token id named in the config. A family the engine cannot run by VTW's definition is refused with the reason.
 """
 
 from __future__ import annotations
@@ -17,10 +18,44 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "llava_next": "LLaVA-NeXT",
     "qwen2_vl": "Qwen2-VL",
     "qwen2_5_vl": "Qwen2.5-VL",
+    "llava_next_video": "LLaVA-NeXT-Video",
+    "video_llava": "Video-LLaVA",
+    "llava_onevision": "LLaVA-OneVision",
+    "internvl": "InternVL",
+    "qwen3_vl": "Qwen3-VL",
+    "idefics3": "Idefics3",
+    "smolvlm": "SmolVLM",
 }
 
+# Families whose processor takes videos (their vision tokens are image and video placeholders alike; InternVL marks
+# video frames with its image token).
+VIDEO_FAMILIES = frozenset(
+    {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next_video", "video_llava", "llava_onevision", "internvl"}
+)
+
+# model_type -> why VTW cannot run it exactly on the stock layers today.
+REFUSED_FAMILIES: dict[str, str] = {
+    "gemma3": (
+        "Gemma 3 is not supported: every Gemma 3 checkpoint interleaves sliding-window layers (their own rotary "
+        "table, a window counted in sequence slots) with global ones, and its image tokens attend bidirectionally "
+        "within each image; the engine keeps one causal mask and one rotary table per layer group, and after "
+        "withdrawal a window over the packed text slots would no longer be the stock window, so K = N would not "
+        "be the stock model"
+    ),
+    "qwen3_vl_moe": (
+        "Qwen3-VL-MoE is not supported yet: its mixture-of-experts decoder has no tests here and no FLOPs model"
+    ),
+}
+
+# Where the text decoder lives inside `model.model`, where it is not `language_model`.
+DECODER_ATTRIBUTE: dict[str, str] = {"idefics3": "text_model", "smolvlm": "text_model"}
+
 # Families whose rotary embedding takes (3, batch, seq) multimodal positions.
-MROPE_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl"})
+MROPE_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
+
+# Families whose stock decoder adds vision features into the outputs of its first layers at the vision positions
+# (Qwen3-VL's DeepStack); embed.py hands them to the engine as per-layer additions.
+DEEPSTACK_FAMILIES = frozenset({"qwen3_vl"})
 
 
 def supported_families_text() -> str:
@@ -30,6 +65,8 @@ def supported_families_text() -> str:
 def model_family(config) -> str:
     """The config's model_type if the engine supports it, else a clear UnsupportedModelError."""
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED_FAMILIES:
+        raise UnsupportedModelError(f"{REFUSED_FAMILIES[model_type]}; supported families: {supported_families_text()}")
     if model_type not in SUPPORTED_FAMILIES:
         raise UnsupportedModelError(
             f"model type {model_type!r} is not supported; supported families: {supported_families_text()}"
@@ -58,8 +95,8 @@ def vision_token_ids(config) -> tuple[int, ...]:
 
 def language_model(model: nn.Module) -> nn.Module:
     """The text decoder (embed_tokens, layers, norm, rotary_emb) inside a conditional-generation model."""
-    model_family(model.config)
-    decoder = model.model.language_model
+    family = model_family(model.config)
+    decoder = getattr(model.model, DECODER_ATTRIBUTE.get(family, "language_model"))
     for part in ("embed_tokens", "layers", "norm", "rotary_emb"):
         if not hasattr(decoder, part):
             raise UnsupportedModelError(f"{type(decoder).__name__} has no `{part}`; cannot run it layer by layer")

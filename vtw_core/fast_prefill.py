@@ -189,6 +189,8 @@ def fallback_reason(model: nn.Module, prompt: PromptEmbeddings, selector: TokenS
         return "flash attention"
     if bucket_for(prompt.inputs_embeds.shape[1]) is None:
         return "prompt beyond the largest bucket"
+    if prompt.layer_additions:
+        return "per-layer vision additions (Qwen3-VL DeepStack)"
     return None
 
 

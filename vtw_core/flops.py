@@ -23,7 +23,25 @@ VISION_FAMILIES: dict[str, str] = {
     "llava_next": "LLaVA-NeXT",
     "qwen2_vl": "Qwen2-VL",
     "qwen2_5_vl": "Qwen2.5-VL",
+    "llava_next_video": "LLaVA-NeXT-Video",
+    "video_llava": "Video-LLaVA",
+    "llava_onevision": "LLaVA-OneVision",
+    "internvl": "InternVL",
+    "qwen3_vl": "Qwen3-VL",
+    "idefics3": "Idefics3",
+    "smolvlm": "SmolVLM",
 }
+# Families whose vision tower runs once per crop / tile / video frame (the rest take Qwen's grid_thw).
+_PER_CROP_FAMILIES = (
+    "llava",
+    "llava_next",
+    "llava_next_video",
+    "video_llava",
+    "llava_onevision",
+    "internvl",
+    "idefics3",
+    "smolvlm",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,28 +199,82 @@ def _vit_block_flops(tokens: int, hidden: int, mlp_flops_per_token: int, attenti
     return 2 * tokens * 4 * hidden * hidden + tokens * mlp_flops_per_token + attention
 
 
-def _clip_llava_flops(config: Any, num_crops: int) -> int:
-    """CLIP ViT run once per crop, then the two-layer projector on the selected tokens."""
-    vision = config.vision_config
-    if vision.model_type != "clip_vision_model":
+_VIT_TOWERS = ("clip_vision_model", "siglip_vision_model", "internvl_vision", "idefics3_vision", "smolvlm_vision")
+
+
+def _vit_tower_flops(vision: Any) -> tuple[int, int]:
+    """(FLOPs of one pass, output tokens) of a CLIP / SigLIP / InternViT tower on one crop.
+
+    Patch embedding, then pre-norm blocks (q, k, v, o; fc1, fc2) over the patches plus CLS where the tower has one
+    (CLIP, InternViT); SigLIP's attention-pooling head only where the config enables it.
+    """
+    if vision.model_type not in _VIT_TOWERS:
         raise UnsupportedModelError(
-            f"vision tower {vision.model_type!r} is not supported for FLOPs; only CLIP (`clip_vision_model`)"
+            f"vision tower {vision.model_type!r} is not supported for FLOPs; only CLIP (`clip_vision_model`), "
+            "SigLIP (`siglip_vision_model`) and InternViT (`internvl_vision`)"
         )
     hidden = vision.hidden_size
-    patches = (vision.image_size // vision.patch_size) ** 2
-    tokens = patches + 1  # the CLS token
-    patch_embed = 2 * patches * hidden * vision.num_channels * vision.patch_size**2
+    image_size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+    patch_size = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
+    patches = (image_size // patch_size) ** 2
+    tokens = patches + (1 if vision.model_type in ("clip_vision_model", "internvl_vision") else 0)  # CLS
+    patch_embed = 2 * patches * hidden * vision.num_channels * patch_size**2
     # HF runs every encoder layer even when a middle layer's hidden states are the ones selected.
     block = _vit_block_flops(tokens, hidden, 2 * 2 * hidden * vision.intermediate_size, 4 * tokens * tokens * hidden)
     tower = patch_embed + vision.num_hidden_layers * block
+    if vision.model_type == "siglip_vision_model" and getattr(vision, "vision_use_head", True):
+        # One probe query attends over every token: q on the probe, k and v on the tokens, out and the MLP on one.
+        heads = vision.num_attention_heads
+        tower += 2 * hidden * hidden * (2 + 2 * tokens) + _attention_flops(1, tokens, heads, hidden // heads)
+        tower += 2 * 2 * hidden * vision.intermediate_size
+    return tower, tokens
 
+
+def _llava_projector_flops(config: Any, tokens: int) -> int:
+    """LLaVA's two-layer projector on `tokens` features (several feature layers are concatenated first)."""
     feature_layers = config.vision_feature_layer
     num_feature_layers = 1 if isinstance(feature_layers, int) else len(feature_layers)
-    selected = patches if config.vision_feature_select_strategy == "default" else tokens
     text_hidden = config.get_text_config().hidden_size
-    projector = 2 * selected * (hidden * num_feature_layers * text_hidden + text_hidden * text_hidden)
-    # LLaVA-NeXT's unpadding and image_newline are slicing and concatenation: no matmuls.
-    return num_crops * (tower + projector)
+    return 2 * tokens * (config.vision_config.hidden_size * num_feature_layers * text_hidden + text_hidden**2)
+
+
+def _clip_llava_flops(config: Any, num_crops: int, video_frames: int = 0) -> int:
+    """CLIP / SigLIP run once per crop and per video frame, then the two-layer projector on the selected tokens."""
+    if config.vision_config.model_type == "internvl_vision":
+        raise UnsupportedModelError("InternViT towers are counted by the internvl family only")
+    tower, tokens = _vit_tower_flops(config.vision_config)
+    patches = tokens - (0 if config.vision_config.model_type == "siglip_vision_model" else 1)
+    selected = patches if config.vision_feature_select_strategy == "default" else tokens
+    # LLaVA-NeXT's unpadding and image_newline, OneVision's bilinear pooling: slicing and interpolation, no matmuls.
+    images = num_crops * (tower + _llava_projector_flops(config, selected))
+    if not video_frames:
+        return images
+    family = config.model_type
+    if family == "llava_next_video":  # frames are average-pooled before the projector
+        side = int(patches**0.5) // config.spatial_pool_stride
+        frame_tokens = side * side
+    elif family == "video_llava":  # frames keep CLS: the video tower's features are not selected
+        frame_tokens = tokens
+    else:
+        frame_tokens = selected
+    return images + video_frames * (tower + _llava_projector_flops(config, frame_tokens))
+
+
+def _idefics3_flops(config: Any, num_tiles: int) -> int:
+    """Idefics3's SigLIP-style tower once per tile, then the connector: pixel shuffle (a reshape) and one linear."""
+    tower, tokens = _vit_tower_flops(config.vision_config)
+    width = config.vision_config.hidden_size * config.scale_factor**2
+    connector = 2 * (tokens // config.scale_factor**2) * width * config.get_text_config().hidden_size
+    return num_tiles * (tower + connector)
+
+
+def _internvl_flops(config: Any, num_tiles: int) -> int:
+    """InternViT once per tile, CLS dropped, pixel shuffle (a reshape), then the two-layer projector."""
+    tower, tokens = _vit_tower_flops(config.vision_config)
+    shuffled = int((tokens - 1) * config.downsample_ratio**2)
+    width = int(config.vision_config.hidden_size / config.downsample_ratio**2)
+    text_hidden = config.get_text_config().hidden_size
+    return num_tiles * (tower + 2 * shuffled * (width * text_hidden + text_hidden**2))
 
 
 def _window_lengths(t: int, h: int, w: int, vision: Any) -> list[int]:
@@ -218,9 +290,27 @@ def _window_lengths(t: int, h: int, w: int, vision: Any) -> list[int]:
     return [r * c * merge * merge for _ in range(t) for r in rows for c in cols]
 
 
+def _qwen3_vit_flops(config: Any, grid_thw: Sequence[tuple[int, int, int]]) -> int:
+    """Qwen3-VL ViT: fc1/fc2 blocks with full attention per frame, the merger, and one DeepStack merger per
+    deepstack layer (the same shapes). The learned position grid is interpolated elementwise: no matmul."""
+    vision = config.vision_config
+    hidden, head_dim = vision.hidden_size, vision.hidden_size // vision.num_heads
+    grids = [tuple(int(x) for x in thw) for thw in grid_thw]
+    patches = sum(t * h * w for t, h, w in grids)
+    patch_embed = 2 * patches * hidden * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    attention = sum(_attention_flops(h * w, h * w, vision.num_heads, head_dim) for t, h, w in grids for _ in range(t))
+    blocks = vision.depth * _vit_block_flops(patches, hidden, 2 * 2 * hidden * vision.intermediate_size, attention)
+    merged_width = hidden * vision.spatial_merge_size**2
+    merged = patches // vision.spatial_merge_size**2
+    merger = 2 * merged * merged_width * (merged_width + vision.out_hidden_size)
+    return patch_embed + blocks + (1 + len(vision.deepstack_visual_indexes)) * merger
+
+
 def _qwen_vit_flops(config: Any, grid_thw: Sequence[tuple[int, int, int]]) -> int:
     """Qwen2-VL / Qwen2.5-VL ViT on all images at once (attention within each image frame or window)."""
     vision = config.vision_config
+    if config.model_type == "qwen3_vl":
+        return _qwen3_vit_flops(config, grid_thw)
     qwen25 = config.model_type == "qwen2_5_vl"
     hidden = vision.hidden_size if qwen25 else vision.embed_dim
     out_hidden = vision.out_hidden_size if qwen25 else vision.hidden_size
@@ -253,28 +343,85 @@ def _qwen_vit_flops(config: Any, grid_thw: Sequence[tuple[int, int, int]]) -> in
     return patch_embed + blocks + merger
 
 
-def vision_flops(config: Any, *, num_crops: int = 0, grid_thw: Sequence[tuple[int, int, int]] = ()) -> int:
-    """FLOPs of the vision tower and multimodal projector for a request's images.
+def vision_flops(
+    config: Any, *, num_crops: int = 0, grid_thw: Sequence[tuple[int, int, int]] = (), video_frames: int = 0
+) -> int:
+    """FLOPs of the vision tower and multimodal projector for a request's images and videos.
 
-    LLaVA / LLaVA-NeXT: `num_crops` vision-tower passes (one per image for LLaVA-1.5; for LLaVA-NeXT the
-    anyres crops including the base image, summed over images). Qwen2-VL / Qwen2.5-VL: `grid_thw`, one
-    (t, h, w) patch grid per image, as the processor's image_grid_thw.
+    LLaVA family, LLaVA-OneVision, Video-LLaVA: `num_crops` vision-tower passes for images (one per image for
+    LLaVA-1.5 and Video-LLaVA; the anyres crops including the base image for LLaVA-NeXT(-Video) and OneVision,
+    summed over images) and `video_frames` passes for video frames. InternVL: `num_crops` tiles (thumbnail
+    included). Qwen2-VL / Qwen2.5-VL: `grid_thw`, one (t, h, w) patch grid per image or video, as the processor's
+    image_grid_thw and video_grid_thw.
     """
     model_type = getattr(config, "model_type", None)
     if model_type not in VISION_FAMILIES:
         names = ", ".join(f"{name} (`{key}`)" for key, name in VISION_FAMILIES.items())
         raise UnsupportedModelError(f"no vision FLOPs for model type {model_type!r}; supported families: {names}")
-    if model_type in ("llava", "llava_next"):
-        if num_crops < 0 or len(grid_thw):
-            raise InputError(f"{model_type} takes num_crops >= 0 (got {num_crops}), not grid_thw")
-        return _clip_llava_flops(config, num_crops)
-    if num_crops:
-        raise InputError(f"{model_type} takes grid_thw (one (t, h, w) per image), not num_crops")
+    if model_type in _PER_CROP_FAMILIES:
+        if num_crops < 0 or video_frames < 0 or len(grid_thw):
+            raise InputError(f"{model_type} takes num_crops >= 0 (got {num_crops}) and video_frames, not grid_thw")
+        if video_frames and model_type in ("llava", "llava_next", "idefics3", "smolvlm"):
+            raise InputError(f"{model_type} takes no video frames")
+        if model_type == "internvl":  # a video frame is one more tile
+            return _internvl_flops(config, num_crops + video_frames)
+        if model_type in ("idefics3", "smolvlm"):
+            return _idefics3_flops(config, num_crops)
+        return _clip_llava_flops(config, num_crops, video_frames)
+    if num_crops or video_frames:
+        raise InputError(f"{model_type} takes grid_thw (one (t, h, w) per image or video), not num_crops")
     merge = config.vision_config.spatial_merge_size
     for t, h, w in grid_thw:
         if min(t, h, w) < 1 or h % merge or w % merge:
             raise InputError(f"grid (t, h, w) = {(t, h, w)} must be positive with h and w divisible by {merge}")
     return _qwen_vit_flops(config, grid_thw)
+
+
+def request_vision_flops(config: Any, model_inputs: dict[str, Any]) -> int:
+    """`vision_flops` for a processor batch: crops, tiles, frames and grids read from its tensors as the model does."""
+    family = getattr(config, "model_type", None)
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        grids = [
+            tuple(row)
+            for name in ("image_grid_thw", "video_grid_thw")
+            if model_inputs.get(name) is not None
+            for row in model_inputs[name].tolist()
+        ]
+        return vision_flops(config, grid_thw=grids) if grids else 0
+    videos = model_inputs.get("pixel_values_videos")
+    frames = int(videos.shape[0] * videos.shape[1]) if videos is not None else 0
+    pixel_values = model_inputs.get("pixel_values")
+    if pixel_values is None:
+        pixel_values = model_inputs.get("pixel_values_images")  # Video-LLaVA's name for image pixels
+    crops = 0
+    image_sizes = model_inputs.get("image_sizes")
+    if (
+        pixel_values is not None
+        and image_sizes is not None
+        and family in ("llava_next", "llava_next_video", "llava_onevision")
+    ):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        sizes = image_sizes.tolist()
+        # OneVision crops an image only when it is its prompt's single image; several images get their base view.
+        per_prompt = model_inputs.get("batch_num_images")
+        patching = (
+            [True] * len(sizes) if per_prompt is None else [n == 1 for n in per_prompt.tolist() for _ in range(n)]
+        )
+        tile = config.vision_config.image_size
+        crops = sum(
+            image_size_to_num_patches(size, config.image_grid_pinpoints, tile) if crop else 1
+            for size, crop in zip(sizes, patching, strict=True)
+        )
+    elif pixel_values is not None and family in ("idefics3", "smolvlm"):
+        # (images, tiles, 3, h, w), padded with all-zero tiles that the model skips, as it does here.
+        tiles = pixel_values.flatten(0, 1)
+        crops = int((tiles.flatten(1) != 0).any(1).sum())
+    elif pixel_values is not None:
+        crops = int(pixel_values.shape[0])
+    if not crops and not frames:
+        return 0
+    return vision_flops(config, num_crops=crops, video_frames=frames)
 
 
 def flop_counter_formulas() -> dict:

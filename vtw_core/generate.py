@@ -28,6 +28,7 @@ from vtw_core.fast import GraphedDecodeStep, fast_state_from_prefill, static_dec
 from vtw_core.fast_prefill import PrefillEngine, fast_prefill
 from vtw_core.prompts import Message, build_model_inputs, eos_token_ids_of
 from vtw_core.schedules import Schedule, ScheduleSelector
+from vtw_core.videos import Video
 
 DecodeEngine = Literal["auto", "plain", "static", "graph"]
 
@@ -75,7 +76,10 @@ class GenerationStats:
     dtype: str = "float32"
     attention: str = "sdpa"
     prompt_tokens: int = 0
-    vision_tokens: int = 0
+    vision_tokens: int = 0  # image and video tokens
+    video_frames: int = 0  # frames sampled from the request's videos
+    video_tokens: int = 0
+    vision_tokens_per_frame: float | None = None  # video tokens / frames (None without video)
     new_tokens: int = 0
     ttft_s: float | None = None
     total_s: float | None = None
@@ -145,23 +149,8 @@ def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torc
 
 
 def _vision_flops(config: Any, model_inputs: dict[str, torch.Tensor]) -> int:
-    """FLOPs of the vision tower and projector for the images in this request."""
-    grid = model_inputs.get("image_grid_thw")
-    if grid is not None:
-        return flops.vision_flops(config, grid_thw=[tuple(row) for row in grid.tolist()])
-    pixel_values = model_inputs.get("pixel_values")
-    if pixel_values is None:
-        return 0
-    image_sizes = model_inputs.get("image_sizes")
-    if image_sizes is not None and config.model_type == "llava_next":
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        crops = sum(
-            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-            for size in image_sizes.tolist()
-        )
-        return flops.vision_flops(config, num_crops=crops)
-    return flops.vision_flops(config, num_crops=pixel_values.shape[0])
+    """FLOPs of the vision tower and projector for the images and videos in this request."""
+    return flops.request_vision_flops(config, model_inputs)
 
 
 def _check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -345,12 +334,28 @@ def _decoder_for(model: nn.Module, state: DecodeState, engine: str, max_new_toke
     return _Decoder(model, state, engine, max_new_tokens, stats)
 
 
+def _video_stats(
+    model: nn.Module, model_inputs: dict[str, torch.Tensor], videos: list[Video], stats: GenerationStats
+) -> None:
+    """Frames and video tokens of the request (its video placeholders, as the processor expanded them)."""
+    if not videos:
+        return
+    stats.video_frames = sum(len(video.frames) for video in videos)
+    video_token = getattr(model.config, "video_token_id", None)
+    if video_token is not None:
+        stats.video_tokens = int((model_inputs["input_ids"] == video_token).sum())
+    else:  # InternVL marks frames with its image token: one tile of image_seq_length tokens per frame
+        stats.video_tokens = stats.video_frames * model.config.image_seq_length
+    stats.vision_tokens_per_frame = stats.video_tokens / stats.video_frames
+
+
 def stream_generate(
     model: nn.Module,
     processor: Any,
     messages: list[Message],
     images: list[Image.Image],
     *,
+    videos: list[Video] | None = None,
     k: int | None = None,
     position_mode: PositionMode = "original",
     sampling: SamplingConfig = SamplingConfig(),
@@ -358,7 +363,10 @@ def stream_generate(
     engine: DecodeEngine = "auto",
     schedule: Schedule | None = None,
 ) -> Iterator[StreamEvent]:
-    """Answer one conversation, yielding text deltas with live stats; the last event has finished=True."""
+    """Answer one conversation, yielding text deltas with live stats; the last event has finished=True.
+
+    `videos`: vtw_core.videos.read_video results for the conversation's "video" slots, in order.
+    """
     start = time.perf_counter()
     device = model.device
     dtype = model.dtype
@@ -380,8 +388,9 @@ def stream_generate(
     text = ""
     eos_ids = eos_token_ids_of(model, processor)
     try:
-        model_inputs = build_model_inputs(processor, [messages], [images], device, dtype)
+        model_inputs = build_model_inputs(processor, [messages], [images], device, dtype, videos=[list(videos or [])])
         _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
+        _video_stats(model, model_inputs, list(videos or []), stats)
         steps = generate_tokens(
             model,
             model_inputs,
@@ -451,6 +460,7 @@ def generate_batch(
     conversations: list[list[Message]],
     images: list[list[Image.Image]],
     *,
+    videos: list[list[Video]] | None = None,
     k: int | None = None,
     position_mode: PositionMode = "original",
     sampling: SamplingConfig = SamplingConfig(),
@@ -464,7 +474,7 @@ def generate_batch(
     time to first token and total time, from this call on (preprocessing included; rows share them).
     """
     start = time.perf_counter()
-    model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype)
+    model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype, videos=videos)
     _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
     eos_ids = eos_token_ids_of(model, processor)
     tokenizer = getattr(processor, "tokenizer", processor)

@@ -24,6 +24,7 @@ from vtw_core.generate import DecodeEngine, GenerationResult, SamplingConfig, St
 from vtw_core.prompts import Message
 from vtw_core.schedules import Schedule
 from vtw_core.tiny import load_processor
+from vtw_core.videos import Video
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -212,6 +213,7 @@ class ModelManager:
         messages: list[Message],
         images: list[Image.Image],
         *,
+        videos: list[Video] | None = None,
         k: int | None = None,
         position_mode: PositionMode = "original",
         sampling: SamplingConfig = SamplingConfig(),
@@ -219,7 +221,10 @@ class ModelManager:
         engine: DecodeEngine = "auto",
         schedule: Schedule | None = None,
     ) -> Iterator[StreamEvent]:
-        """Stream one answer; the device is held for the whole answer, so each request's numbers are its own."""
+        """Stream one answer; the device is held for the whole answer, so each request's numbers are its own.
+
+        `videos`: vtw_core.videos.read_video results for the messages' "video" slots.
+        """
         self._check_request(k, schedule, sampling)
         with self.lock:
             yield from stream_generate(
@@ -227,6 +232,7 @@ class ModelManager:
                 self.processor,
                 messages,
                 images,
+                videos=videos,
                 k=k,
                 position_mode=position_mode,
                 sampling=sampling,

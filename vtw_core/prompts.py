@@ -1,4 +1,4 @@
-"""Chat messages + images -> the tensors the model's own processor makes of them."""
+"""Chat messages + images and videos -> the tensors the model's own processor makes of them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from PIL import Image
 
 from vtw_core.errors import InputError
 from vtw_core.validation import check_text
+from vtw_core.videos import Video
 
 Message = dict[str, Any]  # {"role": "user" | "assistant" | "system", "content": str | list of items}
 
@@ -21,12 +22,14 @@ TEXT_ROLE_MARKERS = ("USER:", "ASSISTANT:", "SYSTEM:")
 WORD_JOINER = "\u2060"
 
 
-def user_message(text: str, num_images: int = 1) -> Message:
-    """One user turn: the images first, then the text (the order LLaVA was trained with)."""
+def user_message(text: str, num_images: int = 1, num_videos: int = 0) -> Message:
+    """One user turn: the images first, then the videos, then the text (the order LLaVA was trained with)."""
     text = check_text(text)
     return {
         "role": "user",
-        "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}],
+        "content": [{"type": "image"}] * num_images
+        + [{"type": "video"}] * num_videos
+        + [{"type": "text", "text": text}],
     }
 
 
@@ -34,13 +37,14 @@ def assistant_message(text: str) -> Message:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
-def count_image_items(messages: list[Message]) -> int:
+def count_image_items(messages: list[Message], kind: str = "image") -> int:
+    """How many `kind` ("image" or "video") slots the messages have."""
     return sum(
         1
         for message in messages
         if isinstance(message.get("content"), list)
         for item in message["content"]
-        if item.get("type") == "image"
+        if item.get("type") == kind
     )
 
 
@@ -104,29 +108,59 @@ def render_prompt(processor: Any, messages: list[Message]) -> str:
     return processor.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
 
 
+def processor_images(processor: Any, images: list[list[Image.Image]]) -> Any:
+    """The `images` argument for a batch: one flat list in prompt order, or None without images.
+
+    SmolVLM's processor is the exception: it takes one list per prompt (it does not split a flat list by the prompts'
+    placeholders, as Idefics3's and the others' do).
+    """
+    if not any(images):
+        return None
+    if type(processor).__name__ == "SmolVLMProcessor":
+        return [list(row) for row in images]
+    return [image for row in images for image in row]
+
+
 def build_model_inputs(
     processor: Any,
     conversations: list[list[Message]],
     images: list[list[Image.Image]],
     device: torch.device | str,
     dtype: torch.dtype,
+    videos: list[list[Video]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Tokenize a batch of conversations (left-padded) with their images, on `device`, floats in `dtype`."""
-    if len(conversations) != len(images):
-        raise InputError("one image list per conversation is needed")
-    for messages, conversation_images in zip(conversations, images, strict=True):
+    """Tokenize a batch of conversations (left-padded) with their images and videos, on `device`, floats in `dtype`.
+
+    `videos` (vtw_core.videos.read_video results), one list per conversation, fill its "video" slots.
+    """
+    videos = videos if videos is not None else [[] for _ in conversations]
+    if len(conversations) != len(images) or len(conversations) != len(videos):
+        raise InputError("one image list and one video list per conversation are needed")
+    for messages, conversation_images, conversation_videos in zip(conversations, images, videos, strict=True):
         expected = count_image_items(messages)
         if expected != len(conversation_images):
             raise InputError(f"the conversation has {expected} image slot(s) but {len(conversation_images)} image(s)")
+        expected = count_image_items(messages, "video")
+        if expected != len(conversation_videos):
+            raise InputError(f"the conversation has {expected} video slot(s) but {len(conversation_videos)} video(s)")
+    flat_videos = [video for conversation_videos in videos for video in conversation_videos]
+    if flat_videos and getattr(processor, "video_processor", None) is None:
+        raise InputError("this model's processor takes no video")
     prompts = [render_prompt(processor, messages) for messages in conversations]
-    flat_images = [image for conversation_images in images for image in conversation_images]
+    video_options = {}
+    if flat_videos:
+        video_options = {
+            "videos": [video.as_array() for video in flat_videos],
+            "video_metadata": [video.metadata() for video in flat_videos],
+        }
     try:
         batch = processor(
             text=prompts,
-            images=flat_images or None,
+            images=processor_images(processor, images),
             padding=True,
             padding_side="left",
             return_tensors="pt",
+            **video_options,
         )
     except (ValueError, TypeError) as error:
         raise InputError(f"the processor rejected the input: {error}") from error

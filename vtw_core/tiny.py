@@ -10,20 +10,23 @@ shapes, token bookkeeping and numerics matter.
     processor = load_processor(folder)  # = AutoProcessor.from_pretrained(folder), see below
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
 
-Loading quirk: in transformers 5.x every Qwen2-VL / Qwen2.5-VL processor includes a video processor, and all
-video processors need torchvision; without torchvision, `AutoProcessor.from_pretrained` fails for these
-families (for real hub checkpoints too). `load_processor` tries AutoProcessor first and only then builds the
-same processor without its video part. LLaVA / LLaVA-NeXT folders load with plain AutoProcessor anywhere.
+Loading quirk: in transformers 5.x the processors of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT-Video,
+Video-LLaVA, LLaVA-OneVision, InternVL and SmolVLM include a video processor, and all stock video processors need
+torchvision; without torchvision, `AutoProcessor.from_pretrained` fails for these families (for real hub
+checkpoints too). `load_processor` tries AutoProcessor first and only then builds the same stock processor with
+the frame-based video processor of vtw_core.videos (or none). LLaVA, LLaVA-NeXT and Idefics3 folders load with
+plain AutoProcessor anywhere.
 
 Nothing here touches the network: the tokenizers are BPE models trained in code on a short built-in corpus,
-in the layout of the real families (Llama: <unk>/<s>/</s>, 256 byte-fallback pieces, pieces, then <image>
-and <pad>; Qwen2: byte-level BPE followed by the ChatML / vision special tokens), so any text encodes without
-unknown tokens. Image processors are the PIL-backed ones (AutoImageProcessor picks them when torchvision is
-missing).
+in the layout of the real families (Llama: <unk>/<s>/</s>, 256 byte-fallback pieces, pieces, then the family's
+vision tokens and <pad>; Qwen2: byte-level BPE followed by the ChatML / vision special tokens, then the family's
+own), so any text encodes without unknown tokens. Image processors are the PIL-backed ones (AutoImageProcessor
+picks them when torchvision is missing).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from functools import cache
 from pathlib import Path
@@ -38,11 +41,19 @@ from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
     GenerationConfig,
+    Idefics3Config,
+    Idefics3Processor,
+    InternVLConfig,
+    InternVLProcessor,
     LlamaConfig,
     LlamaTokenizer,
     LlavaConfig,
     LlavaNextConfig,
     LlavaNextProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     PreTrainedConfig,
     ProcessorMixin,
@@ -51,13 +62,43 @@ from transformers import (
     Qwen2Tokenizer,
     Qwen2VLConfig,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLProcessor,
+    SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMProcessor,
+    VideoLlavaConfig,
+    VideoLlavaProcessor,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
 from transformers.utils import is_torchvision_available
 
-SUPPORTED_TINY_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+from vtw_core.videos import frame_video_processor
+
+SUPPORTED_TINY_FAMILIES = (
+    "llava",
+    "llava_next",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "llava_next_video",
+    "video_llava",
+    "llava_onevision",
+    "internvl",
+    "qwen3_vl",
+    "idefics3",
+    "smolvlm",
+)
+# Families whose tokenizer is the Llama layout (the rest use the Qwen2 layout).
+LLAMA_TOKENIZER_FAMILIES = ("llava", "llava_next", "llava_next_video", "video_llava", "idefics3", "smolvlm")
+# SmolVLM's model and image tokens are Idefics3's.
+IDEFICS3_FAMILIES = ("idefics3", "smolvlm")
 
 # --- Sizes ---------------------------------------------------------------------------------------------------
 
@@ -99,6 +140,37 @@ QWEN_MAX_PIXELS = (QWEN_PATCH * QWEN_MERGE * 8) ** 2
 # windows; vision layer 0 is windowed and layer 1 (in fullatt_block_indexes) attends over the whole image.
 QWEN25_WINDOW = 28
 QWEN25_FULLATT_BLOCKS = [1]
+# Qwen3-VL: 8 px patches merged 2x2 -> one token per 16x16 px, learned positions on a 4x4 grid (interpolated), and
+# DeepStack features from vision layers 0 and 1 added to the outputs of decoder layers 0 and 1.
+QWEN3_PATCH = 8
+QWEN3_MIN_PIXELS = (QWEN3_PATCH * QWEN_MERGE * 2) ** 2
+QWEN3_MAX_PIXELS = (QWEN3_PATCH * QWEN_MERGE * 8) ** 2
+QWEN3_DEEPSTACK = [0, 1]
+
+# Video-LLaVA: one CLIP geometry for the image and the video tower: 32 px, 8 px patches -> 16 patches; images drop
+# CLS (15+1 = 16 tokens), frames keep it (17 tokens per frame), as the stock processor counts them.
+VIDEO_LLAVA_IMAGE_SIZE = 32
+VIDEO_LLAVA_PATCH = 8
+
+# LLaVA-OneVision: SigLIP (no CLS) on 32 px tiles of 8 px patches -> 16 tokens per tile, anyres up to 2x2 tiles;
+# video frames are pooled 2x2 -> 4 tokens per frame, plus one newline token per video.
+ONEVISION_TILE = 32
+ONEVISION_PATCH = 8
+ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+# InternVL: 32 px tiles of 8 px patches, pixel-shuffled by 0.5 -> 4 tokens per tile; images are cut into up to
+# 4 tiles plus a thumbnail, as InternVL3's dynamic tiling does with up to 12.
+INTERNVL_TILE = 32
+INTERNVL_PATCH = 8
+INTERNVL_MAX_TILES = 4
+INTERNVL_IMAGE_SEQ_LENGTH = (INTERNVL_TILE // INTERNVL_PATCH) ** 2 // 4
+
+# Idefics3: 32 px tiles of 8 px patches, pixel-shuffled by 2 -> 4 tokens per tile; images up to 64 px a side are
+# split into up to 2x2 tiles plus the whole image (the global tile), as the real model splits into 364 px tiles.
+IDEFICS3_TILE = 32
+IDEFICS3_PATCH = 8
+IDEFICS3_SCALE = 2
+IDEFICS3_IMAGE_SEQ_LEN = (IDEFICS3_TILE // IDEFICS3_PATCH) ** 2 // IDEFICS3_SCALE**2
 
 # --- Tokenizers ----------------------------------------------------------------------------------------------
 
@@ -130,6 +202,28 @@ QWEN_SPECIALS = [
     "<|video_pad|>",
 ]
 QWEN_IDS = {token: VOCAB_SIZE - len(QWEN_SPECIALS) + i for i, token in enumerate(QWEN_SPECIALS)}
+
+VIDEO_TOKEN = "<video>"
+# Video-LLaVA / LLaVA-NeXT-Video (Llama): <image>, <video> and <pad> after the trained pieces.
+LLAVA_VIDEO_IDS = {LLAVA_IMAGE_TOKEN: VOCAB_SIZE - 3, VIDEO_TOKEN: VOCAB_SIZE - 2, LLAVA_PAD_TOKEN: VOCAB_SIZE - 1}
+# Idefics3 (Llama): its image markers and end-of-turn token, then <pad>, after the trained pieces.
+IDEFICS3_SPECIALS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+IDEFICS3_IDS = {token: VOCAB_SIZE - 5 + i for i, token in enumerate([*IDEFICS3_SPECIALS, LLAVA_PAD_TOKEN])}
+# Qwen2-text families append their own vision tokens after Qwen's specials, as their hub tokenizers do.
+QWEN_EXTRA_SPECIALS: dict[str, list[str]] = {
+    "qwen2_vl": [],
+    "qwen2_5_vl": [],
+    "qwen3_vl": [],
+    "llava_onevision": [LLAVA_IMAGE_TOKEN, VIDEO_TOKEN],
+    "internvl": ["<img>", "</img>", "<IMG_CONTEXT>", VIDEO_TOKEN],
+}
+
+
+def qwen_family_ids(family: str) -> dict[str, int]:
+    """Special token -> id of a Qwen2-text tiny family: Qwen's specials, then the family's own, at the end."""
+    tokens = QWEN_SPECIALS + QWEN_EXTRA_SPECIALS[family]
+    return {token: VOCAB_SIZE - len(tokens) + i for i, token in enumerate(tokens)}
+
 
 # A short, fixed English corpus: enough repeated sub-words for a couple of hundred BPE merges, so ordinary
 # questions tokenize into a realistic number of pieces rather than one piece per byte.
@@ -216,8 +310,7 @@ def llava_tokenizer(
 
 
 @cache
-def _qwen_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    base_size = VOCAB_SIZE - len(QWEN_SPECIALS)
+def _qwen_vocab_and_merges(base_size: int = VOCAB_SIZE - len(QWEN_SPECIALS)) -> tuple[dict[str, int], list]:
     bpe = Tokenizer(models.BPE())
     # Qwen2's own pre-tokenizer (regex split + byte-level), taken from an empty Qwen2Tokenizer so the trained
     # merges match how Qwen2Tokenizer will split text.
@@ -242,21 +335,47 @@ def build_tiny_tokenizer(family: str) -> LlamaTokenizer | Qwen2Tokenizer:
     if family in ("llava", "llava_next"):
         tokenizer = llava_tokenizer()
         expected = {LLAVA_IMAGE_TOKEN: LLAVA_IMAGE_TOKEN_ID, LLAVA_PAD_TOKEN: LLAVA_PAD_TOKEN_ID, "</s>": 2}
+    elif family in IDEFICS3_FAMILIES:
+        vocab, merges = _llama_vocab_and_merges(VOCAB_SIZE - len(IDEFICS3_IDS))
+        tokenizer = LlamaTokenizer(
+            vocab=dict(vocab), merges=list(merges), add_bos_token=True, legacy=False, padding_side="left"
+        )
+        tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_SPECIALS})
+        tokenizer.add_special_tokens({"pad_token": LLAVA_PAD_TOKEN})
+        expected = {**IDEFICS3_IDS, "</s>": 2}
+    elif family in LLAMA_TOKENIZER_FAMILIES:
+        vocab, merges = _llama_vocab_and_merges(VOCAB_SIZE - 3)
+        tokenizer = LlamaTokenizer(
+            vocab=dict(vocab), merges=list(merges), add_bos_token=True, legacy=False, padding_side="left"
+        )
+        # One call each, in this order, so the ids are those of LLAVA_VIDEO_IDS.
+        tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN, VIDEO_TOKEN]})
+        tokenizer.add_special_tokens({"pad_token": LLAVA_PAD_TOKEN})
+        expected = {**LLAVA_VIDEO_IDS, "</s>": 2}
     else:
-        vocab, merges = _qwen_vocab_and_merges()
+        expected = qwen_family_ids(family)
+        vocab, merges = _qwen_vocab_and_merges(VOCAB_SIZE - len(expected))
+        extra = {}
+        if family == "internvl":  # InternVLProcessor reads its tokens from these tokenizer attributes
+            extra["extra_special_tokens"] = {
+                "start_image_token": "<img>",
+                "end_image_token": "</img>",
+                "context_image_token": "<IMG_CONTEXT>",
+                "video_token": VIDEO_TOKEN,
+            }
         # The special tokens go into the vocabulary with their fixed ids up front: registering them afterwards
         # would number them in registration order (eos and pad first), not in Qwen's order.
         tokenizer = Qwen2Tokenizer(
-            vocab={**vocab, **QWEN_IDS},
+            vocab={**vocab, **expected},
             merges=list(merges),
             unk_token=None,
             bos_token=None,
             eos_token="<|im_end|>",
             pad_token="<|endoftext|>",
             padding_side="left",
+            **extra,
         )
-        tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
-        expected = QWEN_IDS
+        tokenizer.add_special_tokens({"additional_special_tokens": list(expected)})
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in expected}
     if ids != expected or len(tokenizer) != VOCAB_SIZE:
         raise RuntimeError(f"tiny {family} tokenizer layout is off: {ids}, {len(tokenizer)} tokens")
@@ -302,6 +421,61 @@ QWEN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+
+def _user_assistant_template(image: str, video: str) -> str:
+    """LLaVA's USER/ASSISTANT format with image and video items (Video-LLaVA and LLaVA-NeXT-Video use the same)."""
+    return (
+        "{% for message in messages %}"
+        "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+        "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+        "{% else %}"
+        "{% for content in message['content'] %}"
+        f"{{% if content['type'] == 'image' %}}{{{{ '{image}' }}}}"
+        f"{{% elif content['type'] == 'video' %}}{{{{ '{video}' }}}}{{% endif %}}"
+        "{% endfor %}"
+        "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+        "{{ content['text'] + ' ' }}"
+        "{% endfor %}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    )
+
+
+def _chatml_template(image: str, video: str) -> str:
+    """ChatML (LLaVA-OneVision, InternVL): each turn's images and videos first, then its text."""
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for content in message['content'] %}"
+        f"{{% if content['type'] == 'image' %}}{{{{ '{image}' }}}}"
+        f"{{% elif content['type'] == 'video' %}}{{{{ '{video}' }}}}{{% endif %}}"
+        "{% endfor %}"
+        "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+# Idefics3's "User:<image>question<end_of_utterance>\nAssistant:" turns.
+IDEFICS3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+CHAT_TEMPLATES = {
+    "idefics3": IDEFICS3_CHAT_TEMPLATE,
+    "smolvlm": IDEFICS3_CHAT_TEMPLATE,
+    "llava_next_video": _user_assistant_template("<image>\\n", "<video>\\n"),
+    "video_llava": _user_assistant_template("<image>\\n", "<video>\\n"),
+    "llava_onevision": _chatml_template("<image>\\n", "<video>\\n"),
+    "internvl": _chatml_template("<IMG_CONTEXT>\\n", "<video>\\n"),
+}
+
 # --- Configs -------------------------------------------------------------------------------------------------
 
 
@@ -334,12 +508,12 @@ def _clip_vision_config(image_size: int, patch_size: int) -> CLIPVisionConfig:
     )
 
 
-def _llama_text_config(num_layers: int) -> LlamaConfig:
+def _llama_text_config(num_layers: int, pad_token_id: int = LLAVA_PAD_TOKEN_ID) -> LlamaConfig:
     return LlamaConfig(
         **_text_sizes(num_layers),
         bos_token_id=LLAMA_BOS_ID,
         eos_token_id=LLAMA_EOS_ID,
-        pad_token_id=LLAVA_PAD_TOKEN_ID,
+        pad_token_id=pad_token_id,
         tie_word_embeddings=False,
     )
 
@@ -352,6 +526,20 @@ def _qwen_text_config(num_layers: int) -> dict:
         "bos_token_id": QWEN_IDS["<|endoftext|>"],
         "eos_token_id": QWEN_IDS["<|im_end|>"],
         "pad_token_id": QWEN_IDS["<|endoftext|>"],
+        "tie_word_embeddings": False,
+    }
+
+
+def _qwen2_text_config(family: str, num_layers: int) -> dict:
+    """A plain Qwen2 decoder (LLaVA-OneVision, InternVL) with the family's token ids."""
+    ids = qwen_family_ids(family)
+    return {
+        "model_type": "qwen2",
+        **_text_sizes(num_layers),
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
         "tie_word_embeddings": False,
     }
 
@@ -393,6 +581,115 @@ def tiny_config(family: str, *, num_layers: int = 4) -> PreTrainedConfig:
             pad_token_id=LLAVA_PAD_TOKEN_ID,
             tie_word_embeddings=False,
         )
+    if family == "llava_next_video":
+        return LlavaNextVideoConfig(
+            vision_config=_clip_vision_config(LLAVA_NEXT_TILE, LLAVA_NEXT_PATCH),
+            text_config=_llama_text_config(num_layers, LLAVA_VIDEO_IDS[LLAVA_PAD_TOKEN]),
+            image_token_id=LLAVA_VIDEO_IDS[LLAVA_IMAGE_TOKEN],
+            video_token_id=LLAVA_VIDEO_IDS[VIDEO_TOKEN],
+            image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+            image_seq_length=(LLAVA_NEXT_TILE // LLAVA_NEXT_PATCH) ** 2,
+            video_seq_length=(LLAVA_NEXT_TILE // LLAVA_NEXT_PATCH // 2) ** 2,  # frames are pooled 2x2
+            spatial_pool_stride=2,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            projector_hidden_act="gelu",
+            pad_token_id=LLAVA_VIDEO_IDS[LLAVA_PAD_TOKEN],
+            tie_word_embeddings=False,
+        )
+    if family == "video_llava":
+        patches = (VIDEO_LLAVA_IMAGE_SIZE // VIDEO_LLAVA_PATCH) ** 2
+        return VideoLlavaConfig(
+            vision_config=_clip_vision_config(VIDEO_LLAVA_IMAGE_SIZE, VIDEO_LLAVA_PATCH),
+            text_config=_llama_text_config(num_layers, LLAVA_VIDEO_IDS[LLAVA_PAD_TOKEN]),
+            image_token_id=LLAVA_VIDEO_IDS[LLAVA_IMAGE_TOKEN],
+            video_token_id=LLAVA_VIDEO_IDS[VIDEO_TOKEN],
+            image_seq_length=patches,
+            video_seq_length=(patches + 1) * 8,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            projector_hidden_act="gelu",
+            pad_token_id=LLAVA_VIDEO_IDS[LLAVA_PAD_TOKEN],
+            tie_word_embeddings=False,
+        )
+    if family == "llava_onevision":
+        ids = qwen_family_ids(family)
+        return LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(
+                hidden_size=VISION_HIDDEN,
+                intermediate_size=VISION_INTERMEDIATE,
+                num_hidden_layers=VISION_LAYERS,
+                num_attention_heads=VISION_HEADS,
+                image_size=ONEVISION_TILE,
+                patch_size=ONEVISION_PATCH,
+                vision_use_head=False,
+            ),
+            text_config=_qwen2_text_config(family, num_layers),
+            image_token_id=ids[LLAVA_IMAGE_TOKEN],
+            video_token_id=ids[VIDEO_TOKEN],
+            image_grid_pinpoints=ONEVISION_PINPOINTS,
+            vision_aspect_ratio="anyres_max_9",
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
+            projector_hidden_act="gelu",
+            tie_word_embeddings=False,
+        )
+    if family == "internvl":
+        return InternVLConfig(
+            vision_config={
+                "hidden_size": VISION_HIDDEN,
+                "intermediate_size": VISION_INTERMEDIATE,
+                "num_hidden_layers": VISION_LAYERS,
+                "num_attention_heads": VISION_HEADS,
+                "image_size": [INTERNVL_TILE, INTERNVL_TILE],
+                "patch_size": [INTERNVL_PATCH, INTERNVL_PATCH],
+            },
+            text_config=_qwen2_text_config(family, num_layers),
+            image_token_id=qwen_family_ids(family)["<IMG_CONTEXT>"],
+            image_seq_length=INTERNVL_IMAGE_SEQ_LENGTH,
+            downsample_ratio=0.5,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            tie_word_embeddings=False,
+        )
+    if family in IDEFICS3_FAMILIES:
+        pad = IDEFICS3_IDS[LLAVA_PAD_TOKEN]
+        config_class = Idefics3Config if family == "idefics3" else SmolVLMConfig
+        return config_class(
+            vision_config={
+                "hidden_size": VISION_HIDDEN,
+                "intermediate_size": VISION_INTERMEDIATE,
+                "num_hidden_layers": VISION_LAYERS,
+                "num_attention_heads": VISION_HEADS,
+                "image_size": IDEFICS3_TILE,
+                "patch_size": IDEFICS3_PATCH,
+            },
+            text_config=_llama_text_config(num_layers, pad),
+            image_token_id=IDEFICS3_IDS["<image>"],
+            scale_factor=IDEFICS3_SCALE,
+            pad_token_id=pad,
+            tie_word_embeddings=False,
+        )
+    if family == "qwen3_vl":
+        text = _qwen_text_config(num_layers)
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+        return Qwen3VLConfig(
+            text_config={**text, "head_dim": TEXT_HIDDEN // TEXT_HEADS},
+            vision_config={
+                "depth": VISION_LAYERS,
+                "hidden_size": VISION_HIDDEN,
+                "intermediate_size": VISION_INTERMEDIATE,
+                "num_heads": VISION_HEADS,
+                "out_hidden_size": TEXT_HIDDEN,
+                "patch_size": QWEN3_PATCH,
+                "spatial_merge_size": QWEN_MERGE,
+                "temporal_patch_size": QWEN_TEMPORAL_PATCH,
+                "num_position_embeddings": 16,
+                "deepstack_visual_indexes": QWEN3_DEEPSTACK,
+            },
+            **_qwen_token_ids(),
+            tie_word_embeddings=False,
+        )
     if family == "qwen2_vl":
         return Qwen2VLConfig(
             text_config=_qwen_text_config(num_layers),
@@ -431,98 +728,177 @@ def tiny_config(family: str, *, num_layers: int = 4) -> PreTrainedConfig:
 def _generation_config(family: str) -> GenerationConfig:
     if family in ("llava", "llava_next"):
         return GenerationConfig(bos_token_id=LLAMA_BOS_ID, eos_token_id=LLAMA_EOS_ID, pad_token_id=LLAVA_PAD_TOKEN_ID)
-    # Qwen2-VL-Instruct stops on <|im_end|> (end of turn) or <|endoftext|>.
+    if family in IDEFICS3_FAMILIES:  # ends a turn with <end_of_utterance>
+        eos = [IDEFICS3_IDS["<end_of_utterance>"], LLAMA_EOS_ID]
+        return GenerationConfig(bos_token_id=LLAMA_BOS_ID, eos_token_id=eos, pad_token_id=IDEFICS3_IDS[LLAVA_PAD_TOKEN])
+    if family in LLAMA_TOKENIZER_FAMILIES:
+        pad = LLAVA_VIDEO_IDS[LLAVA_PAD_TOKEN]
+        return GenerationConfig(bos_token_id=LLAMA_BOS_ID, eos_token_id=LLAMA_EOS_ID, pad_token_id=pad)
+    # ChatML models stop on <|im_end|> (end of turn) or <|endoftext|>.
+    ids = qwen_family_ids(family)
     return GenerationConfig(
-        bos_token_id=QWEN_IDS["<|endoftext|>"],
-        eos_token_id=[QWEN_IDS["<|im_end|>"], QWEN_IDS["<|endoftext|>"]],
-        pad_token_id=QWEN_IDS["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
     )
 
 
 # --- Processors ----------------------------------------------------------------------------------------------
 
-QWEN_PROCESSOR_CLASSES: dict[str, type[ProcessorMixin]] = {
+# Processors whose stock class lists a (torchvision-backed) video processor among its parts.
+PROCESSOR_CLASSES: dict[str, type[ProcessorMixin]] = {
     "qwen2_vl": Qwen2VLProcessor,
     "qwen2_5_vl": Qwen2_5_VLProcessor,
+    "qwen3_vl": Qwen3VLProcessor,
+    "smolvlm": SmolVLMProcessor,
+    "llava_next_video": LlavaNextVideoProcessor,
+    "video_llava": VideoLlavaProcessor,
+    "llava_onevision": LlavaOnevisionProcessor,
+    "internvl": InternVLProcessor,
 }
+QWEN_PROCESSOR_CLASSES = {family: PROCESSOR_CLASSES[family] for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")}
 
 
-def _qwen_image_processor() -> Qwen2VLImageProcessorPil:
+def _qwen_image_processor(family: str = "qwen2_vl") -> Qwen2VLImageProcessorPil:
+    qwen3 = family == "qwen3_vl"
+    # Qwen3-VL normalises with mean = std = 0.5 (its hub preprocessor config); Qwen2(.5)-VL with CLIP's.
+    normalisation = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if qwen3 else {}
     return Qwen2VLImageProcessorPil(
-        patch_size=QWEN_PATCH,
+        **normalisation,
+        patch_size=QWEN3_PATCH if qwen3 else QWEN_PATCH,
         merge_size=QWEN_MERGE,
         temporal_patch_size=QWEN_TEMPORAL_PATCH,
-        min_pixels=QWEN_MIN_PIXELS,
-        max_pixels=QWEN_MAX_PIXELS,
+        min_pixels=QWEN3_MIN_PIXELS if qwen3 else QWEN_MIN_PIXELS,
+        max_pixels=QWEN3_MAX_PIXELS if qwen3 else QWEN_MAX_PIXELS,
     )
 
 
-def _qwen_video_processor_dict() -> dict:
-    # Saved so that, where torchvision is installed, stock AutoProcessor builds Qwen2VLVideoProcessor with the
-    # tiny patch geometry instead of the real model's 14 px patches. It cannot be instantiated here without
-    # torchvision, hence a plain dict of Qwen2VLVideoProcessor's init kwargs.
-    return {
-        "video_processor_type": "Qwen2VLVideoProcessor",
-        "patch_size": QWEN_PATCH,
-        "merge_size": QWEN_MERGE,
-        "temporal_patch_size": QWEN_TEMPORAL_PATCH,
-        "size": {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
-    }
+def _video_processor_dict(family: str) -> dict:
+    # Saved so that, where torchvision is installed, stock AutoProcessor builds the family's video processor with
+    # the tiny geometry instead of the real model's. It cannot be instantiated here without torchvision, hence a
+    # plain dict of the video processor's init kwargs.
+    if family == "qwen3_vl":
+        return {
+            "video_processor_type": "Qwen3VLVideoProcessor",
+            "patch_size": QWEN3_PATCH,
+            "merge_size": QWEN_MERGE,
+            "temporal_patch_size": QWEN_TEMPORAL_PATCH,
+            # Qwen3-VL's video budget covers all frames: room for 8 frames at the image cap.
+            "size": {"shortest_edge": QWEN3_MIN_PIXELS, "longest_edge": 8 * QWEN3_MAX_PIXELS},
+            "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3,
+        }
+    if family in QWEN_PROCESSOR_CLASSES:
+        return {
+            "video_processor_type": "Qwen2VLVideoProcessor",
+            "patch_size": QWEN_PATCH,
+            "merge_size": QWEN_MERGE,
+            "temporal_patch_size": QWEN_TEMPORAL_PATCH,
+            "size": {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
+        }
+    if family == "llava_next_video":
+        size = {
+            "size": {"shortest_edge": LLAVA_NEXT_TILE},
+            "crop_size": {"height": LLAVA_NEXT_TILE, "width": LLAVA_NEXT_TILE},
+        }
+        return {"video_processor_type": "LlavaNextVideoVideoProcessor", **size}
+    if family == "video_llava":
+        side = VIDEO_LLAVA_IMAGE_SIZE
+        size = {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
+        return {"video_processor_type": "VideoLlavaVideoProcessor", **size}
+    if family == "llava_onevision":
+        return {
+            "video_processor_type": "LlavaOnevisionVideoProcessor",
+            "size": {"height": ONEVISION_TILE, "width": ONEVISION_TILE},
+        }
+    return {"video_processor_type": "InternVLVideoProcessor", "size": {"height": INTERNVL_TILE, "width": INTERNVL_TILE}}
 
 
-def image_only_qwen_processor(
-    processor_class: type[ProcessorMixin], image_processor, tokenizer, chat_template: str | None
+def processor_without_torchvision(
+    processor_class: type[ProcessorMixin], *, video_processor=None, **parts
 ) -> ProcessorMixin:
-    """A genuine Qwen2VLProcessor / Qwen2_5_VLProcessor whose video_processor is None.
+    """A genuine stock processor (Qwen2VLProcessor, LlavaNextVideoProcessor, ...) built without torchvision.
 
-    In transformers 5.x these processors list a video processor among their parts, and every video processor
+    In transformers 5.x these processors list a video processor among their parts, and every stock video processor
     is torchvision-backed, so without torchvision neither the constructor nor AutoProcessor can build one. Images
     never touch the video processor, so the only obstacle is the constructor's type check of that one part; it is
-    relaxed on this instance alone (no global patching), then removed again.
+    relaxed on this instance alone (no global patching), then removed again. `video_processor` is None (images
+    only) or a frame-based stand-in (vtw_core.videos) that returns what the stock one returns.
     """
     processor = processor_class.__new__(processor_class)
 
     def check_argument(argument_name: str, argument):
-        if argument_name == "video_processor" and argument is None:
+        if argument_name == "video_processor" and argument is video_processor:
             return None
         return processor_class.check_argument_for_proper_class(processor, argument_name, argument)
 
     processor.check_argument_for_proper_class = check_argument
     try:
-        processor_class.__init__(
-            processor,
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=chat_template,
-        )
+        processor_class.__init__(processor, video_processor=video_processor, **parts)
     finally:
         del processor.check_argument_for_proper_class
     return processor
 
 
+def image_only_qwen_processor(
+    processor_class: type[ProcessorMixin], image_processor, tokenizer, chat_template: str | None
+) -> ProcessorMixin:
+    """A genuine Qwen2VLProcessor / Qwen2_5_VLProcessor whose video_processor is None."""
+    return processor_without_torchvision(
+        processor_class, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+    )
+
+
+def _video_preprocessor_config(source: str | Path, kwargs: dict) -> dict:
+    """A checkpoint's separate video_preprocessor_config.json (hub layout before nested processor configs), or {}."""
+    from transformers.utils import cached_file
+
+    options = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only") if key in kwargs}
+    try:
+        path = cached_file(
+            source, "video_preprocessor_config.json", _raise_exceptions_for_missing_entries=False, **options
+        )
+    except OSError:
+        return {}
+    return json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
+
+
 def load_processor(source: str | Path, **kwargs) -> ProcessorMixin:
-    """`AutoProcessor.from_pretrained(source, **kwargs)`, with an image-only fallback for Qwen2(.5)-VL.
+    """`AutoProcessor.from_pretrained(source, **kwargs)`, with a fallback for processors that need torchvision.
 
     Works for these tiny folders and for real hub checkpoints alike. The fallback is used only when torchvision is
-    missing (stock transformers then cannot load any Qwen2-VL-style processor, as its video processor needs
-    torchvision); it assembles the same tokenizer, PIL image processor and chat template without the video part.
+    missing (stock transformers then cannot load any processor that has a video part); it assembles the same
+    tokenizer, PIL image processor, processor options and chat template, with the frame-based video processor of
+    vtw_core.videos where the family takes video, else without a video part.
     """
     try:
         return AutoProcessor.from_pretrained(source, **kwargs)
-    except ImportError:
+    except (ImportError, OSError):  # no torchvision; or, for some checkpoints, no video processor config to find
         if is_torchvision_available():
             raise
         config_kwargs = {key: value for key, value in kwargs.items() if key not in ("use_fast", "backend")}
         family = AutoConfig.from_pretrained(source, **config_kwargs).model_type
-        if family not in QWEN_PROCESSOR_CLASSES:
+        if family not in PROCESSOR_CLASSES:
             raise
-    processor_class = QWEN_PROCESSOR_CLASSES[family]
+    processor_class = PROCESSOR_CLASSES[family]
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
     processor_dict, _ = processor_class.get_processor_dict(source, **kwargs)
-    chat_template = processor_dict.get("chat_template") or tokenizer.chat_template
-    return image_only_qwen_processor(processor_class, image_processor, tokenizer, chat_template)
+    accepted = inspect.signature(processor_class.__init__).parameters
+    options = {
+        key: value
+        for key, value in processor_dict.items()
+        if key in accepted and key not in ("self", "image_processor", "tokenizer", "video_processor", "chat_template")
+    }
+    video_settings = processor_dict.get("video_processor") or _video_preprocessor_config(source, kwargs)
+    return processor_without_torchvision(
+        processor_class,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=frame_video_processor(family, video_settings, image_processor),
+        chat_template=processor_dict.get("chat_template") or tokenizer.chat_template,
+        **options,
+    )
 
 
 def build_tiny_processor(family: str) -> ProcessorMixin:
@@ -541,6 +917,16 @@ def build_tiny_processor(family: str) -> ProcessorMixin:
             num_additional_image_tokens=1,
             chat_template=LLAVA_CHAT_TEMPLATE,
         )
+    if family == "idefics3":
+        image_processor = Idefics3ImageProcessorPil(
+            size={"longest_edge": 2 * IDEFICS3_TILE}, max_image_size={"longest_edge": IDEFICS3_TILE}
+        )
+        return Idefics3Processor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            image_seq_len=IDEFICS3_IMAGE_SEQ_LEN,
+            chat_template=IDEFICS3_CHAT_TEMPLATE,
+        )
     if family == "llava_next":
         image_processor = LlavaNextImageProcessorPil(
             size={"shortest_edge": LLAVA_NEXT_TILE},
@@ -555,24 +941,81 @@ def build_tiny_processor(family: str) -> ProcessorMixin:
             num_additional_image_tokens=1,
             chat_template=LLAVA_CHAT_TEMPLATE,
         )
-    # Image-only even where torchvision exists, so that the saved folder is the same on every machine.
-    return image_only_qwen_processor(
-        QWEN_PROCESSOR_CLASSES[family], _qwen_image_processor(), tokenizer, QWEN_CHAT_TEMPLATE
+    # The rest are built with the frame-based video processor (vtw_core.videos) even where torchvision exists, so
+    # the same processor runs on every machine; the saved folder names the family's stock video processor.
+    processor_class = PROCESSOR_CLASSES[family]
+    if family in QWEN_PROCESSOR_CLASSES:
+        image_processor = _qwen_image_processor(family)
+        return processor_without_torchvision(
+            processor_class,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=frame_video_processor(family, _video_processor_dict(family), image_processor),
+            chat_template=QWEN_CHAT_TEMPLATE,
+        )
+    parts = {"tokenizer": tokenizer, "chat_template": CHAT_TEMPLATES[family]}
+    if family == "llava_next_video":
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": LLAVA_NEXT_TILE},
+            crop_size={"height": LLAVA_NEXT_TILE, "width": LLAVA_NEXT_TILE},
+            image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        )
+        options = {"patch_size": LLAVA_NEXT_PATCH, "vision_feature_select_strategy": "default"}
+        options["num_additional_image_tokens"] = 1
+    elif family == "video_llava":
+        side = VIDEO_LLAVA_IMAGE_SIZE
+        image_processor = VideoLlavaImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        )
+        options = {"patch_size": VIDEO_LLAVA_PATCH, "vision_feature_select_strategy": "default"}
+        options["num_additional_image_tokens"] = 1
+    elif family == "smolvlm":
+        image_processor = SmolVLMImageProcessorPil(
+            size={"longest_edge": 2 * IDEFICS3_TILE}, max_image_size={"longest_edge": IDEFICS3_TILE}
+        )
+        options = {"image_seq_len": IDEFICS3_IMAGE_SEQ_LEN}
+    elif family == "llava_onevision":
+        image_processor = LlavaOnevisionImageProcessorPil(
+            size={"height": ONEVISION_TILE, "width": ONEVISION_TILE}, image_grid_pinpoints=ONEVISION_PINPOINTS
+        )
+        options = {
+            "num_image_tokens": (ONEVISION_TILE // ONEVISION_PATCH) ** 2,
+            "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": "anyres_max_9",
+        }
+    else:
+        image_processor = GotOcr2ImageProcessorPil(
+            size={"height": INTERNVL_TILE, "width": INTERNVL_TILE},
+            crop_to_patches=True,
+            max_patches=INTERNVL_MAX_TILES,
+        )
+        options = {"image_seq_length": INTERNVL_IMAGE_SEQ_LENGTH}
+    video_processor = frame_video_processor(family, _video_processor_dict(family), image_processor)
+    return processor_without_torchvision(
+        processor_class, image_processor=image_processor, video_processor=video_processor, **parts, **options
     )
 
 
 def _save_processor(family: str, processor: ProcessorMixin, folder: Path) -> None:
-    if family not in QWEN_PROCESSOR_CLASSES:
+    if family not in PROCESSOR_CLASSES:
         processor.save_pretrained(folder)
         return
     # ProcessorMixin.save_pretrained cannot save a processor without its video part, so write the same v5 layout
-    # by hand: tokenizer files, chat_template.jinja, and processor_config.json with the nested sub-processors.
+    # by hand: tokenizer files, chat_template.jinja, and processor_config.json with the nested sub-processors and
+    # the processor's own options.
     processor.tokenizer.save_pretrained(folder)
     (folder / "chat_template.jinja").write_text(processor.chat_template, encoding="utf-8")
+    options = {
+        key: value
+        for key, value in processor.to_dict().items()
+        if key not in ("image_processor", "tokenizer", "video_processor", "chat_template", "processor_class")
+        and isinstance(value, (int, float, str, bool, list))
+    }
     processor_config = {
         "processor_class": type(processor).__name__,
+        **options,
         "image_processor": processor.image_processor.to_dict(),
-        "video_processor": _qwen_video_processor_dict(),
+        "video_processor": _video_processor_dict(family),
     }
     (folder / "processor_config.json").write_text(json.dumps(processor_config, indent=2, sort_keys=True) + "\n")
 
