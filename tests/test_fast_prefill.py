@@ -51,7 +51,8 @@ def test_padding_does_not_change_the_plain_prefill():
         fp.pad_prompt(prompt, 2)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Qwen3-VL adds vision features inside the layer loop: it falls back to the plain prefill (tested below).
+@pytest.mark.parametrize("family", [family for family in FAMILIES if family != "qwen3_vl"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_bucketed_prefill_equals_plain(family, attention):
     model = build_model(family, attention)
