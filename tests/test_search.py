@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from test_engine import PROCESSOR_FAMILIES, VIDEO_FAMILIES
 
 from vtw_core.attention import SEGMENTS, analyze_attention, prompt_segments
 from vtw_core.calibration import load_calibration
@@ -51,16 +52,7 @@ def test_kl_divergence_against_a_hand_computation():
     assert float(kl_divergence(p.log(), p.log())) == pytest.approx(0, abs=1e-7)
 
 
-NEW_FAMILIES = ["llava_next_video", "video_llava", "llava_onevision", "internvl", "qwen3_vl", "idefics3", "smolvlm"]
-VIDEO_FAMILIES = [
-    "llava_next_video",
-    "video_llava",
-    "llava_onevision",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "qwen3_vl",
-    "internvl",
-]
+NEW_FAMILIES = PROCESSOR_FAMILIES  # the families added with their real processor classes
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", *NEW_FAMILIES])

@@ -16,21 +16,8 @@ from typing import Any
 
 from vtw_core import validation
 from vtw_core.errors import InputError, UnsupportedModelError
+from vtw_core.families import SUPPORTED_FAMILIES, supported_families_text
 
-# model_type -> human name, for the families whose vision tower vision_flops knows.
-VISION_FAMILIES: dict[str, str] = {
-    "llava": "LLaVA-1.5",
-    "llava_next": "LLaVA-NeXT",
-    "qwen2_vl": "Qwen2-VL",
-    "qwen2_5_vl": "Qwen2.5-VL",
-    "llava_next_video": "LLaVA-NeXT-Video",
-    "video_llava": "Video-LLaVA",
-    "llava_onevision": "LLaVA-OneVision",
-    "internvl": "InternVL",
-    "qwen3_vl": "Qwen3-VL",
-    "idefics3": "Idefics3",
-    "smolvlm": "SmolVLM",
-}
 # Families whose vision tower runs once per crop / tile / video frame (the rest take Qwen's grid_thw).
 _PER_CROP_FAMILIES = (
     "llava",
@@ -355,8 +342,8 @@ def vision_flops(
     image_grid_thw and video_grid_thw.
     """
     model_type = getattr(config, "model_type", None)
-    if model_type not in VISION_FAMILIES:
-        names = ", ".join(f"{name} (`{key}`)" for key, name in VISION_FAMILIES.items())
+    if model_type not in SUPPORTED_FAMILIES:  # every family the engine runs has its vision tower counted here
+        names = supported_families_text()
         raise UnsupportedModelError(f"no vision FLOPs for model type {model_type!r}; supported families: {names}")
     if model_type in _PER_CROP_FAMILIES:
         if num_crops < 0 or video_frames < 0 or len(grid_thw):
