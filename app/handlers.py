@@ -165,6 +165,18 @@ class Sessions:
         self._stopped: dict[str, int] = {}
         self._cleared: dict[str, int] = {}
         self._busy: dict[str, int] = {}
+        self._refused: set[str] = set()
+
+    def refuse(self, session: str) -> None:
+        """A question sent while a turn ran was refused (and kept in the box): say so when the turn ends."""
+        with self._lock:
+            self._refused.add(session)
+
+    def take_refused(self, session: str) -> bool:
+        with self._lock:
+            refused = session in self._refused
+            self._refused.discard(session)
+            return refused
 
     def issue(self, session: str, turn: bool = False) -> int | None:
         """A new ticket; for a chat turn (`turn=True`) None while another turn of the session is in flight."""

@@ -250,6 +250,7 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
             message = message or {}
             session = request.session_hash
             if sessions.busy(session):
+                sessions.refuse(session)
                 note = (
                     "⏳ A turn is still running: your question stays in the box. Send it when the answers end, "
                     "or press Stop."
@@ -333,6 +334,8 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
                 yield *render(fresh, handlers.counters({}), ""), pd.DataFrame(handlers.timing_rows(fresh))
                 return
             done = "Stopped." if sessions.stopped(session, number) else ""
+            if sessions.take_refused(session):
+                done += " The question you typed during the turn is still in the box: press Enter to send it."
             yield *render(chat, shown, done), pd.DataFrame(handlers.timing_rows(chat))
 
         turn_inputs = [k, mode, max_new_tokens, do_sample, temperature, top_p, seed, method, fastv_ratio, eta]
