@@ -72,6 +72,10 @@ class TurnSettings:
             return f"FastV K={fastv_layer(self.k, self.num_layers)} R={float(self.method.split(':', 1)[1]):g}"
         return f"schedule {Path(self.method.split(':', 1)[1]).stem}"
 
+    def spoken(self) -> str:
+        """The label for people: "VTW K = 9", "FastV K = 3 · R = 0.5"."""
+        return self.label().replace("K=", "K = ").replace(" R=", " · R = ")
+
 
 def fastv_layer(k: int, num_layers: int) -> int:
     """FastV prunes after a layer 1..N-1: the slider's K, clamped (K = 0 or N has no FastV meaning)."""
@@ -84,7 +88,7 @@ def footer(side: str, settings: TurnSettings, stats: dict[str, Any] | None, stat
     if side == "baseline":
         parts = [f"baseline (all {settings.num_layers} layers)", engine]
     else:
-        parts = [settings.label().replace("K=", "K = ").replace("R=", "R = "), engine]
+        parts = [settings.spoken(), engine]
         if settings.eta is not None:
             parts.append(f"eta {settings.eta:g}")
     if status not in ("done", "running"):
@@ -429,8 +433,7 @@ def pane_label(method: str, k: Any, ratio: Any, num_layers: int) -> str:
     except InputError:
         return "Accelerated (next turn: fix the settings)"
     spec = f"fastv:{ratio:g}" if method == "fastv" else method
-    label = TurnSettings(spec, k, num_layers).label().replace("K=", "K = ").replace("R=", "R = ")
-    return f"next turn: {label}"
+    return f"next turn: {TurnSettings(spec, k, num_layers).spoken()}"
 
 
 def benchmark_turn(
