@@ -31,7 +31,7 @@ CSS = """
 .gradio-container { max-width: 1400px !important; }
 #title h1 { font-size: 1.35em; margin: 0; }
 #title p { margin: 0.2em 0; font-size: 0.9em; }
-#status { min-height: 1.4em; font-size: 0.9em; }
+#status { font-size: 0.9em; }
 #status p { margin: 0; }
 #metrics table { font-size: 0.85em; margin: 0; }
 #metrics td, #metrics th { padding: 2px 8px; }
@@ -138,25 +138,33 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
                     elem_id="question",
                 )
                 with gr.Row():
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop", size="sm")
-                    regenerate = gr.Button("Regenerate", elem_id="regenerate", size="sm")
-                    clear = gr.Button("Clear", elem_id="clear", size="sm")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", size="sm", min_width=60)
+                    regenerate = gr.Button("Regenerate", elem_id="regenerate", size="sm", min_width=60)
+                    clear = gr.Button("Clear", elem_id="clear", size="sm", min_width=60)
             with gr.Column(scale=2, min_width=260):
                 with gr.Row():
                     method = gr.Dropdown(
-                        method_choices(), value="vtw", label="Accelerated side", elem_id="method", min_width=120
+                        method_choices(),
+                        value="vtw",
+                        label="Accelerated side",
+                        elem_id="method",
+                        min_width=110,
+                        scale=1,
                     )
-                    fastv_ratio = gr.Slider(
-                        0.05, 1.0, value=0.5, step=0.05, label="FastV R (share cut)", visible=False, elem_id="fastv-r"
+                    k = gr.Slider(
+                        0,
+                        info.num_layers,
+                        value=default_k,
+                        step=1,
+                        label=f"K: layers that see the image ({info.num_layers} = unchanged)",
+                        elem_id="k-slider",
+                        min_width=180,
+                        scale=2,
                     )
-                k = gr.Slider(
-                    0,
-                    info.num_layers,
-                    value=default_k,
-                    step=1,
-                    label=f"K: layers that see the image ({info.num_layers} = unchanged)",
-                    elem_id="k-slider",
-                )
+                fastv_ratio = gr.Slider(
+                    0.05, 1.0, value=0.5, step=0.05, label="FastV R (share of vision tokens cut)", visible=False,
+                    elem_id="fastv-r",
+                )  # fmt: skip
         status = gr.Markdown("", elem_id="status")
         pane = gr.Radio(
             [("Baseline", "baseline"), ("Accelerated", "vtw")],
