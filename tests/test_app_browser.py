@@ -185,6 +185,17 @@ def test_input_near_the_top_on_a_phone_with_a_toggle_between_answers(browser, ap
         page.close()
 
 
+def test_controls_that_do_not_apply_are_hidden_or_locked(page):
+    assert not page.locator("#fastv-r").is_visible() and not page.get_by_text("temperature").is_visible()
+    page.locator("#method input").click()
+    page.locator("ul[role=listbox] li", has_text="FastV").first.click()
+    page.wait_for_selector("#fastv-r", state="visible", timeout=10_000)
+    wait_for_text(page, "#vtw-chat", "next turn: FastV", 10_000)
+    page.get_by_text("Parameters").click()
+    page.get_by_text("sample (off").click()
+    page.get_by_text("temperature").wait_for(state="visible", timeout=10_000)
+
+
 def test_metrics_table_filled_for_both_sides(page, image):
     ask(page, "What shape is this?", image)
     wait_for_answers(page)
