@@ -65,6 +65,15 @@ def method_of(choice: str, ratio: Any) -> str:
     return f"fastv:{check_float(ratio, 'FastV R', 0, 1):g}" if choice == "fastv" else choice
 
 
+@on_gpu
+def warm_up_on_device(manager: ModelManager, k: int, image: Path) -> None:
+    """The untimed first pass of each path; a failure only costs the first turn's timings, never the page."""
+    try:
+        handlers.warm_up(manager, k, image)
+    except Exception as error:
+        handlers.logger.warning("warm-up skipped: %s", handlers.error_message(error))
+
+
 def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
     info = manager.info
     default_k = info.searched_k or max(1, info.num_layers // 2)
@@ -75,7 +84,7 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
     activity = handlers.DeviceActivity()
     examples = handlers.example_files(default_model)
     if examples:
-        handlers.warm_up(manager, default_k, examples[0][0])
+        warm_up_on_device(manager, default_k, examples[0][0])
 
     @on_gpu
     def stream_answers(chat: ChatState, k: int, params: Any, mode: str, stop: Any, method: str, eta: Any):

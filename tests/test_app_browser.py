@@ -323,3 +323,14 @@ def test_search_k_moves_the_slider_and_shows_the_curve(page, app):
     assert page.locator("#k-slider input[type=number]").input_value() == str(expected)
     wait_for_text(page, "#vtw-chat", f"next turn: VTW K = {expected}", 10_000)
     assert page.locator("#search-plot img, #search-plot canvas, #search-plot svg").count() >= 1
+
+
+def test_a_search_k_whose_page_is_gone_is_cancelled(browser, app, slow, caplog):
+    manager, url = app
+    page = open_page(browser, url)
+    page.get_by_text("Search K (the").click()
+    page.locator("#search-k").click()
+    wait_until_running(manager)
+    page.close()  # the visitor leaves mid-search
+    wait_until_device_free(manager)
+    assert any("K search was stopped" in record.getMessage() for record in caplog.records)
