@@ -89,7 +89,7 @@ def footer(side: str, settings: TurnSettings, stats: dict[str, Any] | None, stat
         parts = [f"baseline (all {settings.num_layers} layers)", engine]
     else:
         parts = [settings.spoken(), engine]
-        if settings.eta is not None:
+        if settings.eta is not None and settings.method == "vtw":  # eta chooses VTW's K; FastV has no eta
             parts.append(f"eta {settings.eta:g}")
     if status not in ("done", "running"):
         parts.append(status)

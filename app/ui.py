@@ -136,6 +136,7 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
         )
         state = gr.State(ChatState())
         ticket = gr.State(None)  # the current turn's ticket, issued when the question is sent
+        job_ticket = gr.State(None)  # the same for a K search or a benchmark
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=300):
                 question = gr.MultimodalTextbox(
@@ -436,9 +437,9 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
             new_k = result["k"] if result["k"] is not None else k_value
             return gr.Slider(value=new_k), handlers.describe_search(result, source), kl_curve_figure(result), ""
 
-        search_button.click(take_ticket, None, [ticket, status], queue=False, api_visibility="private").then(
+        search_button.click(take_ticket, None, [job_ticket, status], queue=False, api_visibility="private").then(
             on_search,
-            [ticket, search_source, criterion, eta, state, k],
+            [job_ticket, search_source, criterion, eta, state, k],
             [k, search_text, search_plot, status],
             concurrency_limit=1,
             concurrency_id="device",
@@ -454,9 +455,9 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
                 return f"⚠️ {handlers.log_failure(error, 'benchmark')}", ""
             return handlers.describe_benchmark(result), ""
 
-        benchmark.click(take_ticket, None, [ticket, status], queue=False, api_visibility="private").then(
+        benchmark.click(take_ticket, None, [job_ticket, status], queue=False, api_visibility="private").then(
             on_benchmark,
-            [ticket, state, k, method, fastv_ratio, repeats, max_new_tokens],
+            [job_ticket, state, k, method, fastv_ratio, repeats, max_new_tokens],
             [benchmark_text, status],
             concurrency_limit=1,
             concurrency_id="device",

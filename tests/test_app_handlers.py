@@ -213,7 +213,7 @@ def test_every_answer_keeps_the_footer_of_its_settings(manager, uploads):
     handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
     list(handlers.answer_last_turn(manager, state, 3, SamplingConfig(max_new_tokens=2), eta=0.003))
     handlers.add_turn(state, "And?", [], [uploads])
-    list(handlers.answer_last_turn(manager, state, 1, SamplingConfig(max_new_tokens=2), method="fastv:0.25"))
+    list(handlers.answer_last_turn(manager, state, 1, SamplingConfig(max_new_tokens=2), method="fastv:0.25", eta=1))
     assert state.footers["vtw"][0] == "VTW K = 3 · engine plain · eta 0.003"
     assert state.footers["vtw"][1] == "FastV K = 1 · R = 0.25 · engine plain"
     assert state.footers["baseline"] == ["baseline (all 4 layers) · engine plain"] * 2
