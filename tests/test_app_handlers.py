@@ -33,16 +33,25 @@ def ask(manager, state, text, paths, roots, k=2, params=SamplingConfig(max_new_t
     return list(handlers.answer_last_turn(manager, state, k, params, **options))
 
 
-def test_turns_stream_baseline_then_vtw(manager, uploads):
+def sides_in_order(manager, state, *args, **options) -> list[str]:
+    """Which side each streamed update belongs to, by whose result changed."""
+    seen, last = [], {}
+    for chat, _ in handlers.answer_last_turn(manager, state, *args, **options):
+        for side in handlers.SIDES:
+            result = chat.results[side]
+            if result is not None and result["token_ids"] != last.get(side):
+                seen.append(side)
+                last[side] = list(result["token_ids"])
+    return [side for index, side in enumerate(seen) if index == 0 or seen[index - 1] != side]
+
+
+def test_turns_stream_one_side_then_the_other(manager, uploads):
     state = ChatState()
     updates = ask(manager, state, "What is it?", [uploads / "image0.png"], [uploads])
-    sides_seen = [("baseline" if shown["vtw"] == handlers.NO_ANSWER else "vtw") for _, shown in updates]
-    assert sides_seen[0] == "baseline" and sides_seen[-1] == "vtw"
-    assert sides_seen == sorted(sides_seen)  # every baseline update comes before any VTW update
     final, shown = updates[-1]
     assert [message["role"] for message in final.display("vtw")] == ["user", "user", "assistant"]
-    assert "GFLOPs" in shown["baseline"] and "KV cache" in shown["vtw"] and "GPU peak: CPU" in shown["vtw"]
-    assert "VTW / baseline" in shown["summary"] and "one after the other" in shown["summary"]
+    assert "KV cache" in shown["metrics"] and "not measured on CPU" in shown["metrics"]
+    assert "token for token" in shown["summary"] and "One side after the other" in shown["summary"]
     # The answers equal the engine's own, called directly.
     direct = manager.generate(
         [user_message("What is it?")], [Image.open(uploads / "image0.png")], k=2, sampling=SamplingConfig(4)
@@ -57,7 +66,7 @@ def test_turns_stream_baseline_then_vtw(manager, uploads):
 
 def test_k_equal_to_layers_gives_identical_answers(manager, uploads):
     *_, (_, shown) = ask(manager, ChatState(), "Describe it.", [uploads / "image1.png"], [uploads], k=4)
-    assert "answers **identical**" in shown["summary"]
+    assert "Answers **identical**" in shown["summary"]
 
 
 def test_seeded_sampling_is_the_same_on_both_sides_at_k_equal_n(manager, uploads):
@@ -95,9 +104,12 @@ def test_stop_ends_the_turn_and_skips_the_second_side(manager, uploads):
     for update in handlers.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=50), stop_event=stop):
         updates.append(update)
         stop.set()
-    final, shown = updates[-1]
+    final, _ = updates[-1]
     assert final.results["baseline"]["stats"]["finish_reason"] == "stopped"
-    assert final.results["vtw"] is None and "(stopped)" in shown["baseline"]
+    assert final.results["vtw"] is None
+    assert final.status == {"baseline": ["stopped"], "vtw": ["skipped"]}
+    assert handlers.SKIPPED in final.display("vtw")[-1]["content"]
+    assert "…" not in final.display("vtw")[-1]["content"]  # no answer stays "in progress" after Stop
 
 
 def test_bad_input_is_refused_and_leaves_the_chat_unchanged(manager, uploads, tmp_path_factory):
@@ -133,21 +145,147 @@ def test_compare_api_payload(manager, uploads):
     assert {"ttft_s", "prefill_flops", "kv_cache_bytes", "peak_memory_bytes"} <= set(result["vtw"]["stats"])
 
 
-def test_messages_and_counters():
-    assert handlers.format_stats(None) == handlers.NO_ANSWER
+def test_messages():
     assert handlers.error_message(ResourceError("the device ran out of memory")).startswith("Out of memory")
     assert handlers.error_message(InputError("please type a question")) == "please type a question"
     assert handlers.error_message(RuntimeError("boom")).startswith("Unexpected error (RuntimeError)")
-    base = {"ttft_s": 2.0, "total_s": 4.0, "prefill_flops": 10, "decode_flops": 10, "vision_flops": 1,
-            "kv_cache_bytes": 100, "peak_memory_bytes": 400, "finish_reason": "eos", "prompt_tokens": 9,
-            "vision_tokens": 5, "new_tokens": 3, "decode_tokens_per_s": 1.0}  # fmt: skip
-    vtw = {**base, "ttft_s": 1.0, "prefill_flops": 5, "kv_cache_bytes": 50, "peak_memory_bytes": 200}
-    summary = handlers.format_summary(
-        {"baseline": {"stats": base, "token_ids": [1]}, "vtw": {"stats": vtw, "token_ids": [2]}}
-    )
-    assert "TTFT 0.50×" in summary and "prefill FLOPs 0.50×" in summary and "all FLOPs 0.75×" in summary
-    assert "GPU peak 0.50×" in summary and "answers **different**" in summary
-    assert "400.0 MB" not in handlers.format_stats(vtw) and "GPU peak: 0.0 MB" in handlers.format_stats(vtw)
+
+
+STATS = {"ttft_s": 2.0, "total_s": 4.0, "prefill_flops": 10e9, "decode_flops": 10e6, "vision_flops": 1e6,
+         "kv_cache_bytes": 100e6, "peak_memory_bytes": 400e6, "finish_reason": "eos", "prompt_tokens": 9,
+         "vision_tokens": 5, "new_tokens": 3, "decode_tokens_per_s": 1.0, "engine": "plain"}  # fmt: skip
+
+
+def test_metrics_table_compares_the_sides_and_marks_the_better_value():
+    fast = {**STATS, "ttft_s": 1.0, "prefill_flops": 5e9, "kv_cache_bytes": 50e6, "peak_memory_bytes": 200e6,
+            "decode_tokens_per_s": 2.0}  # fmt: skip
+    results = {"baseline": {"stats": STATS, "token_ids": [1]}, "vtw": {"stats": fast, "token_ids": [2]}}
+    rows = {row["name"]: row for row in handlers.metrics_rows(results)}
+    assert set(rows) == {name for name, *_ in handlers.METRICS}
+    assert rows["time to first token"]["ratio"] == 0.5 and rows["time to first token"]["better"] == "vtw"
+    assert rows["decode tokens/s"]["ratio"] == 2.0 and rows["decode tokens/s"]["better"] == "vtw"  # higher wins
+    assert rows["total time"]["ratio"] == 1.0 and rows["total time"]["better"] is None  # a tie marks nothing
+    assert rows["prefill FLOPs"]["baseline"] == "10.0 GFLOPs" and rows["prefill FLOPs"]["vtw"] == "5.00 GFLOPs"
+    assert rows["KV cache"]["vtw"] == "50.0 MB" and rows["peak GPU memory"]["baseline"] == "400 MB"
+    table = handlers.metrics_table(results, "FastV K=2 R=0.5")
+    assert "| | baseline | FastV K=2 R=0.5 | FastV / baseline |" in table  # not "VTW" when FastV ran
+    assert "**1.00 s** ✓" in table and "| 0.50× |" in table
+    assert "VTW / baseline" not in table
+    # On a CPU there is no peak memory; before both sides finish there are no ratios.
+    cpu = {**STATS, "peak_memory_bytes": None}
+    half = {"baseline": {"stats": cpu, "token_ids": []}, "vtw": {"stats": {**cpu, "finish_reason": None},
+            "token_ids": []}}  # fmt: skip
+    rows = {row["name"]: row for row in handlers.metrics_rows(half)}
+    assert rows["peak GPU memory"]["baseline"] == "not measured on CPU"
+    assert all(row["ratio"] is None for row in rows.values())
+    assert "| time to first token | – | – | – |" in handlers.metrics_table({})
+
+
+def test_one_formatter_for_flops_bytes_and_kl():
+    from vtw_core.units import format_bytes, format_flops, format_kl, format_seconds
+
+    assert format_flops(8.477e12) == "8.48 TFLOPs" and format_flops(2.12e8) == "212 MFLOPs"
+    assert format_flops(999.7e3) == "1.00 MFLOPs" and format_flops(0) == "0 FLOPs"
+    assert format_bytes(1_500_000) == "1.50 MB"
+    assert format_kl(5.4e-5) == "5.40e-05" and format_kl(0.0123) == "0.0123" and format_kl(0) == "0"
+    assert format_seconds(0.052) == "52 ms" and format_seconds(1.239) == "1.24 s"
+
+
+def test_the_side_that_runs_first_alternates(manager, uploads):
+    state = ChatState()
+    handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
+    params = SamplingConfig(max_new_tokens=3)
+    assert sides_in_order(manager, state, 2, params) == ["baseline", "vtw"] and state.first == "baseline"
+    handlers.add_turn(state, "And?", [], [uploads])
+    assert sides_in_order(manager, state, 2, params) == ["vtw", "baseline"] and state.first == "vtw"
+    *_, (_, shown) = handlers.answer_last_turn(manager, handlers.add_turn(state, "Again?", [], [uploads]), 2, params)
+    assert "the baseline ran first" in shown["summary"]
+    assert handlers.run_order(0) == ("baseline", "vtw") and handlers.run_order(1) == ("vtw", "baseline")
+    # Every finished side adds its TTFT and total time to the chart, per turn.
+    rows = handlers.timing_rows(state)
+    assert {row["turn"] for row in rows} == {1, 2, 3} and len(rows) == 3 * 2 * 2
+    assert {row["series"] for row in rows} == {"baseline TTFT", "baseline total", "accelerated TTFT",
+                                               "accelerated total"}  # fmt: skip
+
+
+def test_every_answer_keeps_the_footer_of_its_settings(manager, uploads):
+    state = ChatState()
+    handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
+    list(handlers.answer_last_turn(manager, state, 3, SamplingConfig(max_new_tokens=2), eta=0.003))
+    handlers.add_turn(state, "And?", [], [uploads])
+    list(handlers.answer_last_turn(manager, state, 1, SamplingConfig(max_new_tokens=2), method="fastv:0.25", eta=1))
+    assert state.footers["vtw"][0] == "VTW K = 3 · engine plain · eta 0.003"
+    assert state.footers["vtw"][1] == "FastV K = 1 · R = 0.25 · engine plain"
+    assert state.footers["baseline"] == ["baseline (all 4 layers) · engine plain"] * 2
+    assert state.display("vtw")[2]["content"].endswith("<sub>⚙ VTW K = 3 · engine plain · eta 0.003</sub>")
+    # The pane's title speaks of the next turn, never of answers already given.
+    assert handlers.pane_label("vtw", 2, 0.5, 4) == "next turn: VTW K = 2"
+    assert handlers.pane_label("fastv", 0, 0.5, 4) == "next turn: FastV K = 1 · R = 0.5"
+    assert handlers.pane_label("vtw", 9, 0.5, 4).startswith("Accelerated")
+
+
+def test_benchmark_this_turn_runs_both_sides_interleaved(manager, uploads, monkeypatch):
+    state = ChatState()
+    with pytest.raises(InputError, match="ask a question first"):
+        handlers.benchmark_turn(manager, state, 2, "vtw", 3)
+    handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
+    calls = []
+    original = manager.generate
+    monkeypatch.setattr(manager, "generate", lambda *a, **kw: calls.append(kw["k"]) or original(*a, **kw))
+    result = handlers.benchmark_turn(manager, state, 2, "vtw", 3, max_new_tokens=2)
+    assert calls == [None, 2, 2, None, None, 2]  # interleaved, the order alternating
+    assert result["repeats"] == 3 and result["label"] == "VTW K=2"
+    for side in handlers.SIDES:
+        for key in ("ttft_s", "total_s"):
+            spread = result["sides"][side][key]
+            assert spread["n"] == 3 and spread["min"] <= spread["median"] <= spread["max"]
+    text = handlers.describe_benchmark(result)
+    assert "3 runs per side, interleaved" in text and "| time to first token |" in text and "×" in text
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(handlers.Cancelled):
+        handlers.benchmark_turn(manager, state, 2, "vtw", 3, stop_event=stop)
+    with pytest.raises(InputError, match="repetitions"):
+        handlers.benchmark_turn(manager, state, 2, "vtw", 0)
+
+
+def test_stop_and_clear_reach_queued_requests():
+    sessions = handlers.Sessions()
+    running = sessions.issue("a", turn=True)
+    assert sessions.issue("a", turn=True) is None  # a second turn while one is in flight is refused
+    queued = sessions.issue("a")  # e.g. a K search waiting behind the turn
+    other = sessions.issue("b", turn=True)
+    sessions.stop("a")
+    assert sessions.stopped("a", running) and sessions.flag("a", queued).is_set()
+    assert not sessions.cleared("a", running) and not sessions.stopped("b", other)
+    later = sessions.issue("a")
+    assert not sessions.stopped("a", later)  # Stop cancels what was asked before it, not after
+    sessions.clear("a")
+    assert sessions.cleared("a", later)
+    sessions.finish("a", running)
+    assert not sessions.busy("a") and sessions.busy("b")
+
+
+def test_a_turn_stopped_while_queued_says_skipped(manager, uploads):
+    state = ChatState()
+    handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
+    handlers.show_waiting(state)
+    assert handlers.WAITING in state.display("vtw")[-1]["content"]
+    handlers.skip_last_turn(state)
+    for side in handlers.SIDES:
+        assert state.status[side] == ["skipped"] and handlers.SKIPPED in state.display(side)[-1]["content"]
+
+
+def test_warm_up_and_examples_fit_the_model(manager):
+    from vtw_core.defaults import require_model
+
+    handlers.warm_up(manager, 2, handlers.EXAMPLES / "chelsea.jpg")  # untimed: leaves no trace in any chat
+    shapes = [path.name for path, _ in handlers.example_files(True)]
+    photos = [path.name for path, _ in handlers.example_files(False)]
+    assert shapes and all(name.startswith("easyvqa-") for name in shapes)
+    assert photos and not any(name.startswith("easyvqa-") for name in photos)
+    assert handlers.is_default_model(ModelManager.load(require_model(None), device="cpu"))
+    assert not handlers.is_default_model(manager)
 
 
 def test_prompt_beyond_the_context_and_out_of_memory_are_clear(manager, uploads, monkeypatch):
@@ -214,15 +352,10 @@ def test_the_accelerated_pane_can_run_fastv_or_a_schedule(manager, uploads, tmp_
     *_, (state, shown) = handlers.answer_last_turn(
         manager, state, 2, SamplingConfig(max_new_tokens=3), method=f"schedule:{schedule}"
     )
-    assert "answers **identical**" in shown["summary"]  # keeping everything is the baseline
+    assert "Answers **identical**" in shown["summary"]  # keeping everything is the baseline
     assert handlers.accelerated_method("vtw", 3, 4).k == 3
     with pytest.raises(InputError, match="unknown method"):
         handlers.accelerated_method("turbo", 3, 4)
-
-
-def test_flops_are_shown_in_a_readable_unit():
-    assert handlers._flops(8.477e12) == "8.477 TFLOPs"
-    assert handlers._flops(7.0e8) == "0.700 GFLOPs"
 
 
 def test_header_names_the_model(manager):
@@ -231,3 +364,42 @@ def test_header_names_the_model(manager):
     assert manager.info.source in handlers.header(manager) and "12 decoder layers" not in handlers.header(manager)
     default = ModelManager.load(require_model(None), device="cpu")
     assert "embedded default model" in handlers.header(default) and "12 decoder layers" in handlers.header(default)
+
+
+def test_search_settings_fit_the_model_and_agree_with_the_cli_and_the_shipped_k(capsys):
+    import json
+    from pathlib import Path
+
+    from vtw_core.cli import main
+    from vtw_core.defaults import require_model
+
+    default = ModelManager.load(require_model(None), device="cpu")
+    shipped = json.loads((Path(default.info.source) / "vtw.json").read_text(encoding="utf-8"))
+    settings = handlers.search_settings(default)
+    assert settings.calibration[0] == ("easy-vqa train questions (20)", "easy-vqa")
+    assert settings.criterion == shipped["kl_over"] and settings.eta == shipped["kl_threshold"]
+    assert "easy-vqa" in settings.explanation and settings.explanation.count(". ") == 0  # one sentence
+    samples = handlers.calibration_for(settings.calibration[0][1], ChatState())
+    result = handlers.search_k_result(default, samples, settings.eta, over=settings.criterion)
+    assert result["k"] == shipped["k"]
+    code = main(["search-k", "--data", "easy-vqa", "--kl-over", settings.criterion, "--eta", str(settings.eta),
+                 "--json"])  # fmt: skip
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and cli["k"] == result["k"]
+    assert [point["kl"] for point in cli["curve"]] == pytest.approx([p["kl"] for p in result["curve"]], rel=1e-5)
+    assert f"K = {shipped['k']}" in handlers.describe_search(result, "easy-vqa")
+
+
+def test_search_settings_for_a_real_checkpoint_and_a_search_that_stops(tiny_model_path):
+    manager = ModelManager.load(str(tiny_model_path("llava", 8)), device="cpu")
+    settings = handlers.search_settings(manager)
+    assert settings.calibration[0][1] == "bundled" and settings.criterion == "prompt"
+    assert "paper" in settings.explanation
+    samples = handlers.calibration_for("bundled", ChatState())
+    reported = []
+    with pytest.raises(handlers.Cancelled, match="stopped after 2 of 20 samples"):
+        handlers.search_k_result(manager, samples, 0.003, lambda done, total: reported.append(done),
+                                 should_stop=lambda: len(reported) >= 1)  # fmt: skip
+    assert reported == [1] and not manager.lock.locked()  # the device is free for the next request
+    with pytest.raises(InputError, match="calibrate on"):
+        handlers.calibration_for("everything", ChatState())

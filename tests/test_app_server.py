@@ -59,3 +59,11 @@ def test_search_k_api_equals_the_library(served_app):
     assert result["k"] == direct.k and result["eta"] == 0.003
     assert [point["k"] for point in result["curve"]] == [k for k, _ in direct.curve] == [5, 6, 7]
     assert [point["kl"] for point in result["curve"]] == pytest.approx([kl for _, kl in direct.curve], rel=1e-5)
+
+
+def test_the_api_page_example_sends_an_image_to_compare(served_app):
+    _, url = served_app
+    api = Client(url, verbose=False).view_api(print_info=False, return_format="dict")
+    image = api["named_endpoints"]["/compare"]["parameters"][0]
+    example = image["example_input"]
+    assert example["path"].endswith((".png", ".jpg")) and not example["path"].endswith(".pdf")

@@ -57,7 +57,7 @@ def test_generate_streams_text(capsys, tiny_model_path, image_file):
         "--prompt", "Hi", "--max-new-tokens", "4", "--k", "1",
     )  # fmt: skip
     assert code == 0
-    assert "VTW K=1" in err and "TFLOPs" in err
+    assert "VTW K=1" in err and "FLOPs" in err and "KV cache" in err
 
 
 def test_flops_json_from_a_shipped_config(capsys):

@@ -12,6 +12,7 @@ from typing import Any
 
 from vtw_core.defaults import require_model
 from vtw_core.errors import VTWError
+from vtw_core.units import format_bytes, format_flops, format_kl
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -86,8 +87,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     side = args.method or ("baseline" if args.k is None else f"VTW K={args.k}")
     print(
         f"[{side}] ttft {stats.ttft_s:.3f}s, total {stats.total_s:.3f}s, "
-        f"{stats.new_tokens} new tokens, prefill {stats.prefill_flops / 1e12:.4g} TFLOPs, "
-        f"KV cache {stats.kv_cache_bytes / 2**20:.2f} MB",
+        f"{stats.new_tokens} new tokens, prefill {format_flops(stats.prefill_flops)}, "
+        f"KV cache {format_bytes(stats.kv_cache_bytes)}",
         file=sys.stderr,
     )
     if stats.video_frames:
@@ -116,8 +117,8 @@ def cmd_flops(args: argparse.Namespace) -> None:
     for side in ("baseline", "vtw"):
         figures = result[side]
         print(
-            f"  {side:8s} prefill {figures['prefill_flops'] / 1e12:.3f} TFLOPs, "
-            f"decode {figures['decode_flops'] / 1e12:.3f}, total {figures['total_flops'] / 1e12:.3f}"
+            f"  {side:8s} prefill {format_flops(figures['prefill_flops'])}, "
+            f"decode {format_flops(figures['decode_flops'])}, total {format_flops(figures['total_flops'])}"
         )
     print(f"  VTW / baseline: prefill {result['prefill_ratio']:.3f}, total {result['total_ratio']:.3f}")
 
@@ -223,7 +224,7 @@ def cmd_search_k(args: argparse.Namespace) -> None:
     print(f"{manager.info.describe()}, {len(samples)} calibration samples, eta {eta:g} ({eta_source})")
     for point in payload["curve"]:
         mark = "  <- K" if point["k"] == payload["k"] else ""
-        print(f"  K={point['k']:3d}  KL={point['kl']:.6f}{mark}")
+        print(f"  K={point['k']:3d}  KL={format_kl(point['kl'])}{mark}")
     print(f"K = {payload['k']}" if payload["k"] is not None else f"no K from {args.start} meets eta = {eta:g}")
 
 
@@ -328,11 +329,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     rows = [("baseline", report["baseline"])] + ([(f"VTW K={k}", report["vtw"])] if "vtw" in report else [])
     rows += [(f"VTW K={row['k']}", row) for row in report.get("accuracy_per_k", [])]
     rows += [(row["label"], row) for row in report.get("methods", [])]
-    print("| setting | accuracy | time s | prefill MFLOPs/question | FLOPs ratio |")
+    print("| setting | accuracy | time s | prefill FLOPs/question | FLOPs ratio |")
     print("|---|---|---|---|---|")
     for label, row in rows:
         ratio = row["prefill_flops"] / report["baseline"]["prefill_flops"]
-        print(f"| {label} | {row['accuracy']:.4f} | {row['time_s']:.1f} | {row['prefill_flops'] / 1e6:.2f} "
+        print(f"| {label} | {row['accuracy']:.4f} | {row['time_s']:.1f} | {format_flops(row['prefill_flops'])} "
               f"| {ratio:.3f} |")  # fmt: skip
 
 

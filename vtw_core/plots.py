@@ -88,12 +88,13 @@ def attention_figure(report: dict[str, Any], token: str = "prompt") -> Figure:
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     if report.get("k") is not None:
         axes.axvline(report["k"] - 0.5, color="black", linestyle="--", linewidth=1)
-        axes.text(report["k"] - 0.4, 1.02, f"K = {report['k']}", fontsize=8)
+        axes.text(report["k"] - 0.4, 1.03, f"K = {report['k']}", fontsize=8, va="bottom")  # inside the y range
     axes.set_xlabel("decoder layer")
     axes.set_ylabel("share of attention")
-    axes.set_ylim(0, 1.08)
+    axes.set_ylim(0, 1.12)
     axes.set_title(f"Where the {label} looks, per layer")
-    axes.legend(ncols=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, -0.42))
+    # A figure legend "outside" the axes: constrained layout makes room for it, so it is never clipped.
+    figure.legend(ncols=4, fontsize=8, loc="outside lower center")
     return figure
 
 
