@@ -209,15 +209,20 @@ def test_the_side_that_runs_first_alternates(manager, uploads):
 
 
 def test_every_answer_keeps_the_footer_of_its_settings(manager, uploads):
+    import torch
+
+    from vtw_core.generate import auto_engine
+
+    engine = auto_engine(torch.device("cpu"), manager.info.attention)  # the decode engine "auto" runs here
     state = ChatState()
     handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
     list(handlers.answer_last_turn(manager, state, 3, SamplingConfig(max_new_tokens=2), eta=0.003))
     handlers.add_turn(state, "And?", [], [uploads])
     list(handlers.answer_last_turn(manager, state, 1, SamplingConfig(max_new_tokens=2), method="fastv:0.25", eta=1))
-    assert state.footers["vtw"][0] == "VTW K = 3 · engine plain · eta 0.003"
-    assert state.footers["vtw"][1] == "FastV K = 1 · R = 0.25 · engine plain"
-    assert state.footers["baseline"] == ["baseline (all 4 layers) · engine plain"] * 2
-    assert state.display("vtw")[2]["content"].endswith("<sub>⚙ VTW K = 3 · engine plain · eta 0.003</sub>")
+    assert state.footers["vtw"][0] == f"VTW K = 3 · engine {engine} · eta 0.003"
+    assert state.footers["vtw"][1] == f"FastV K = 1 · R = 0.25 · engine {engine}"
+    assert state.footers["baseline"] == [f"baseline (all 4 layers) · engine {engine}"] * 2
+    assert state.display("vtw")[2]["content"].endswith(f"<sub>⚙ VTW K = 3 · engine {engine} · eta 0.003</sub>")
     # The pane's title speaks of the next turn, never of answers already given.
     assert handlers.pane_label("vtw", 2, 0.5, 4) == "next turn: VTW K = 2"
     assert handlers.pane_label("fastv", 0, 0.5, 4) == "next turn: FastV K = 1 · R = 0.5"
