@@ -307,6 +307,9 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
             """In the queue: answer the turn behind `number`, unless Stop or Clear came first."""
             session = request.session_hash
             if number is None:  # refused in the first step: nothing to run
+                # One update that changes nothing: a generator that yields nothing makes Gradio blank every
+                # output, and the refusal's message in the status line would vanish at once.
+                yield (gr.skip(),) * (len(panes) + 1)
                 return
             try:
                 if sessions.stopped(session, number):
