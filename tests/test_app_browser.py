@@ -168,6 +168,12 @@ def test_input_and_controls_visible_without_scrolling_on_a_laptop(page):
     assert page.evaluate("() => window.scrollY") == 0
 
 
+def test_video_input_hidden_for_an_image_only_model(page, app):
+    """The served model is a LLaVA-1.5 (images only): no video upload, no frame count."""
+    assert app[0].info.family == "llava"
+    assert not page.locator("#video").is_visible() and not page.locator("#frames").is_visible()
+
+
 def test_input_near_the_top_on_a_phone_with_a_toggle_between_answers(browser, app):
     page = open_page(browser, app[1], PHONE)
     try:
