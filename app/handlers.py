@@ -1,6 +1,6 @@
 """Event handlers as plain functions (no Gradio objects), so they can be tested without a browser.
 
-A chat is a list of user turns (text + image paths) and, per side, the answers given so far. Each side
+A chat is a list of user turns (text, image paths and video paths) and, per side, the answers given so far. Each side
 sees its own earlier answers, as a user chatting with that model alone would. The two sides run one
 after the other on the shared device (honest, uncontended numbers; the side that runs first alternates
 from turn to turn), or at once in "race" mode. Every answer keeps a footer naming what produced it.
@@ -25,15 +25,16 @@ from vtw_core.calibration import load_calibration
 from vtw_core.defaults import default_model
 from vtw_core.errors import InputError, ResourceError, VTWError
 from vtw_core.evaluate import train_calibration
+from vtw_core.families import SUPPORTED_FAMILIES, VIDEO_FAMILIES
 from vtw_core.generate import SamplingConfig
 from vtw_core.images import load_image
 from vtw_core.manager import ModelManager
 from vtw_core.methods import Method, parse_method
 from vtw_core.prompts import Message, assistant_message, user_message
 from vtw_core.search import CalibrationSample, Progress, check_eta, search_k
-from vtw_core.units import format_bytes, format_flops, format_kl, format_ratio, format_seconds
+from vtw_core.units import format_bytes, format_flops, format_kl, format_per_frame, format_ratio, format_seconds
 from vtw_core.validation import check_float, check_int, check_k, check_max_new_tokens, check_text
-from vtw_core.videos import Video
+from vtw_core.videos import LIMITS, Video, check_num_frames, read_video
 
 logger = logging.getLogger("vtw_chat")
 SIDES = ("baseline", "vtw")
@@ -42,6 +43,7 @@ NO_ANSWER = "_no answer yet_"
 SKIPPED = "_skipped: Stop was pressed before this side ran_"
 WAITING = "_waiting for the device…_"
 MAX_IMAGES_PER_TURN = 4
+MAX_VIDEOS_PER_TURN = 1  # one upload box; a video is already hundreds to thousands of vision tokens
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = ASSETS / "examples"
 TIMING_NOTE = (
@@ -54,6 +56,10 @@ TIMING_NOTE = (
 class Turn:
     text: str
     image_paths: list[str]
+    video_paths: list[str] = field(default_factory=list)
+    # Frames sampled from each of the turn's videos, fixed when the turn is asked: later turns and Regenerate
+    # show the model the same frames, whatever the control says by then.
+    num_frames: int = LIMITS.default_frames
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,8 @@ class ChatState:
         """The side's chat as Gradio messages: each turn's images, its question, then the answer and its footer."""
         messages: list[dict[str, Any]] = []
         for index, turn in enumerate(self.turns):
-            messages.extend({"role": "user", "content": {"path": path}} for path in turn.image_paths)
+            media = [*turn.image_paths, *turn.video_paths]
+            messages.extend({"role": "user", "content": {"path": path}} for path in media)
             messages.append({"role": "user", "content": turn.text})
             if index < len(self.answers[side]):
                 messages.append({"role": "assistant", "content": self._answer_markdown(side, index)})
@@ -140,11 +147,18 @@ class ChatState:
         messages: list[Message] = []
         paths: list[str] = []
         for index, turn in enumerate(self.turns):
-            messages.append(user_message(turn.text, num_images=len(turn.image_paths)))
+            messages.append(user_message(turn.text, num_images=len(turn.image_paths), num_videos=len(turn.video_paths)))
             paths.extend(turn.image_paths)
             if index < len(self.turns) - 1:
                 messages.append(assistant_message(self.answers[side][index]))
         return messages, paths
+
+    def has_video(self) -> bool:
+        return any(turn.video_paths for turn in self.turns)
+
+    def videos(self) -> list[Video]:
+        """The chat's videos in prompt order, decoded with each turn's frame count (the same for both sides)."""
+        return [read_video(path, turn.num_frames) for turn in self.turns for path in turn.video_paths]
 
 
 class StopFlag:
@@ -261,8 +275,42 @@ def check_image_path(path: str | Path, allowed_roots: list[Path]) -> Path:
     return resolved
 
 
-def add_turn(state: ChatState, text: str | None, image_paths: list[str], allowed_roots: list[Path]) -> ChatState:
-    """Validate a new user turn (question and images) and append it; nothing changes if it is invalid."""
+class VideoRefused(InputError):
+    """The turn's video was refused (unreadable, too big or long, or the model takes none): the page drops it."""
+
+
+def video_families_text() -> str:
+    return ", ".join(f"{SUPPORTED_FAMILIES[family]} (`{family}`)" for family in sorted(VIDEO_FAMILIES))
+
+
+def takes_video(manager: Any) -> bool:
+    """Whether the loaded model answers about videos: its family's processor takes them, and it runs here
+    (the server API behind `--backend-url` carries images only)."""
+    return manager.info.family in VIDEO_FAMILIES and getattr(manager, "takes_video", True)
+
+
+def check_takes_video(family: str) -> None:
+    """Refuse a video for a family whose processor takes none, naming the families that do."""
+    if family not in VIDEO_FAMILIES:
+        name = SUPPORTED_FAMILIES.get(family, family)
+        raise VideoRefused(f"this model ({name}) takes images only; videos work with {video_families_text()}")
+
+
+def add_turn(
+    state: ChatState,
+    text: str | None,
+    image_paths: list[str],
+    allowed_roots: list[Path],
+    video_paths: list[str] | None = None,
+    num_frames: Any = LIMITS.default_frames,
+    family: str | None = None,
+) -> ChatState:
+    """Validate a new user turn (question, images, videos) and append it; nothing changes if it is invalid.
+
+    Videos are decoded here with `num_frames` frames (a clear message now for corrupt, huge or overlong files,
+    before any model work); `family` is the loaded model's, whose processor must take video.
+    """
+    video_paths = list(video_paths or [])
     if not (text or "").strip():
         raise InputError("please type a question")
     text = check_text(text)
@@ -271,10 +319,33 @@ def add_turn(state: ChatState, text: str | None, image_paths: list[str], allowed
     paths = [str(check_image_path(path, allowed_roots)) for path in image_paths]
     for path in paths:
         load_image(path)  # a clear message now for non-images, corrupt files and decompression bombs
-    if not paths and not any(turn.image_paths for turn in state.turns):
-        raise InputError("please upload an image with your first question")
-    state.turns.append(Turn(text, paths))
+    # The frame count matters only with a video (the control may sit at any value otherwise).
+    frames = check_num_frames(num_frames) if video_paths else LIMITS.default_frames
+    videos = _checked_videos(video_paths, frames, allowed_roots, family)
+    if not paths and not videos and not any(turn.image_paths or turn.video_paths for turn in state.turns):
+        media = "an image or a video" if family in VIDEO_FAMILIES else "an image"
+        raise InputError(f"please upload {media} with your first question")
+    state.turns.append(Turn(text, paths, videos, frames))
     return state
+
+
+def _checked_videos(
+    video_paths: list[str], num_frames: int, allowed_roots: list[Path], family: str | None
+) -> list[str]:
+    """The turn's video paths, resolved, once each decodes within the limits; VideoRefused says why not."""
+    if not video_paths:
+        return []
+    if family is None:
+        raise InputError("a video turn needs the model's family, to check that it takes video")
+    check_takes_video(family)
+    if len(video_paths) > MAX_VIDEOS_PER_TURN:
+        raise VideoRefused(f"at most {MAX_VIDEOS_PER_TURN} video per turn")
+    for path in video_paths:
+        try:
+            read_video_upload(path, num_frames, allowed_roots)
+        except InputError as error:
+            raise VideoRefused(str(error)) from error
+    return [str(Path(path).resolve()) for path in video_paths]
 
 
 def show_waiting(state: ChatState) -> ChatState:
@@ -350,6 +421,7 @@ def answer_last_turn(
         raise InputError("ask a question first")
     k = check_k(k, manager.info.num_layers)
     accelerated = accelerated_method(method, k, manager.info.num_layers)
+    videos = chat_videos(manager, state)  # decoded once, before the state changes: both sides see the same frames
     settings = TurnSettings(method, k, manager.info.num_layers, eta)
     state.k_used, state.settings = k, settings
     state.results = {side: None for side in SIDES}
@@ -367,6 +439,8 @@ def answer_last_turn(
             "sampling": sampling,
             "stop_event": stop_event,
         }
+        if videos:  # only then: a backend that takes images only never sees the option
+            requests[side]["videos"] = videos
     for side in SIDES:
         _trim(state, side, len(state.turns) - 1)
         state.answers[side].append("")
@@ -388,6 +462,16 @@ def answer_last_turn(
             state.status[side][-1] = "skipped" if state.results[side] is None else "stopped"
             state.footers[side][-1] = footer(side, settings, (state.results[side] or {}).get("stats"), "skipped")
     yield state, counters(state.results, mode, settings.label(), state.first)
+
+
+def chat_videos(manager: ModelManager, state: ChatState) -> list[Video]:
+    """The chat's videos for the model, after checking that the model takes video (before any model work)."""
+    if not state.has_video():
+        return []
+    if not takes_video(manager):
+        check_takes_video(manager.info.family)
+        raise VideoRefused("this model is served through an API that takes images only")
+    return state.videos()
 
 
 def _finished(reason: str | None) -> str:
@@ -457,6 +541,7 @@ def benchmark_turn(
     k = check_k(k, manager.info.num_layers)
     accelerated = accelerated_method(method, k, manager.info.num_layers)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    videos = chat_videos(manager, state)
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
     for repeat in range(repeats):
         for side in run_order(repeat):
@@ -469,6 +554,7 @@ def benchmark_turn(
                 k=None if side == "baseline" else accelerated.k,
                 schedule=None if side == "baseline" else accelerated.schedule,
                 sampling=sampling,
+                **({"videos": videos} if videos else {}),
             )
             runs[side].append(result.stats.to_dict())
     label = TurnSettings(method, k, manager.info.num_layers).label()
@@ -630,6 +716,8 @@ def calibration_for(source: str, state: ChatState) -> list[CalibrationSample]:
         raise InputError(f"calibrate on 'bundled', 'easy-vqa' or 'turn', got {source!r}")
     if not state.turns:
         raise InputError("ask a question first, or search K on the calibration set")
+    if state.has_video():
+        raise InputError("the K search calibrates on images only; search on the calibration set instead")
     paths = [path for turn in state.turns for path in turn.image_paths]
     return [CalibrationSample(state.turns[-1].text, [load_image(path) for path in paths])]
 
@@ -689,6 +777,8 @@ def attention_report(manager: ModelManager, state: ChatState, side: str, k: int,
     k = check_k(k, manager.info.num_layers)
     if not state.turns:
         raise InputError("ask a question first: the analysis runs on the current turn")
+    if state.has_video():
+        raise InputError("the attention analysis runs on images only; this chat has a video")
     messages, paths = state.conversation(side)
     with manager.lock:
         report = analyze_attention(
@@ -761,7 +851,21 @@ def metrics_table(results: dict[str, dict[str, Any] | None], label: str = "accel
         lines.append(f"| {row['name']} | {cells[0]} | {cells[1]} | {format_ratio(row['ratio'])} |")
     tokens = [_tokens((results.get(side) or {}).get("stats")) for side in SIDES]
     lines.append(f"| tokens: prompt (vision) + new | {tokens[0]} | {tokens[1]} | |")
+    lines.extend(_video_rows(results))
     return "\n".join(lines)
+
+
+def _video_rows(results: dict[str, dict[str, Any] | None]) -> list[str]:
+    """Frames and vision tokens per frame of each side, when the turn had a video (no rows otherwise)."""
+    stats = [(results.get(side) or {}).get("stats") or {} for side in SIDES]
+    if not any(side.get("video_frames") for side in stats):
+        return []
+    frames = [str(side["video_frames"]) if side.get("video_frames") else "–" for side in stats]
+    per_frame = [format_per_frame(side.get("vision_tokens_per_frame")) for side in stats]
+    return [
+        f"| video frames | {frames[0]} | {frames[1]} | |",
+        f"| vision tokens per frame | {per_frame[0]} | {per_frame[1]} | |",
+    ]
 
 
 def _tokens(stats: dict[str, Any] | None) -> str:
@@ -851,8 +955,6 @@ def read_video_upload(path: str | Path, num_frames: Any, allowed_roots: list[Pat
 
     `num_frames` comes from the frame-count control; limits and messages are vtw_core.videos's, the same as the CLI's.
     """
-    from vtw_core.videos import check_num_frames, read_video
-
     frames = check_num_frames(num_frames)
     resolved = Path(path).resolve()
     if not any(resolved.is_relative_to(root.resolve()) for root in allowed_roots):
@@ -866,5 +968,5 @@ def format_video_stats(stats: dict[str, Any] | None) -> str:
         return ""
     return (
         f"- video: {stats['video_frames']} frames, {stats['video_tokens']} video tokens "
-        f"({stats['vision_tokens_per_frame']:.1f} per frame)"
+        f"({format_per_frame(stats['vision_tokens_per_frame'])} per frame)"
     )

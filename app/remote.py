@@ -34,6 +34,8 @@ LOCAL_ONLY = "the K search and the attention analysis need the model in this pro
 class RemoteManager:
     """A ModelManager stand-in whose answers come from an OpenAI-compatible VTW server."""
 
+    takes_video = False  # the chat completions API carries images only: the app hides its video input
+
     def __init__(self, base_url: str, timeout_s: float = 600.0):
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.timeout_s = timeout_s

@@ -22,6 +22,7 @@ from vtw_core.manager import ModelManager
 from vtw_core.plots import attention_figure, kl_curve_figure
 from vtw_core.search import check_eta
 from vtw_core.validation import check_float, check_k
+from vtw_core.videos import LIMITS
 
 ASSETS = handlers.ASSETS
 EXAMPLES = handlers.EXAMPLES
@@ -83,6 +84,7 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
     sessions = handlers.Sessions()
     activity = handlers.DeviceActivity()
     examples = handlers.example_files(default_model)
+    with_video = handlers.takes_video(manager)  # the video input exists only where the model answers about videos
     if examples:
         warm_up_on_device(manager, default_k, examples[0][0])
 
@@ -140,7 +142,11 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=300):
                 question = gr.MultimodalTextbox(
-                    placeholder="Upload or paste an image, then ask about it (Enter sends)",
+                    placeholder=(
+                        "Upload an image (or a video below), then ask about it (Enter sends)"
+                        if with_video
+                        else "Upload or paste an image, then ask about it (Enter sends)"
+                    ),
                     file_types=["image"],
                     file_count="multiple",
                     sources=["upload"],
@@ -151,6 +157,29 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
                     stop = gr.Button("Stop", variant="stop", elem_id="stop", size="sm", min_width=60)
                     regenerate = gr.Button("Regenerate", elem_id="regenerate", size="sm", min_width=60)
                     clear = gr.Button("Clear", elem_id="clear", size="sm", min_width=60)
+                # Below the question, and short: the question box must stay on screen at 1280x800.
+                with gr.Row(visible=with_video, elem_id="video-row", equal_height=True):
+                    video = gr.Video(
+                        sources=["upload"],
+                        label="Video (sent with the next question)",
+                        height=150,
+                        # Uploads keep their audio track: without this Gradio re-encodes each upload with ffmpeg.
+                        include_audio=True,
+                        elem_id="video",
+                        scale=3,
+                        min_width=200,
+                    )
+                    frames = gr.Slider(
+                        LIMITS.min_frames,
+                        LIMITS.max_frames,
+                        value=LIMITS.default_frames,
+                        step=1,
+                        precision=0,
+                        label="frames sampled from the video",
+                        elem_id="frames",
+                        scale=1,
+                        min_width=140,
+                    )
             with gr.Column(scale=2, min_width=260):
                 with gr.Row():
                     method = gr.Dropdown(
@@ -263,7 +292,7 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
             label = chat.settings.label() if chat.settings else "accelerated"
             return handlers.counters(chat.results, mode_value, label, chat.first)
 
-        def on_submit(message, chat, request: gr.Request):
+        def on_submit(message, chat, video_path, frame_count, request: gr.Request):
             """Outside the queue: check the question, show it at once, and take a ticket (or refuse, keeping it)."""
             message = message or {}
             session = request.session_hash
@@ -273,18 +302,28 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
                     "⏳ A turn is still running: your question stays in the box. Send it when the answers end, "
                     "or press Stop."
                 )
-                return *render(chat, shown_for(chat), note), gr.skip(), None
+                return *render(chat, shown_for(chat), note), gr.skip(), gr.skip(), None
             try:
-                handlers.add_turn(chat, message.get("text"), list(message.get("files", [])), allowed_roots)
+                handlers.add_turn(
+                    chat,
+                    message.get("text"),
+                    list(message.get("files", [])),
+                    allowed_roots,
+                    video_paths=[video_path] if video_path else [],
+                    num_frames=frame_count,
+                    family=info.family,
+                )
             except Exception as error:
                 reason = handlers.log_failure(error, "question")
-                # Keep the typed question, drop the files: a rejected image would only be rejected again.
+                # Keep the typed question, drop the files: a rejected image would only be rejected again. The
+                # video goes only when it was the reason (re-uploading a long video because of a typo would hurt).
                 kept = {"text": message.get("text") or "", "files": []}
-                return *render(chat, shown_for(chat), f"⚠️ {reason}"), gr.MultimodalTextbox(value=kept), None
+                dropped = gr.Video(value=None) if isinstance(error, handlers.VideoRefused) else gr.skip()
+                return *render(chat, shown_for(chat), f"⚠️ {reason}"), gr.MultimodalTextbox(value=kept), dropped, None
             handlers.show_waiting(chat)
             number = sessions.issue(session, turn=True)
             note = f"Queued: waiting for the device ({activity.describe()})."
-            return *render(chat, handlers.counters({}), note), gr.MultimodalTextbox(value=None), number
+            return *render(chat, handlers.counters({}), note), gr.MultimodalTextbox(value=None), None, number
 
         def on_regenerate_request(chat, request: gr.Request):
             session = request.session_hash
@@ -307,6 +346,9 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
             """In the queue: answer the turn behind `number`, unless Stop or Clear came first."""
             session = request.session_hash
             if number is None:  # refused in the first step: nothing to run
+                # One update that changes nothing: a generator that yields nothing makes Gradio blank every
+                # output, and the refusal's message in the status line would vanish at once.
+                yield (gr.skip(),) * (len(panes) + 1)
                 return
             try:
                 if sessions.stopped(session, number):
@@ -358,7 +400,11 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
 
         turn_inputs = [k, mode, max_new_tokens, do_sample, temperature, top_p, seed, method, fastv_ratio, eta]
         question.submit(
-            on_submit, [question, state], [*panes, question, ticket], queue=False, api_visibility="private"
+            on_submit,
+            [question, state, video, frames],
+            [*panes, question, video, ticket],
+            queue=False,
+            api_visibility="private",
         ).then(
             run_turn,
             [state, ticket, *turn_inputs],
@@ -387,14 +433,14 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
 
         def show_cleared():
             fresh = ChatState()
-            return *render(fresh, handlers.counters({}), ""), pd.DataFrame(handlers.timing_rows(fresh)), ""
+            return *render(fresh, handlers.counters({}), ""), pd.DataFrame(handlers.timing_rows(fresh)), "", None
 
         # The empty chat goes out through the queue, on the same stream as the turn's updates, so it lands after
         # any update already on its way (an answer outside the queue could arrive before them and be overwritten).
         clear.click(on_clear, None, None, queue=False, api_visibility="private").then(
             show_cleared,
             None,
-            [*panes, timing_plot, benchmark_text],
+            [*panes, timing_plot, benchmark_text, video],
             concurrency_limit=None,
             concurrency_id="page",
             api_visibility="private",

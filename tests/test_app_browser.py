@@ -168,6 +168,12 @@ def test_input_and_controls_visible_without_scrolling_on_a_laptop(page):
     assert page.evaluate("() => window.scrollY") == 0
 
 
+def test_video_input_hidden_for_an_image_only_model(page, app):
+    """The served model is a LLaVA-1.5 (images only): no video upload, no frame count."""
+    assert app[0].info.family == "llava"
+    assert not page.locator("#video").is_visible() and not page.locator("#frames").is_visible()
+
+
 def test_input_near_the_top_on_a_phone_with_a_toggle_between_answers(browser, app):
     page = open_page(browser, app[1], PHONE)
     try:
@@ -302,6 +308,8 @@ def test_bad_upload_shows_a_message_and_the_app_keeps_serving(page, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     ask(page, "What is it?", bad)
     wait_for_text(page, "#status", "broken.png is not an image", 30_000)
+    page.wait_for_timeout(1000)  # the queued step behind the refused question ends: the message must stay
+    assert "broken.png is not an image" in text_of(page, "#status")
     # The app keeps serving: a good image right after works, and the old message is gone.
     good = tmp_path / "good.png"
     Image.new("RGB", (50, 50), "green").save(good)

@@ -408,3 +408,83 @@ def test_search_settings_for_a_real_checkpoint_and_a_search_that_stops(tiny_mode
     assert reported == [1] and not manager.lock.locked()  # the device is free for the next request
     with pytest.raises(InputError, match="calibrate on"):
         handlers.calibration_for("everything", ChatState())
+
+
+# --- Video turns, on a tiny LLaVA-NeXT-Video (its processor takes images and videos) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def video_manager(tiny_model_path):
+    return ModelManager.load(str(tiny_model_path("llava_next_video")), device="cpu")
+
+
+@pytest.fixture()
+def clip(uploads):
+    from test_videos import write_video
+
+    return write_video(uploads / "clip.mp4", frames=12)
+
+
+def test_a_video_turn_answers_as_the_engine_does(video_manager, uploads, clip):
+    from vtw_core.videos import read_video
+
+    family = video_manager.info.family
+    state = handlers.add_turn(ChatState(), "What happens?", [], [uploads], [str(clip)], num_frames=3, family=family)
+    assert state.turns[0].video_paths == [str(clip.resolve())] and state.turns[0].num_frames == 3
+    *_, (state, shown) = handlers.answer_last_turn(video_manager, state, 1, SamplingConfig(max_new_tokens=4))
+    messages = [user_message("What happens?", num_images=0, num_videos=1)]
+    video = read_video(clip, 3)
+    for side, k in (("baseline", None), ("vtw", 1)):
+        direct = video_manager.generate(messages, [], videos=[video], k=k, sampling=SamplingConfig(4))
+        assert state.results[side]["token_ids"] == direct.token_ids, side
+        stats = state.results[side]["stats"]
+        # LLaVA-NeXT-Video pools each frame's 4x4 grid to 2x2: 4 vision tokens per frame.
+        assert stats["video_frames"] == 3 and stats["vision_tokens_per_frame"] == 4.0
+    assert "| video frames | 3 | 3 | |" in shown["metrics"]
+    assert "| vision tokens per frame | 4.0 | 4.0 | |" in shown["metrics"]
+    assert "video frames" not in handlers.metrics_table({})  # no video rows for an image turn
+    assert {"role": "user", "content": {"path": str(clip.resolve())}} in state.display("vtw")
+    # A follow-up without media keeps the video in the conversation, sampled as when it was asked.
+    handlers.add_turn(state, "And then?", [], [uploads], num_frames=64, family=family)
+    *_, (state, _) = handlers.answer_last_turn(video_manager, state, 1, SamplingConfig(max_new_tokens=2))
+    assert state.results["baseline"]["stats"]["video_frames"] == 3
+    result = handlers.benchmark_turn(video_manager, state, 1, "vtw", 1, max_new_tokens=2)
+    assert set(result["sides"]) == set(handlers.SIDES)
+
+
+def test_bad_videos_are_refused_and_leave_the_chat_unchanged(video_manager, uploads, clip, tmp_path_factory):
+    family = video_manager.info.family
+    state = handlers.add_turn(ChatState(), "What?", [str(uploads / "image0.png")], [uploads], family=family)
+    corrupt = uploads / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    outside = tmp_path_factory.mktemp("elsewhere") / "clip.mp4"
+    outside.write_bytes(clip.read_bytes())
+    cases = [
+        ([corrupt], 8, handlers.VideoRefused, r"not a readable video|no video stream|no decodable frames"),
+        ([clip], 65, InputError, "frame count must be from 1 to 64"),
+        ([clip], 2.5, InputError, "frame count must be a whole number"),
+        ([outside], 8, handlers.VideoRefused, "only come from uploads"),
+        ([clip, clip], 8, handlers.VideoRefused, "at most 1 video"),
+    ]
+    for paths, frames, error, message in cases:
+        with pytest.raises(error, match=message):
+            handlers.add_turn(state, "And this?", [], [uploads], [str(path) for path in paths], frames, family)
+        assert len(state.turns) == 1 and state.turns[0].video_paths == []
+    with pytest.raises(InputError, match="upload an image or a video with your first question"):
+        handlers.add_turn(ChatState(), "What?", [], [uploads], family=family)
+
+
+def test_an_image_only_model_refuses_a_video_turn(uploads, clip):
+    from vtw_core.defaults import require_model
+
+    default = ModelManager.load(require_model(None), device="cpu")  # the embedded default model: LLaVA-1.5
+    state = ChatState()
+    with pytest.raises(handlers.VideoRefused, match=r"takes images only; videos work with .*LLaVA-NeXT-Video") as info:
+        handlers.add_turn(state, "What?", [], [uploads], [str(clip)], 8, default.info.family)
+    assert "Qwen2-VL" in str(info.value) and state.turns == []
+    assert not handlers.takes_video(default)
+    # A video turn that reaches the model anyway is refused before any model work, with the same message.
+    state.turns.append(handlers.Turn("What?", [], [str(clip)], 4))
+    with pytest.raises(handlers.VideoRefused, match="takes images only"):
+        list(handlers.answer_last_turn(default, state, 2, SamplingConfig(max_new_tokens=2)))
+    assert state.answers == {"baseline": [], "vtw": []} and state.runs == 0 and state.settings is None

@@ -12,7 +12,7 @@ from typing import Any
 
 from vtw_core.defaults import require_model
 from vtw_core.errors import VTWError
-from vtw_core.units import format_bytes, format_flops, format_kl
+from vtw_core.units import format_bytes, format_flops, format_kl, format_per_frame
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +93,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
     if stats.video_frames:
         print(
-            f"[{side}] {stats.video_frames} video frames, {stats.vision_tokens_per_frame:.1f} vision tokens per frame",
+            f"[{side}] {stats.video_frames} video frames, "
+            f"{format_per_frame(stats.vision_tokens_per_frame)} vision tokens per frame",
             file=sys.stderr,
         )
 

@@ -61,3 +61,8 @@ def format_seconds(value: float | None) -> str:
 def format_ratio(value: float | None) -> str:
     """accelerated / baseline, as "0.77×"."""
     return "–" if value is None else f"{value:.2f}×"
+
+
+def format_per_frame(value: float | None) -> str:
+    """Vision tokens per video frame, one decimal ("196.0"): pooling can leave a fraction per frame."""
+    return "–" if value is None else f"{value:.1f}"
