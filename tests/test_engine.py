@@ -19,19 +19,11 @@ from vtw_core.errors import InputError, UnsupportedModelError
 from vtw_core.families import language_model, vision_token_ids
 from vtw_core.generate import SamplingConfig, generate_tokens
 from vtw_core.prompts import processor_images
-from vtw_core.tiny import build_tiny_processor, tiny_config
+from vtw_core.tiny import SUPPORTED_TINY_FAMILIES, build_tiny_processor, tiny_config
 
 SYNTHETIC_FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
 # Families whose test prompts come from their real processor class (tiny tokenizer and image processor).
-PROCESSOR_FAMILIES = [
-    "llava_next_video",
-    "video_llava",
-    "llava_onevision",
-    "internvl",
-    "qwen3_vl",
-    "idefics3",
-    "smolvlm",
-]
+PROCESSOR_FAMILIES = [family for family in SUPPORTED_TINY_FAMILIES if family not in SYNTHETIC_FAMILIES]
 FAMILIES = SYNTHETIC_FAMILIES + PROCESSOR_FAMILIES
 VIDEO_FAMILIES = [
     "llava_next_video",
