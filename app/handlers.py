@@ -267,11 +267,11 @@ class DeviceActivity:
         return "running now: " + ", ".join(f"{label} ({now - start:.0f} s)" for label, start in items)
 
 
-def check_image_path(path: str | Path, allowed_roots: list[Path]) -> Path:
+def check_upload_path(path: str | Path, allowed_roots: list[Path], kind: str = "images") -> Path:
     """The path, resolved, if it lies under one of the allowed folders (uploads, assets); else InputError."""
     resolved = Path(path).resolve()
     if not any(resolved.is_relative_to(root.resolve()) for root in allowed_roots):
-        raise InputError("images can only come from uploads or the bundled examples")
+        raise InputError(f"{kind} can only come from uploads or the bundled examples")
     return resolved
 
 
@@ -316,7 +316,7 @@ def add_turn(
     text = check_text(text)
     if len(image_paths) > MAX_IMAGES_PER_TURN:
         raise InputError(f"at most {MAX_IMAGES_PER_TURN} images per turn")
-    paths = [str(check_image_path(path, allowed_roots)) for path in image_paths]
+    paths = [str(check_upload_path(path, allowed_roots)) for path in image_paths]
     for path in paths:
         load_image(path)  # a clear message now for non-images, corrupt files and decompression bombs
     # The frame count matters only with a video (the control may sit at any value otherwise).
@@ -956,10 +956,7 @@ def read_video_upload(path: str | Path, num_frames: Any, allowed_roots: list[Pat
     `num_frames` comes from the frame-count control; limits and messages are vtw_core.videos's, the same as the CLI's.
     """
     frames = check_num_frames(num_frames)
-    resolved = Path(path).resolve()
-    if not any(resolved.is_relative_to(root.resolve()) for root in allowed_roots):
-        raise InputError("videos can only come from uploads or the bundled examples")
-    return read_video(resolved, frames)
+    return read_video(check_upload_path(path, allowed_roots, kind="videos"), frames)
 
 
 def format_video_stats(stats: dict[str, Any] | None) -> str:

@@ -122,7 +122,7 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
         try:
             if not image:
                 raise InputError("an image file is required")
-            handlers.check_image_path(image, allowed_roots)
+            handlers.check_upload_path(image, allowed_roots)
             with activity.running("a /compare API call"):
                 return compare_on_device(image, question, k, max_new_tokens)
         except Exception as error:  # API callers get the reason, not a bare "error"
