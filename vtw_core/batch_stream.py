@@ -37,7 +37,7 @@ from vtw_core.generate import (
     _vision_flops,
     generate_tokens,
 )
-from vtw_core.prompts import Message, build_model_inputs, eos_token_ids_of
+from vtw_core.prompts import Message, build_model_inputs, eos_token_ids_of, pad_token_id_of
 from vtw_core.schedules import Schedule
 
 
@@ -86,7 +86,7 @@ def stream_generate_batch(
     device = model.device
     num_layers = num_decoder_layers(model.config)
     tokenizer = getattr(processor, "tokenizer", processor)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id_of(processor)
     eos_ids = eos_token_ids_of(model, processor)
     batch_stats = GenerationStats(k=k, num_layers=num_layers)
     tokens_per_row: list[list[int]] = []

@@ -26,7 +26,7 @@ from vtw_core.errors import InputError, ResourceError
 from vtw_core.families import num_decoder_layers
 from vtw_core.fast import GraphedDecodeStep, fast_state_from_prefill, static_decode_step
 from vtw_core.fast_prefill import PrefillEngine, fast_prefill
-from vtw_core.prompts import Message, build_model_inputs, eos_token_ids_of
+from vtw_core.prompts import Message, build_model_inputs, eos_token_ids_of, pad_token_id_of
 from vtw_core.schedules import Schedule, ScheduleSelector
 from vtw_core.videos import Video
 
@@ -477,8 +477,7 @@ def generate_batch(
     model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype, videos=videos)
     _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
     eos_ids = eos_token_ids_of(model, processor)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id_of(processor)
     columns = []
     for column in generate_tokens(
         model,

@@ -179,3 +179,9 @@ def eos_token_ids_of(model: Any, processor: Any) -> set[int]:
     if eos is None:
         return set()
     return {eos} if isinstance(eos, int) else set(eos)
+
+
+def pad_token_id_of(processor: Any) -> int:
+    """The id that fills rows which already ended in a batch: the tokenizer's pad token, else 0."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
