@@ -33,8 +33,8 @@ def test_scoring_rules():
     assert normalise("It is a Circle!") == ["it", "is", "a", "circle"]
     assert predicted_answer("It is a circle.", vocabulary) == "circle"
     assert is_correct("It is a circle.", "circle", vocabulary)
-    assert is_correct("Is it red? It is green, so no.", "no", vocabulary)  # the last answer word is the conclusion
-    assert not is_correct("Is it red? It is green, so no.", "green", vocabulary)
+    assert is_correct("Green. Is it red? No.", "no", vocabulary)  # the last answer word is the conclusion
+    assert not is_correct("Green. Is it red? No.", "green", vocabulary)
     assert not is_correct("No, it is a red circle.", "no", vocabulary)
     assert is_correct("Yes.", "yes", vocabulary) and not is_correct("No.", "yes", vocabulary)
     assert not is_correct("I cannot tell.", "blue", vocabulary)
@@ -45,24 +45,29 @@ def test_scoring_rules():
         assert is_correct(answer_sentence(answer, "is there a red shape?", ("triangle", "teal")), answer, vocabulary)
 
 
-def test_yes_no_replies_restate_the_question_then_say_what_the_image_shows():
-    assert answer_sentence("no", "is there a red shape?", ("circle", "green")) == "Is it red? It is green, so no."
+def test_replies_open_with_what_the_image_shows():
+    """The first reply word is read off the image (so the paper's last-prompt-position KL can see whether the
+    image has reached the text); yes/no replies then restate the question and answer it."""
+    assert answer_sentence("circle") == "Circle." and answer_sentence("blue") == "Blue."
+    assert answer_sentence("no", "is there a red shape?", ("circle", "green")) == "Green. Is it red? No."
     assert (
         answer_sentence("yes", "does the image not contain a circle?", ("triangle", "red"))
-        == "Is it not a circle? It is a triangle, so yes."
+        == "Triangle. Is it not a circle? Yes."
     )
     assert answer_sentence("yes", "is there a red shape?", ("circle", None)) == "Yes."  # colour unknown
-    # Over the whole train split, each restated reply is self-consistent (its conclusion follows from the asked
-    # word, the negation and the seen word) and agrees with the dataset's answer.
-    pattern = re.compile(r"Is it (not )?(?:a )?(\w+)\? It is (?:a )?(\w+), so (yes|no)\.")
+    # Over the whole train split, each yes/no reply opens with the image's own attribute of the asked kind, is
+    # self-consistent (its conclusion follows from the seen word, the negation and the asked word) and agrees
+    # with the dataset's answer.
+    pattern = re.compile(r"(\w+)\. Is it (not )?(?:a )?(\w+)\? (Yes|No)\.")
     restated = 0
     for _path, pairs in load_train_images("train"):
         attributes = image_attributes(pairs)
         for question, answer in pairs:
             match = pattern.fullmatch(answer_sentence(answer, question, attributes))
             if match:
-                negated, asked, seen, conclusion = match.groups()
-                assert conclusion == answer == ("yes" if (asked == seen) != bool(negated) else "no"), question
+                seen, negated, asked, conclusion = match.groups()
+                assert seen.lower() in attributes, question
+                assert conclusion.lower() == answer == ("yes" if (asked == seen.lower()) != bool(negated) else "no")
                 restated += 1
     assert restated > 25000  # nearly all of the split's 28,407 yes/no questions
 

@@ -1,7 +1,7 @@
 """The easy-vqa dataset (PyPI `easy-vqa`, MIT): 64x64 images of one coloured shape, with questions.
 
 Answers are one of 13 words (3 shapes, 8 colours, yes/no). The default model answers in a short sentence
-("It is a circle.", "The shape is red.", "Is it red? It is green, so no."); scoring reads the answer word back
+("Circle.", "Red.", "Green. Is it red? No."); scoring reads the answer word back
 out of the reply:
 
     normalise(reply) = lower case, punctuation removed, split on spaces
@@ -76,19 +76,15 @@ def load_jsonl(path: str | Path) -> list[VQAItem]:
 
 
 def answer_sentence(answer: str, question: str = "", attributes: tuple[str | None, str | None] = (None, None)) -> str:
-    """The short sentence the default model is trained to give for easy-vqa's one-word answer.
+    """The short reply the default model is trained to give for easy-vqa's one-word answer.
 
-    Shape and colour questions: "It is a circle.", "The shape is blue.". A yes/no question, when it names one
-    shape or colour and the image's one of that kind is known, is first restated, then answered from what the
-    image shows: "Is it red? It is green, so no.", "Is it not a circle? It is a triangle, so yes." The final
-    word then depends only on words a few tokens back in the reply itself (asked word, "not", seen word).
-    With this format and yes/no questions rebalanced to 30% matches (`rebalance_yes_no`) the 12-layer, 64-wide
-    decoder learnt yes/no; "No." alone on the split's own questions stayed at the dataset's prior, and both
-    "It is a red circle, so no." and this format stayed at chance with 50% matches (docs/default-model.md).
+    Its first word is always read off the image, so that the paper's K criterion (KL at the last prompt
+    position, where the model is about to say that word) measures whether the image has reached the text:
+    shape and colour questions are answered by the word itself ("Circle.", "Blue."); a yes/no question that
+    names one shape or colour, when the image's one of that kind is known, opens with what the image shows,
+    then restates the question and answers it: "Green. Is it red? No.", "Triangle. Is it not a circle? Yes."
+    The final word then follows from words of the reply itself (seen word, asked word, "not").
     Otherwise yes/no answers are "Yes." / "No.".
-
-    The first reply words ("It is a", "The shape is", "Is it") follow from the question alone: the K search's
-    KL at the last prompt position cannot see the image there, hence `search_k(..., over="reply")`.
     """
     answer = answer.strip().lower()
     if answer in YES_NO:
@@ -98,11 +94,8 @@ def answer_sentence(answer: str, question: str = "", attributes: tuple[str | Non
         if named is None or seen is None:
             return answer.capitalize() + "."
         article = "a " if named in SHAPES else ""
-        asked = f"Is it {'not ' if negated else ''}{article}{named}?"
-        return f"{asked} It is {article}{seen}, so {answer}."
-    if answer in SHAPES:
-        return f"It is a {answer}."
-    return f"The shape is {answer}."
+        return f"{seen.capitalize()}. Is it {'not ' if negated else ''}{article}{named}? {answer.capitalize()}."
+    return f"{answer.capitalize()}."
 
 
 def image_attributes(pairs: list[tuple[str, str]]) -> tuple[str | None, str | None]:
