@@ -13,12 +13,15 @@ from transformers import LlavaForConditionalGeneration
 from vtw_core.easyvqa import COLOURS, SHAPES, image_attributes, load_split, yes_no_subject
 from vtw_core.train_default import (
     MAX_SHIFT,
+    VISION_TOKENS,
     _batch,
     augment,
     build_config,
     build_processor,
     encode_image_questions,
+    packed_loss,
     rebalance_yes_no,
+    segment_mask,
     training_replies,
 )
 from vtw_core.train_default import load_split as load_images
@@ -111,11 +114,11 @@ def test_augment_moves_and_mirrors_without_changing_colours():
 def test_training_replies_say_what_the_image_shows_before_yes_or_no():
     pairs = [("is there a red shape?", "yes"), ("what shape is in the image?", "circle")]
     assert training_replies(pairs, ("circle", "red")) == [
-        ("is there a red shape?", "Is it red? It is red, so yes."),
-        ("what shape is in the image?", "It is a circle."),
+        ("is there a red shape?", "Red. Is it red? Yes."),
+        ("what shape is in the image?", "Circle."),
     ]
     # Without the colour, the yes/no reply could not say what the image shows: that question is left out.
-    assert training_replies(pairs, ("circle", None)) == [("what shape is in the image?", "It is a circle.")]
+    assert training_replies(pairs, ("circle", None)) == [("what shape is in the image?", "Circle.")]
 
 
 def test_a_packed_row_computes_each_question_as_its_own_single_turn_prompt():
@@ -128,11 +131,12 @@ def test_a_packed_row_computes_each_question_as_its_own_single_turn_prompt():
     ).eval()
     image = Image.open(load_images("test")[0][0]).convert("RGB")
     pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]
-    pairs = [("what color is the shape?", "The shape is red."), ("is there a circle?", "It is a red circle, so no.")]
+    pairs = [("what color is the shape?", "Red."), ("is there a circle?", "Triangle. Is it a circle? No.")]
     ids, labels, positions, segments = encode_image_questions(processor, pairs)
     batch = _batch([(pixels[0], ids, labels, positions, segments)], processor.tokenizer.pad_token_id)
+    inputs = {name: value for name, value in batch.items() if name not in ("labels", "segments")}
     with torch.no_grad():
-        packed = model(**{name: value for name, value in batch.items() if name != "labels"}).logits[0]
+        packed = model(**inputs, attention_mask=segment_mask(batch["segments"])).logits[0]
         segment_ids = torch.tensor(segments)
         for number, (question, reply) in enumerate(pairs, start=1):
             message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
@@ -143,3 +147,66 @@ def test_a_packed_row_computes_each_question_as_its_own_single_turn_prompt():
             # The packed segment starts after the shared prefix and ends with </s>, which the text lacks.
             assert torch.allclose(mine[:-1], alone[len(alone) - len(mine) + 1 :], atol=1e-5)
     assert packed.shape[0] == len(ids)
+
+
+def _small_packed_batch(rows: int = 2):
+    processor = build_processor()
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(
+        build_config(processor.tokenizer, layers=4, hidden=32, vision_hidden=32, vision_layers=1)
+    ).eval()
+    images = load_images("train")[:rows]
+    pixels = processor.image_processor(
+        [Image.open(path).convert("RGB") for path, _pairs in images], return_tensors="pt"
+    )["pixel_values"]
+    samples = []
+    for row, (_path, pairs) in enumerate(images):
+        replies = training_replies(pairs, image_attributes(pairs))[: 2 + row]  # rows of different lengths
+        samples.append((pixels[row], *encode_image_questions(processor, replies)))
+    batch = _batch(samples, processor.tokenizer.pad_token_id)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    image_start = int((batch["input_ids"][0] == image_id).nonzero()[0])
+    return model, batch, image_start
+
+
+def test_packed_loss_equals_the_stock_model_loss():
+    model, batch, image_start = _small_packed_batch()
+    inputs = {name: value for name, value in batch.items() if name != "segments"}
+    with torch.no_grad():
+        stock = model(**inputs, attention_mask=segment_mask(batch["segments"])).loss
+        mine = packed_loss(model, batch, image_start=image_start)
+        every = torch.arange(VISION_TOKENS).expand(2, -1)  # "a subset" that is every token: the same
+        subset_of_all = packed_loss(model, batch, image_start=image_start, vision_tokens=every)
+    assert torch.allclose(mine, stock, atol=1e-5) and torch.allclose(subset_of_all, stock, atol=1e-5)
+
+
+def test_withdrawal_in_training_equals_masking_the_image_from_layer_k():
+    """Reference written here: the full sequence through every layer, where from layer K on no text token may
+    attend to a vision token (what withdrawing them means for the text); the loss reads text positions only."""
+    model, batch, image_start = _small_packed_batch()
+    k = 2
+    language_model = model.model.language_model
+    with torch.no_grad():
+        features = model.model.multi_modal_projector(
+            model.model.vision_tower(pixel_values=batch["pixel_values"], output_hidden_states=True).hidden_states[-1][
+                :, 1:
+            ]
+        )
+        hidden = language_model.embed_tokens(batch["input_ids"])
+        hidden[:, image_start : image_start + VISION_TOKENS] = features
+        shallow = segment_mask(batch["segments"])
+        is_image = torch.zeros(hidden.shape[1], dtype=torch.bool)
+        is_image[image_start : image_start + VISION_TOKENS] = True
+        deep = shallow & ~is_image[None, None, None, :] | torch.eye(hidden.shape[1], dtype=torch.bool)
+        rotary = language_model.rotary_emb(hidden, batch["position_ids"])
+        for index, layer in enumerate(language_model.layers):
+            mask = shallow if index < k else deep
+            hidden = layer(hidden, attention_mask=mask, position_ids=batch["position_ids"], position_embeddings=rotary)
+        logits = model.lm_head(language_model.norm(hidden))
+        reference = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten()
+        )  # vision positions carry label -100, so they drop out
+        mine = packed_loss(model, batch, image_start=image_start, withdraw_at=k)
+        full = packed_loss(model, batch, image_start=image_start)
+    assert torch.allclose(mine, reference, atol=1e-5)
+    assert (mine - full).abs() > 1e-4  # withdrawal does change what the text sees (random weights: a little)

@@ -5,35 +5,38 @@
 reproduces the shipped weights (seeded; see docs/default-model.md for the time it took and on which hardware).
 Only the train split is read; the test split is never seen here.
 
-The model is a stock `LlavaForConditionalGeneration`: a CLIP vision tower over 60x60 images (easy-vqa's 64x64
-images are resized by the CLIP image processor) cut into 6x6 patches, so 100 vision tokens per image (CLS dropped
-by the "default" feature strategy), a two-layer GELU projector and a 12-layer Llama decoder. The tokenizer is a
-Llama-layout BPE (byte fallback, so any text encodes) trained in code on the train questions and answers, and
-the chat template is LLaVA-1.5's ("USER: <image>\\n{question} ASSISTANT: {answer}</s>").
+The model is a stock `LlavaForConditionalGeneration` with LLaVA-1.5's proportions: a CLIP vision tower over 72x72
+images (easy-vqa's 64x64 images are resized by the CLIP image processor) cut into 3x3 patches, so 576 vision
+tokens per image (a 24x24 grid; CLS dropped by the "default" feature strategy), a two-layer GELU projector and a
+16-layer Llama decoder of width 128. The tower and projector cost about 5% of the baseline's prefill FLOPs.
+The tokenizer is a Llama-layout BPE (byte fallback, so any text encodes) trained in code on the train questions
+and answers, and the chat template is LLaVA-1.5's ("USER: <image>\n{question} ASSISTANT: {answer}</s>").
 
-Answers are short sentences made from the dataset's one-word answer (`answer_sentence`): "It is a circle." for
-shapes, "The shape is blue." for colours, and for yes/no questions the question restated, what the image shows,
-then the answer: "Is it red? It is green, so no." Scoring (vtw_core.easyvqa) reads the last answer word of the reply.
+Replies open with a word read off the image (`vtw_core.easyvqa.answer_sentence`): "Circle.", "Blue.",
+"Green. Is it red? No.". So the next token at the last prompt position depends on the image, and the paper's K
+criterion (KL there) measures whether the image has reached the text. Scoring reads the last answer word.
 
-Two stages, both on the train split only:
-1. `pretrain_vision`: the vision tower learns shape and colour, each image labelled by its own train answers
-   (`image_attributes`), through a linear probe that is then thrown away. From scratch, the VQA loss alone
-   learnt colour but left shape at chance in CPU-affordable time.
-   1b. (`--token-epochs`) the same, with a probe on every vision token alone: each token must state the whole
-   image's shape and colour. Without it the decoder kept reading rectangle-vs-circle from the vision tokens
-   in its last three layers, and the reply-level KL search could not go below K = 11 of 12.
-2. End to end, the whole LLaVA on the questions. Yes/no questions are rebalanced (`rebalance_yes_no`) so that
-   30% of them name the image's own shape or colour (the split has 12% for colours, 34% for shapes).
+Stages, all on the train split only:
+1. `pretrain_vision(per_token=True)`: every vision token alone must state the whole image's shape and colour
+   (a linear probe, thrown away), each image labelled by its own train answers (`image_attributes`). A decoder
+   can then read the image from any token, which is what lets stage 2 start on a sparse sample of them.
+   (`--vision-epochs` adds the older mean-pooled probe first; the shipped model does not use it.)
+2. End to end on the questions, one cosine schedule over two parts: first on a random sparse subset of
+   SAMPLED_VISION_TOKENS vision tokens per image, at their true position ids (a row costs ~250 tokens instead
+   of ~780), then on all 576, as at inference. Half of the steps withdraw the vision tokens at a K drawn from
+   WITHDRAW_LAYERS, exactly as VTW does at inference (`packed_loss`): the decoder learns to move what the
+   text needs out of the vision tokens in its first layers, which is what VTW assumes of LLaVA.
+   Yes/no questions are rebalanced (`rebalance_yes_no`) so that 30% of them name the image's own shape or colour.
 Both stages see randomly flipped and shifted images (`augment`).
 
-Training packs all questions of one image into one row (`encode_image_questions`): the image's 100 vision tokens
-are shared by its ~10 questions, which is what makes CPU training affordable, and a block attention mask with
-per-segment positions (`segment_mask`) makes every question + answer exactly the single-turn prompt used at
-inference, blind to the other questions. The question order is shuffled every epoch; the loss is taken on the
-answer tokens (and their </s>) only. AdamW, cosine schedule with warm-up, seeded. `--vision-cache FILE` saves
-stage 1 (or reloads it when the settings match, with the random streams as they were), so stages 1b and 2 can
-be re-run alone with the same result.
+Training packs all questions of one image into one row (`encode_image_questions`): the image's vision tokens are
+shared by its ~10 questions, and a block attention mask with per-segment positions (`segment_mask`) makes every
+question + answer exactly the single-turn prompt used at inference, blind to the other questions. The question
+order is shuffled every epoch; the loss is taken on the answer tokens (and their </s>) only. AdamW, cosine
+schedule with warm-up, seeded. `--vision-cache FILE` saves stage 1 (or reloads it when the settings match, with
+the random streams as they were), so stage 2 can be re-run alone with the same result.
 """
+
 
 from __future__ import annotations
 
@@ -66,18 +69,20 @@ from vtw_core.tiny import (
     llava_tokenizer,
 )
 
-IMAGE_SIZE = 60
-PATCH_SIZE = 6
-VISION_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 100
+IMAGE_SIZE = 72
+PATCH_SIZE = 3
+VISION_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 576, a 24x24 grid as in LLaVA-1.5
 
-# Sizes of the shipped model.
-HIDDEN = 64
-LAYERS = 12
+# Sizes of the shipped model (v2): LLaVA-1.5's proportions, so that VTW's saving shows on a CPU.
+HIDDEN = 128
+LAYERS = 16
 HEADS = 4
-VISION_HIDDEN = 128
-VISION_LAYERS = 6
+VISION_HIDDEN = 64
+VISION_LAYERS = 3
 BPE_PIECES = 640  # upper bound for the trained BPE (specials + 256 bytes + merges); it stops earlier
-MAX_SHIFT = 4  # pixels (of 60) an augmented image moves in each direction
+MAX_SHIFT = 4  # pixels (of 72) an augmented image moves in each direction
+SAMPLED_VISION_TOKENS = 48  # vision tokens per row in the first, cheap part of end-to-end training
+WITHDRAW_LAYERS = (5, 8)  # withdrawal-aware steps withdraw the vision tokens at a K drawn from this range
 
 
 def load_split(split: str) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -348,6 +353,7 @@ def _vision_stage(
     labels: list[tuple[str | None, str | None]],
     *,
     epochs: float,
+    token_epochs: float,
     lr: float,
     generator: torch.Generator,
     cache: str | Path | None,
@@ -365,7 +371,10 @@ def _vision_stage(
             torch.set_rng_state(saved["torch_rng"])
             print(f"vision stage loaded from {cache}", flush=True)
             return True
-    pretrain_vision(model, pixels, labels, epochs=epochs, lr=lr, generator=generator)
+    if epochs > 0:
+        pretrain_vision(model, pixels, labels, epochs=epochs, lr=lr, generator=generator)
+    if token_epochs > 0:
+        pretrain_vision(model, pixels, labels, epochs=token_epochs, lr=lr, generator=generator, per_token=True)
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         state = {"key": json.dumps(key, sort_keys=True), "tower": tower.state_dict(),
@@ -389,20 +398,77 @@ def _batch(samples: list[tuple[torch.Tensor, list[int], list[int], list[int], li
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": positions,
-        "attention_mask": segment_mask(segments),
+        "segments": segments,
         "pixel_values": torch.stack([sample[0] for sample in samples]),
     }
+
+
+def vision_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(batch, VISION_TOKENS, hidden): what LLaVA puts at the image tokens (last tower layer, CLS dropped,
+    projected), as `LlavaModel.get_image_features` computes it for this config."""
+    tower_out = model.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+    return model.model.multi_modal_projector(tower_out.hidden_states[-1][:, 1:])
+
+
+def packed_loss(
+    model: LlavaForConditionalGeneration,
+    batch: dict,
+    *,
+    image_start: int,
+    vision_tokens: torch.Tensor | None = None,
+    withdraw_at: int | None = None,
+) -> torch.Tensor:
+    """Mean next-token loss over the answer tokens of packed rows (`_batch`), with two training-only options.
+
+    vision_tokens (batch, S): keep only these of each row's VISION_TOKENS vision tokens (sorted indices); they
+        keep their original position ids, so the decoder sees a sparse copy of the image at its true positions.
+    withdraw_at = K: run decoder layers 0..K-1 on every token and K..N-1 on the text alone, exactly VTW's
+        inference (`vtw_core.engine`): the text keeps its position ids and no longer attends to the image.
+
+    With neither, this equals `LlavaForConditionalGeneration(**batch).loss` (tests/test_train_default.py).
+    Every row has its image tokens at image_start .. image_start + VISION_TOKENS - 1.
+    """
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    positions, segments = batch["position_ids"], batch["segments"]
+    rows, length = input_ids.shape
+    features = vision_features(model, batch["pixel_values"])  # (rows, VISION_TOKENS, hidden)
+    if vision_tokens is not None:
+        before = torch.arange(image_start).expand(rows, -1)
+        after = torch.arange(image_start + VISION_TOKENS, length).expand(rows, -1)
+        columns = torch.cat([before, image_start + vision_tokens, after], dim=1)  # (rows, length')
+        input_ids, labels, positions, segments = (
+            tensor.gather(1, columns) for tensor in (input_ids, labels, positions, segments)
+        )
+        features = features.gather(1, vision_tokens[..., None].expand(-1, -1, features.shape[-1]))
+    image_count = features.shape[1]
+    language_model = model.model.language_model
+    embeds = language_model.embed_tokens(input_ids)
+    hidden = torch.cat([embeds[:, :image_start], features.to(embeds.dtype), embeds[:, image_start + image_count :]], 1)
+    mask = segment_mask(segments)
+    cos, sin = language_model.rotary_emb(hidden, positions)
+    for index, layer in enumerate(language_model.layers):
+        if index == withdraw_at:  # VTW: drop the vision tokens from the sequence, the mask and the rotary tables
+            text = torch.cat([torch.arange(image_start), torch.arange(image_start + image_count, hidden.shape[1])])
+            hidden, positions, labels = hidden[:, text], positions[:, text], labels[:, text]
+            mask, cos, sin = mask[:, :, text][..., text], cos[:, text], sin[:, text]
+        hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=(cos, sin))
+    logits = model.lm_head(language_model.norm(hidden))
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
 
 
 def train(
     out: str | Path,
     *,
     epochs: float = 4.0,
+    full_epochs: float = 1.0,
+    sampled_vision_tokens: int = SAMPLED_VISION_TOKENS,
+    withdraw_share: float = 0.5,
+    withdraw_layers: tuple[int, int] = WITHDRAW_LAYERS,
     batch_images: int = 8,
     lr: float = 1e-3,
     warmup: int = 60,
-    vision_epochs: float = 20.0,
-    token_epochs: float = 4.0,
+    vision_epochs: float = 0.0,
+    token_epochs: float = 8.0,
     vision_lr_scale: float = 0.3,
     yes_no_match_share: float | None = 0.3,
     vision_cache: str | Path | None = None,
@@ -413,7 +479,7 @@ def train(
     hidden: int = HIDDEN,
     vision_hidden: int = VISION_HIDDEN,
     vision_layers: int = VISION_LAYERS,
-    threads: int | None = 1,
+    threads: int | None = 2,
     log_every: int = 20,
     checkpoint_every: int | None = None,
 ) -> dict:
@@ -438,21 +504,20 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     labels = [image_attributes(pairs) for _path, pairs in data]
     vision_cached = False
-    if vision_epochs > 0:
+    if vision_epochs > 0 or token_epochs > 0:
         torch.manual_seed(seed)  # stage 1 (probe init) must not depend on the decoder's vocabulary size
-        stage_key = {"seed": seed, "epochs": vision_epochs, "lr": lr, "images": len(data),
-                     "vision": model.config.vision_config.to_dict()}  # fmt: skip
+        stage_key = {"seed": seed, "epochs": vision_epochs, "token_epochs": token_epochs, "lr": lr,
+                     "images": len(data), "vision": model.config.vision_config.to_dict()}  # fmt: skip
         vision_cached = _vision_stage(
-            model, pixels, labels, epochs=vision_epochs, lr=lr, generator=generator, cache=vision_cache, key=stage_key
-        )
-        if token_epochs > 0:
-            pretrain_vision(model, pixels, labels, epochs=token_epochs, lr=lr, generator=generator, per_token=True)
+            model, pixels, labels, epochs=vision_epochs, token_epochs=token_epochs, lr=lr, generator=generator,
+            cache=vision_cache, key=stage_key,
+        )  # fmt: skip
     vision_started = time.time()
     # Stage 2, end to end. The pretrained tower moves more slowly (vision_lr_scale) so that the randomly
     # initialised projector and decoder cannot wash out its shape features in the first steps.
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
-        in_tower = name.startswith("model.vision_tower.") and vision_epochs > 0
+        in_tower = name.startswith("model.vision_tower.") and (vision_epochs > 0 or token_epochs > 0)
         decays = parameter.ndim >= 2 and "embed" not in name
         groups.setdefault((in_tower, decays), []).append(parameter)
     optimizer = torch.optim.AdamW(
@@ -465,8 +530,10 @@ def train(
     )
     usable = [index for index, (_path, pairs) in enumerate(data) if training_replies(pairs, labels[index])]
     steps_per_epoch = math.ceil(len(usable) / batch_images)
-    total_steps = max_steps if max_steps is not None else int(epochs * steps_per_epoch)
+    sampled_steps = int(epochs * steps_per_epoch)
+    total_steps = max_steps if max_steps is not None else sampled_steps + int(full_epochs * steps_per_epoch)
     rng = random.Random(seed)
+    image_id = tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN)
 
     def schedule(step: int) -> float:
         if step < warmup:
@@ -491,7 +558,17 @@ def train(
             rng.shuffle(replies)
             samples.append((augmented[row], *encode_image_questions(processor, replies)))
         batch = _batch(samples, tokenizer.pad_token_id)
-        loss = model(**batch).loss
+        image_start = int((batch["input_ids"][0] == image_id).nonzero()[0])  # the same prefix in every row
+        # Curriculum: a sparse random subset of the vision tokens first (cheap: each carries the whole image
+        # after stage 1), then every token, as at inference.
+        vision_tokens = None
+        if step < sampled_steps and sampled_vision_tokens < VISION_TOKENS:
+            vision_tokens = torch.stack(
+                [torch.randperm(VISION_TOKENS, generator=generator)[:sampled_vision_tokens].sort().values
+                 for _ in chosen]
+            )  # fmt: skip
+        withdraw_at = rng.randint(*withdraw_layers) if rng.random() < withdraw_share else None
+        loss = packed_loss(model, batch, image_start=image_start, vision_tokens=vision_tokens, withdraw_at=withdraw_at)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -511,6 +588,10 @@ def train(
             _save(model, processor, Path(out) / f"checkpoint-{step}", {"step": step})
     summary = {
         "steps": total_steps,
+        "sampled_steps": min(sampled_steps, total_steps),
+        "sampled_vision_tokens": sampled_vision_tokens,
+        "withdraw_share": withdraw_share,
+        "withdraw_layers": list(withdraw_layers),
         "batch_images": batch_images,
         "lr": lr,
         "seed": seed,
@@ -554,12 +635,20 @@ def _save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vtw_core.train_default", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="assets/default-model", help="folder to save the model into")
-    parser.add_argument("--epochs", type=float, default=4.0)
+    parser.add_argument("--epochs", type=float, default=4.0, help="end to end on sampled vision tokens")
+    parser.add_argument("--full-epochs", type=float, default=1.0, help="then end to end on every vision token")
+    parser.add_argument(
+        "--sampled-vision-tokens", type=int, default=SAMPLED_VISION_TOKENS, help="vision tokens per row, first part"
+    )
+    parser.add_argument("--withdraw-share", type=float, default=0.5, help="share of steps that withdraw vision")
+    parser.add_argument(
+        "--withdraw-layers", type=int, nargs=2, default=WITHDRAW_LAYERS, help="K range of withdrawal-aware steps"
+    )
     parser.add_argument("--batch-images", type=int, default=8, help="images (conversations) per step")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--vision-epochs", type=float, default=20.0, help="stage 1: shape/colour pretraining")
+    parser.add_argument("--vision-epochs", type=float, default=0.0, help="stage 1: mean-pooled shape/colour probe")
     parser.add_argument(
-        "--token-epochs", type=float, default=4.0, help="stage 1b: every vision token states shape/colour"
+        "--token-epochs", type=float, default=8.0, help="stage 1b: every vision token states shape/colour"
     )
     parser.add_argument("--vision-lr-scale", type=float, default=0.3, help="stage 2: tower lr / lr")
     parser.add_argument(
@@ -574,12 +663,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=HIDDEN, help="decoder width (MLP: 4x)")
     parser.add_argument("--vision-hidden", type=int, default=VISION_HIDDEN, help="CLIP tower width (MLP: 4x)")
     parser.add_argument("--vision-layers", type=int, default=VISION_LAYERS)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the result depends on it)")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="also save every N steps")
     args = parser.parse_args(argv)
     summary = train(
         args.out,
         epochs=args.epochs,
+        full_epochs=args.full_epochs,
+        sampled_vision_tokens=args.sampled_vision_tokens,
+        withdraw_share=args.withdraw_share,
+        withdraw_layers=tuple(args.withdraw_layers),
         batch_images=args.batch_images,
         lr=args.lr,
         vision_epochs=args.vision_epochs,
