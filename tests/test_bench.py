@@ -64,6 +64,22 @@ def test_table_ratios_are_per_engine_and_token_count():
     assert "0.65x" in table[-1]
 
 
+def test_table_end_to_end_flops_and_decode_ratios():
+    """The vision tower runs for both sides, so the FLOPs up to the first token fall less than the prefill's."""
+
+    def row(label, prefill, decode_ms):
+        return bench.BenchRow(label, None, "static", 0.01, decode_ms, 0.02, 1e3 / decode_ms, prefill, prefill, 0,
+                              None, 9, 4, 8, [0.01], [decode_ms], [0.02], [], vision_flops=20)  # fmt: skip
+
+    table = format_table([row("baseline", 80, 2.0), row("VTW K=1", 30, 1.5)]).splitlines()
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    vtw = [cell.strip() for cell in table[-1].strip("|").split("|")]
+    column = {name: index for index, name in enumerate(header)}
+    assert vtw[column["FLOPs ratio"]] == "0.38"  # 30 / 80
+    assert vtw[column["vision+prefill ratio"]] == "0.50"  # (20 + 30) / (20 + 80)
+    assert vtw[column["decode ratio"]] == "0.75"
+
+
 def test_device_clock_on_cpu():
     clock = DeviceClock(torch.device("cpu"))
     for _ in range(3):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from vtw_core.defaults import require_model
@@ -36,6 +37,12 @@ def _load(args: argparse.Namespace, random_weights: bool = False):
         trust_remote_code=args.trust_remote_code,
         random_weights=random_weights,
     )
+
+
+def _is_default_model(args: argparse.Namespace) -> bool:
+    from vtw_core.defaults import DEFAULT_MODEL_DIR
+
+    return Path(require_model(args.model)).resolve() == DEFAULT_MODEL_DIR
 
 
 def _print_json(payload: dict[str, Any]) -> None:
@@ -148,17 +155,28 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         height, width = args.synthetic_image_size
         inputs = synthetic_inputs(manager.model, text_tokens=args.text_tokens, image_size=(height, width))
-    elif args.image:
+    elif args.image or (_is_default_model(args) and manager.processor is not None):
         if manager.processor is None:
             raise VTWError("--image needs a model with a processor (not --random-weights)")
+        prompt = args.prompt or "Describe the image in detail."
+        if not args.image:  # the embedded model knows easy-vqa only: time a question of the kind it answers
+            from vtw_core.easyvqa import load_split
+
+            first = load_split("test")[0]
+            args.image, prompt = first.image, args.prompt or first.question
+            print(f"input: easy-vqa test image {Path(first.image).name}, {prompt!r}")
         image = load_image(args.image)
-        messages = [user_message(args.prompt, num_images=1)]
+        messages = [user_message(prompt, num_images=1)]
         model = manager.model
         inputs = build_model_inputs(manager.processor, [messages], [[image]], model.device, model.dtype)
     from vtw_core.methods import parse_method
 
     methods = tuple(parse_method(spec, manager.info.num_layers) for spec in args.method)
-    rows = run_bench(manager, args.k, new_tokens=args.new_tokens, repeats=args.repeats, inputs=inputs,
+    ks = args.k
+    if ks is None:
+        searched = manager.info.searched_k
+        ks = [searched if searched is not None else manager.info.num_layers // 2]
+    rows = run_bench(manager, ks, new_tokens=args.new_tokens, repeats=args.repeats, inputs=inputs,
                      engines=tuple(args.engine), methods=methods,
                      prefill_engines=tuple(args.prefill_engine))  # fmt: skip
     print(manager.info.describe())
@@ -423,12 +441,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="latency, FLOPs and memory of baseline vs VTW at several K")
     _add_model_options(bench)
     bench.add_argument("--random-weights", action="store_true", help="build the architecture from its config only")
-    bench.add_argument("--k", type=int, nargs="*", default=[16], help="one or more K to compare with the baseline")
+    bench.add_argument(
+        "--k", type=int, nargs="*", default=None,
+        help="one or more K to compare with the baseline (default: the model's searched K from vtw.json, else N/2)",
+    )  # fmt: skip
     bench.add_argument("--new-tokens", type=int, nargs="+", default=[64], help="one or more, e.g. 64 256")
-    bench.add_argument("--repeats", type=int, default=3, help="timed runs per setting, interleaved across settings")
+    bench.add_argument("--repeats", type=int, default=7, help="timed runs per setting, interleaved across settings")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
-    bench.add_argument("--image", help="a real image (needs a processor); default: a synthetic prompt")
-    bench.add_argument("--prompt", default="Describe the image in detail.")
+    bench.add_argument(
+        "--image",
+        help="a real image (needs a processor); default: the first easy-vqa test question on the embedded default "
+        "model, else a synthetic prompt",
+    )
+    bench.add_argument("--prompt", default=None, help="with --image (default: 'Describe the image in detail.')")
     bench.add_argument(
         "--synthetic-image-size", type=int, nargs=2, metavar=("H", "W"),
         help="synthetic prompt for an image of this size (LLaVA-NeXT 672 672: the paper's 2880 vision tokens)",
