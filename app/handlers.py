@@ -682,11 +682,17 @@ def search_settings(manager: ModelManager) -> SearchSettings:
     if is_default_model(manager) and shipped:
         criterion = shipped.get("kl_over", "prompt")
         eta = float(shipped.get("kl_threshold", default_eta(manager.info.source)[0]))
+        reason = (
+            "its replies open with a word read off the image (the shape or its colour), so the next token at the "
+            "last prompt position depends on the image"
+            if criterion == "prompt"
+            else "its replies open with words that follow from the question, so the last prompt position barely "
+            "depends on the image"
+        )
         why = (
             "The embedded default model was trained on easy-vqa, so it is calibrated on 20 easy-vqa train "
             f"questions with the criterion its shipped K = {shipped.get('k')} was chosen by "
-            f"({dict((v, k) for k, v in CRITERIA)[criterion]}): its replies open with words that follow from the "
-            "question, so the last prompt position barely depends on the image."
+            f"({dict((v, k) for k, v in CRITERIA)[criterion]}): {reason}."
         )
         return SearchSettings([("easy-vqa train questions (20)", "easy-vqa"), turn], criterion, eta,
                               "the shipped vtw.json", why)  # fmt: skip

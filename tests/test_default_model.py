@@ -1,20 +1,23 @@
 """The embedded default model (a small LLaVA trained on easy-vqa, shipped in assets/) and its training script.
 
-The thresholds are the issue's targets, not measurements: >= 93% on the first 200 test questions, baseline
-and with VTW at the K that the reply-level KL search picks on train questions (saved in vtw.json).
-Measured values are in docs/default-model.md.
+The thresholds are the targets the model was built to, not measurements, on the first 200 test questions: the
+baseline answers >= 99.5%; VTW at the shipped K (saved in vtw.json) within 0.3 points of it; K <= N/2; and the
+paper's own criterion (KL at the last prompt position, eta 0.003, 20 train questions) picks the shipped K.
+Measured values, on the full test split, are in docs/default-model.md.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
 from vtw_core.defaults import DEFAULT_MODEL_DIR, require_model
-from vtw_core.evaluate import auto_k, evaluate_side, load_items
+from vtw_core.evaluate import auto_k, evaluate_side, load_items, train_calibration
 from vtw_core.manager import ModelManager
+from vtw_core.search import search_k
 
 SUBSET = 200  # the first 200 questions of easy-vqa's test split
 
@@ -31,43 +34,55 @@ def subset():
 
 def test_the_default_model_is_shipped_and_loads_offline(manager):
     assert require_model(None) == str(DEFAULT_MODEL_DIR)
-    assert manager.info.family == "llava" and manager.info.num_layers == 12
-    assert manager.model.config.image_seq_length == 100
-    assert sum(path.stat().st_size for path in DEFAULT_MODEL_DIR.iterdir()) < 25 * 2**20
+    assert manager.info.family == "llava" and manager.info.num_layers >= 16
+    assert manager.model.config.image_seq_length == 576  # a 24x24 grid, as LLaVA-1.5
+    assert sum(path.stat().st_size for path in DEFAULT_MODEL_DIR.iterdir()) < 40 * 2**20
 
 
 def test_baseline_and_vtw_accuracy_on_200_test_questions(manager, subset):
     k = manager.info.searched_k
-    assert k is not None and k <= 0.75 * manager.info.num_layers  # the issue's target; 9 of 12 when shipped
+    assert k is not None and k <= manager.info.num_layers // 2
     baseline = evaluate_side(manager.model, manager.processor, subset, None)
     vtw = evaluate_side(manager.model, manager.processor, subset, k)
-    assert baseline.accuracy >= 0.93
-    assert vtw.accuracy >= 0.93
+    assert baseline.accuracy >= 0.995
+    assert vtw.accuracy >= baseline.accuracy - 0.003
     assert vtw.prefill_flops < (k + 1) / manager.info.num_layers * baseline.prefill_flops
 
 
-def test_k_search_on_train_samples(manager):
-    """The reply-level KL search on train questions reproduces the K saved beside the weights. The paper's
-    criterion (KL at the last prompt position) is blind here: the first reply words ("It is a", "The shape is",
-    "Is it") follow from the question alone, so it accepts a K that the reply-level search rejects."""
-    over_reply = auto_k(manager.model, manager.processor, over="reply")
-    assert over_reply.k == manager.info.searched_k
+def test_the_papers_criterion_picks_the_shipped_k(manager):
+    """KL at the last prompt position, eta 0.003, 20 train questions (the paper's Algorithm 1): the reply's
+    first word is read off the image, so that position sees whether the image has reached the text."""
     at_prompt = auto_k(manager.model, manager.processor, over="prompt")
-    assert at_prompt.k is not None and at_prompt.k < over_reply.k
-    reply_kl = dict(over_reply.curve)
-    assert reply_kl[at_prompt.k] > over_reply.eta  # what the prompt criterion accepts, the reply KL rejects
+    assert at_prompt.eta == 0.003
+    assert at_prompt.k == manager.info.searched_k
+    # The criterion is not blind (it was on the first default model, < 3e-6 at every K): withdrawn after
+    # layer 2, the image has not reached the text and the first reply word is a guess.
+    early = search_k(manager.model, manager.processor, train_calibration(20), eta=0.003, start=2)
+    assert dict(early.curve)[2] > 100 * at_prompt.eta
 
 
-def test_training_script_runs_a_few_steps(tmp_path):
-    command = [
-        sys.executable, "-m", "vtw_core.train_default", "--out", str(tmp_path / "m"), "--max-steps", "2",
-        "--limit-images", "8", "--batch-images", "4", "--hidden", "32", "--layers", "2", "--vision-hidden", "32",
-        "--vision-layers", "1",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "vision step" in done.stdout and "vision 1b step" in done.stdout  # stage 1, then 1b (every token)
+def test_training_script_runs_a_few_steps_and_is_reproducible(tmp_path):
+    """Two tiny runs of the real script (the tower stage, one step on sampled vision tokens, one on all of them,
+    both withdrawing at K = 1) give bit-identical weights: the recipe is seeded."""
+
+    def run(out):
+        command = [
+            sys.executable, "-m", "vtw_core.train_default", "--out", str(out), "--max-steps", "2", "--epochs",
+            "0.5", "--limit-images", "8", "--batch-images", "4", "--hidden", "32", "--layers", "2",
+            "--vision-hidden", "32", "--vision-layers", "1", "--withdraw-layers", "1", "1", "--withdraw-share", "1",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "vision 1b step" in done.stdout and "step 2/2" in done.stdout  # every vision token, then end to end
+        return done
+
+    run(tmp_path / "m")
+    run(tmp_path / "again")
+    weights = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("m", "again")]
+    assert weights[0] == weights[1]
+    summary = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert summary["sampled_steps"] == 1 and summary["steps"] == 2
     trained = ModelManager.load(str(tmp_path / "m"), device="cpu")
-    assert trained.info.num_layers == 2
+    assert trained.info.num_layers == 2 and trained.model.config.image_seq_length == 576
     result = evaluate_side(trained.model, trained.processor, load_items("easy-vqa", "test", limit=4), None)
     assert result.questions == 4

@@ -147,8 +147,8 @@ def test_methods_by_name_and_file(tmp_path):
 
     assert parse_method("vtw:7", 12).k == 7 and parse_method("baseline", 12).label == "baseline"
     assert parse_method("fastv:2:0.5", 12).schedule == Schedule.fastv(2, 0.5, 12)
-    bundled = parse_method("schedule:easyvqa-gsearch", 12).schedule
-    assert len(bundled.keep) == 12 and bundled.keep[0] == 1.0
+    bundled = parse_method("schedule:easyvqa-gsearch", 16).schedule  # searched on the 16-layer default model
+    assert len(bundled.keep) == 16 and bundled.keep[0] == 1.0
     (tmp_path / "mine.json").write_text(Schedule((1.0, 0.5)).to_json())
     assert parse_method(f"schedule:{tmp_path / 'mine.json'}", 2).schedule.keep == (1.0, 0.5)
     for bad in ("vtw:99", "fastv:x", "schedule:nowhere", "magic"):
