@@ -58,11 +58,14 @@ def k_curve_figure(report: dict[str, Any]) -> Figure:
         curve = report["kl_curve"]
         kl_axes.plot([p["k"] for p in curve], [max(p["kl"], 1e-12) for p in curve], marker="s", color="#76b041",
                      linestyle="--", label="mean KL (calibration)")  # fmt: skip
+        if report.get("eta"):
+            eta = report["eta"]
+            kl_axes.axhline(eta, color="#76b041", linewidth=1, linestyle=":", label=f"eta = {eta:g}")
         kl_axes.set_yscale("log")
         kl_axes.set_ylabel("KL(P_vtw || P_baseline)")
         more_handles, more_labels = kl_axes.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
-    axes.legend(handles, labels, fontsize=8, loc="lower right")
+    axes.legend(handles, labels, fontsize=8, loc="center right")
     axes.set_title(f"Accuracy and KL against K on {report.get('data', '')} {report.get('split', '')}")
     return figure
 
