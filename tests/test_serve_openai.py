@@ -98,7 +98,7 @@ def ask(client: openai.OpenAI, messages: list[dict], method: str, **options):
 def test_models_lists_the_served_model(client):
     models = client.models.list().data
     assert [model.id for model in models] == ["default-model"]
-    assert models[0].model_extra["vtw"]["num_layers"] == 12
+    assert models[0].model_extra["vtw"]["num_layers"] == 16  # the default model's decoder
 
 
 @pytest.mark.parametrize("method", ["baseline", "vtw:9"])

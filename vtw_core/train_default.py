@@ -37,7 +37,6 @@ schedule with warm-up, seeded. `--vision-cache FILE` saves stage 1 (or reloads i
 the random streams as they were), so stage 2 can be re-run alone with the same result.
 """
 
-
 from __future__ import annotations
 
 import argparse
