@@ -31,13 +31,13 @@ from vtw_core.generate import (
     GenerationStats,
     SamplingConfig,
     StreamEvent,
-    _check_context,
     _synchronize,
     _TextCollector,
     _vision_flops,
     generate_tokens,
+    prompt_inputs_within_context,
 )
-from vtw_core.prompts import Message, build_model_inputs, eos_token_ids_of, pad_token_id_of
+from vtw_core.prompts import Message, eos_token_ids_of, pad_token_id_of
 from vtw_core.schedules import Schedule
 
 
@@ -91,8 +91,7 @@ def stream_generate_batch(
     batch_stats = GenerationStats(k=k, num_layers=num_layers)
     tokens_per_row: list[list[int]] = []
     try:
-        model_inputs = build_model_inputs(processor, conversations, images, device, model.dtype)
-        _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
+        model_inputs = prompt_inputs_within_context(model, processor, conversations, images, sampling)
         rows = _new_rows(model, tokenizer, model_inputs, images, k)
         steps = generate_tokens(
             model,

@@ -162,6 +162,21 @@ def _check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int) ->
         )
 
 
+def prompt_inputs_within_context(
+    model: nn.Module,
+    processor: Any,
+    conversations: list[list[Message]],
+    images: list[list[Image.Image]],
+    sampling: SamplingConfig,
+    videos: list[list[Video]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The processor's batch on the model's device and dtype, refused early if the prompt and the new tokens
+    do not fit the model's context."""
+    model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype, videos=videos)
+    _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
+    return model_inputs
+
+
 def method_selector(model: nn.Module, k: int | None, schedule: Schedule | None) -> TokenSelector | None:
     """The token selector of one request: VTW at K, or a per-layer schedule; None for the unchanged model."""
     num_layers = num_decoder_layers(model.config)
@@ -388,8 +403,9 @@ def stream_generate(
     text = ""
     eos_ids = eos_token_ids_of(model, processor)
     try:
-        model_inputs = build_model_inputs(processor, [messages], [images], device, dtype, videos=[list(videos or [])])
-        _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
+        model_inputs = prompt_inputs_within_context(
+            model, processor, [messages], [images], sampling, videos=[list(videos or [])]
+        )
         _video_stats(model, model_inputs, list(videos or []), stats)
         steps = generate_tokens(
             model,
@@ -474,8 +490,7 @@ def generate_batch(
     time to first token and total time, from this call on (preprocessing included; rows share them).
     """
     start = time.perf_counter()
-    model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype, videos=videos)
-    _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
+    model_inputs = prompt_inputs_within_context(model, processor, conversations, images, sampling, videos=videos)
     eos_ids = eos_token_ids_of(model, processor)
     pad = pad_token_id_of(processor)
     columns = []
