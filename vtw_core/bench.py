@@ -85,14 +85,7 @@ def synthetic_inputs(
         image_token = config.image_token_id
     else:
         raise InputError(f"no synthetic input for model type {family!r}")
-    head = _text_ids(config, min(5, text_tokens))
-    tail = _text_ids(config, text_tokens - len(head), seed=1)
-    input_ids = torch.cat([head, torch.full((vision_tokens,), image_token), tail])[None].to(device)
-    inputs["input_ids"] = input_ids
-    inputs["attention_mask"] = torch.ones_like(input_ids)
-    if "mm_token_type_ids" in inspect.signature(model.model.forward).parameters:
-        # Qwen's multimodal rope reads the token types the processor would return: 1 marks image tokens.
-        inputs["mm_token_type_ids"] = (input_ids == image_token).long()
+    inputs.update(_prompt_ids(model, vision_tokens, image_token, text_tokens, token_type=1))
     return inputs
 
 
@@ -131,14 +124,23 @@ def synthetic_video_inputs(model: nn.Module, frames: int = 8, text_tokens: int =
     else:
         raise InputError(f"no synthetic video input for model type {family!r}")
     video_token = config.video_token_id
+    inputs.update(_prompt_ids(model, vision_tokens, video_token, text_tokens, token_type=2))
+    return inputs
+
+
+def _prompt_ids(
+    model: nn.Module, vision_tokens: int, vision_token: int, text_tokens: int, token_type: int
+) -> dict[str, torch.Tensor]:
+    """input_ids (a little text, the vision placeholders, the rest of the text), its attention mask and, for Qwen's
+    multimodal rope, the token types the processor would return (1 marks image tokens, 2 video tokens)."""
+    config = model.config
     head = _text_ids(config, min(5, text_tokens))
     tail = _text_ids(config, text_tokens - len(head), seed=1)
-    input_ids = torch.cat([head, torch.full((vision_tokens,), video_token), tail])[None].to(device)
-    inputs["input_ids"] = input_ids
-    inputs["attention_mask"] = torch.ones_like(input_ids)
+    input_ids = torch.cat([head, torch.full((vision_tokens,), vision_token), tail])[None].to(model.device)
+    ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if "mm_token_type_ids" in inspect.signature(model.model.forward).parameters:
-        inputs["mm_token_type_ids"] = (input_ids == video_token).long() * 2  # 2 marks video tokens, as the processor
-    return inputs
+        ids["mm_token_type_ids"] = (input_ids == vision_token).long() * token_type
+    return ids
 
 
 def _text_ids(config: Any, count: int, seed: int = 0) -> torch.Tensor:
