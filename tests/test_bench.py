@@ -107,3 +107,26 @@ def test_bench_cli_rows_and_json(capsys, tiny_model_path):
     table = [line for line in out.splitlines() if line.startswith("| plain") or line.startswith("| static")]
     assert len(table) == len(rows)
     assert "2 interleaved runs after a warm-up" in out and "1 CPU thread" in out
+
+
+def test_bench_on_the_default_model_times_an_easy_vqa_question_at_the_shipped_k(capsys):
+    """With no --image and no --k, the default model is timed on a question of the kind it answers, at the K
+    its vtw.json ships; the table's vision+prefill ratio counts the tower on both sides."""
+    import json
+    from pathlib import Path
+
+    from vtw_core.defaults import DEFAULT_MODEL_DIR
+
+    shipped = json.loads((Path(DEFAULT_MODEL_DIR) / "vtw.json").read_text())["k"]
+    code, out, _ = run_cli(capsys, "bench", "--repeats", "1", "--new-tokens", "2", "--threads", "1", "--json")
+    assert code == 0
+    assert "input: easy-vqa test image 0.png, 'what is the red shape?'" in out
+    rows = last_json(out)["rows"]
+    assert [row["k"] for row in rows] == [None, shipped]
+    assert rows[0]["vision_tokens"] == 576 and rows[0]["vision_flops"] > 0
+    assert rows[1]["vision_flops"] == rows[0]["vision_flops"]
+    vtw_line = next(line for line in out.splitlines() if f"VTW K={shipped}" in line)
+    end_to_end = (rows[1]["vision_flops"] + rows[1]["prefill_flops"]) / (
+        rows[0]["vision_flops"] + rows[0]["prefill_flops"]
+    )
+    assert f"| {end_to_end:.2f} |" in vtw_line

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vtw_core.defaults import require_model
+from vtw_core.defaults import default_model, require_model
 from vtw_core.errors import VTWError
 from vtw_core.units import format_bytes, format_flops, format_kl, format_per_frame
 
@@ -37,12 +37,6 @@ def _load(args: argparse.Namespace, random_weights: bool = False):
         trust_remote_code=args.trust_remote_code,
         random_weights=random_weights,
     )
-
-
-def _is_default_model(args: argparse.Namespace) -> bool:
-    from vtw_core.defaults import DEFAULT_MODEL_DIR
-
-    return Path(require_model(args.model)).resolve() == DEFAULT_MODEL_DIR
 
 
 def _print_json(payload: dict[str, Any]) -> None:
@@ -155,17 +149,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         height, width = args.synthetic_image_size
         inputs = synthetic_inputs(manager.model, text_tokens=args.text_tokens, image_size=(height, width))
-    elif args.image or (_is_default_model(args) and manager.processor is not None):
+    elif args.image or (manager.info.source == default_model() and manager.processor is not None):
         if manager.processor is None:
             raise VTWError("--image needs a model with a processor (not --random-weights)")
-        prompt = args.prompt or "Describe the image in detail."
-        if not args.image:  # the embedded model knows easy-vqa only: time a question of the kind it answers
+        image_path, prompt = args.image, args.prompt or "Describe the image in detail."
+        if not image_path:  # the embedded model knows easy-vqa only: time a question of the kind it answers
             from vtw_core.easyvqa import load_split
 
             first = load_split("test")[0]
-            args.image, prompt = first.image, args.prompt or first.question
+            image_path, prompt = first.image, args.prompt or first.question
             print(f"input: easy-vqa test image {Path(first.image).name}, {prompt!r}")
-        image = load_image(args.image)
+        image = load_image(image_path)
         messages = [user_message(prompt, num_images=1)]
         model = manager.model
         inputs = build_model_inputs(manager.processor, [messages], [[image]], model.device, model.dtype)
