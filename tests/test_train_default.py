@@ -155,6 +155,10 @@ def _small_packed_batch(rows: int = 2):
     model = LlavaForConditionalGeneration(
         build_config(processor.tokenizer, layers=4, hidden=32, vision_hidden=32, vision_layers=1)
     ).eval()
+    with torch.no_grad():  # sharp attention, so that position ids and masks move the loss, as in a trained model
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(10)
+            layer.self_attn.k_proj.weight.mul_(10)
     images = load_images("train")[:rows]
     pixels = processor.image_processor(
         [Image.open(path).convert("RGB") for path, _pairs in images], return_tensors="pt"
@@ -178,6 +182,34 @@ def test_packed_loss_equals_the_stock_model_loss():
         every = torch.arange(VISION_TOKENS).expand(2, -1)  # "a subset" that is every token: the same
         subset_of_all = packed_loss(model, batch, image_start=image_start, vision_tokens=every)
     assert torch.allclose(mine, stock, atol=1e-5) and torch.allclose(subset_of_all, stock, atol=1e-5)
+
+
+def test_a_sparse_subset_of_vision_tokens_keeps_their_true_positions():
+    """Reference written here: the stock model on inputs_embeds where only the chosen vision tokens stand, each
+    with the feature the stock get_image_features gives it and its original position id."""
+    model, batch, image_start = _small_packed_batch()
+    generator = torch.Generator().manual_seed(0)
+    chosen = torch.stack([torch.randperm(VISION_TOKENS, generator=generator)[:7].sort().values for _ in range(2)])
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+        keep = [
+            torch.cat([torch.arange(image_start), image_start + row, torch.arange(image_start + VISION_TOKENS,
+                       batch["input_ids"].shape[1])])
+            for row in chosen
+        ]  # fmt: skip
+        picked = {name: torch.stack([batch[name][row, columns] for row, columns in enumerate(keep)])
+                  for name in ("input_ids", "labels", "position_ids", "segments")}  # fmt: skip
+        embeds = model.model.language_model.embed_tokens(picked["input_ids"])
+        for row, tokens in enumerate(chosen):
+            embeds[row, image_start : image_start + len(tokens)] = features[row][tokens]
+        reference = model(
+            inputs_embeds=embeds,
+            position_ids=picked["position_ids"],
+            attention_mask=segment_mask(picked["segments"]),
+            labels=picked["labels"],
+        ).loss
+        mine = packed_loss(model, batch, image_start=image_start, vision_tokens=chosen)
+    assert torch.allclose(mine, reference, atol=1e-5)
 
 
 def test_withdrawal_in_training_equals_masking_the_image_from_layer_k():
