@@ -30,6 +30,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from vtw_core.serve.readiness import ServerNotReady, wait_until_ready
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "assets" / "examples"
 QUESTIONS = [
@@ -107,20 +109,6 @@ def run_load(url: str, clients: int, requests: int, duration: float, method: str
     }
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with status {process.returncode}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the server did not answer within {timeout:.0f} s")
-
-
 def start_server(args: argparse.Namespace, port: int) -> tuple[subprocess.Popen, Path | None]:
     """`python -m vtw_core serve` or `serve run <config>` on 127.0.0.1, as the README documents them."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -167,7 +155,10 @@ def main() -> int:
     try:
         if args.start != "none":
             process, config = start_server(args, args.port)
-            wait_ready(url, process)
+            try:
+                wait_until_ready(url, process, timeout_s=300)
+            except ServerNotReady as error:
+                raise SystemExit(str(error)) from None
         run_load(url, 1, 2, 60, args.method, args.max_tokens)  # warm-up: first-call costs are not load
         setup = f"{args.start} server" + (f", {args.replicas} replica(s)" if args.start == "ray" else "")
         print(f"{url} ({setup}, max batch {args.max_batch_size}), method {args.method}, "

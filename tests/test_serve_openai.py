@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from vtw_core.errors import InputError
 from vtw_core.generate import SamplingConfig
 from vtw_core.manager import ModelManager
 from vtw_core.prompts import assistant_message, user_message
+from vtw_core.serve.readiness import wait_until_ready
 from vtw_core.validation import MAX_TEXT_CHARS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
@@ -57,18 +57,7 @@ def server(tmp_path_factory) -> str:
                                    stderr=subprocess.STDOUT)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited: {log.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start in 120 s: {log.read_text()}")
-            time.sleep(0.3)
+        wait_until_ready(url, process, path="/health", timeout_s=120, log=log)
         yield url
     finally:
         process.terminate()
