@@ -180,6 +180,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
         f"{torch.get_num_threads()} CPU thread(s); median [min-max] of {args.repeats} interleaved runs after a warm-up"
     )
     print(format_table(rows, args.bandwidth_gb_s, weight_bytes(manager.model)))
+    stages = None
+    if args.stages:
+        from vtw_core.bench import synthetic_inputs
+        from vtw_core.bench_phases import format_stages, run_stages
+
+        stages = run_stages(manager.model, inputs or synthetic_inputs(manager.model), ks[0], args.repeats)
+        print(f"\nStage by stage at K = {ks[0]}: median [min-max] of {args.repeats} interleaved runs after a warm-up")
+        print(format_stages(*stages))
     if args.json:
         _print_json(
             {
@@ -190,6 +198,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 "weight_bytes": weight_bytes(manager.model),
                 "paper_peak_memory_ratio": PAPER_PEAK_MEMORY_RATIO,
                 "rows": [asdict(row) for row in rows],
+                "stages": [asdict(times) for times in stages] if stages else None,
             }
         )
 
@@ -466,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     bench.add_argument("--bandwidth-gb-s", type=float, help="device memory bandwidth, for the decode floor column")
     bench.add_argument("--method", action="append", default=[], help="also bench fastv:K:R or schedule:FILE")
+    bench.add_argument(
+        "--stages", action="store_true",
+        help="then time the first K's path to the first token stage by stage (vision, layers before K, after K)",
+    )  # fmt: skip
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=cmd_bench)
     search = commands.add_parser("search-k", help="choose K with the paper's KL criterion (Algorithm 1)")
