@@ -93,3 +93,22 @@ def test_static_step_records_no_autograd_graph():
     logits = static_decode_step(model, fast)
     assert not logits.requires_grad
     assert not any(buffer.requires_grad for buffer in (*fast.cache.keys, *fast.cache.values))
+
+
+def test_engine_runs_in_inference_mode_and_its_outputs_stay_usable_outside():
+    """Prefill and decode run under torch.inference_mode (less per-operator work than no_grad); the caches they
+    return are inference tensors, the static buffers copied from them outside that mode are ordinary tensors,
+    and the in-place step updates work on them and agree with the plain step."""
+    model = build_model("llava")
+    inputs = prompt_inputs(model, "llava")
+    _, state = prefill(model, embed_prompt(model, inputs), withdrawal_selector(1, NUM_LAYERS))
+    assert not torch.is_inference_mode_enabled()
+    assert all(layer.keys.is_inference() for layer in state.cache.layers)
+    fast = fast_state_from_prefill(state, max_new_tokens=3)
+    assert not any(buffer.is_inference() for buffer in (*fast.cache.keys, fast.groups[0].valid, fast.write_index[0]))
+    _, plain_state = prefill(model, embed_prompt(model, inputs), withdrawal_selector(1, NUM_LAYERS))
+    for token in (5, 7):
+        fast.input_ids.fill_(token)
+        static = static_decode_step(model, fast, trim=True)
+        plain = decode_step(model, plain_state, torch.tensor([[token]]))
+        torch.testing.assert_close(static, plain)

@@ -108,7 +108,7 @@ def _layer_shares(
     return dict(zip(SEGMENTS, shares.tolist(), strict=True))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def analyze_attention(
     model: nn.Module,
     processor: Any,

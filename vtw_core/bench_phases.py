@@ -52,7 +52,7 @@ class StageTimes:
         return sum(self.flops.values())
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _staged_run(model: nn.Module, inputs: dict[str, torch.Tensor], k: int | None, split: int) -> tuple[list, dict]:
     """One prompt to its first token; seconds per stage and FLOPs per stage. `split` is the K whose layers
     divide the two decoder stages (for the baseline too, so its stages line up with VTW's)."""

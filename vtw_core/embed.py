@@ -68,7 +68,7 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return position_ids.masked_fill(attention_mask == 0, 0)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def embed_prompt(model: nn.Module, model_inputs: dict[str, Any]) -> PromptEmbeddings:
     """Run the vision tower, projector and embedding merge of the stock model; stop before the decoder."""
     family = model_family(model.config)

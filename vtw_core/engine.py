@@ -192,7 +192,7 @@ def attention_implementation(decoder: nn.Module) -> str:
 LayerObserver = Callable[[int, torch.Tensor, "TokenState"], None]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def prefill(
     model: nn.Module,
     prompt: PromptEmbeddings,
@@ -216,7 +216,7 @@ def prefill(
                        observer=observer, use_cache=use_cache, layer_additions=prompt.layer_additions)  # fmt: skip
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def run_decoder(
     model: nn.Module,
     hidden_states: torch.Tensor,
@@ -282,7 +282,7 @@ def run_decoder(
     return _logits(model, decoder, hidden_states), state
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_step(
     model: nn.Module,
     state: DecodeState,

@@ -103,7 +103,7 @@ def fast_state_from_prefill(state: DecodeState, max_new_tokens: int) -> FastDeco
     return FastDecodeState(cache, groups, write_index, list(state.group_of_layer), input_ids, next_slot)
 
 
-@torch.no_grad()  # generation calls it outside any no_grad block: without this it records autograd graphs
+@torch.inference_mode()  # generation calls it outside any grad-free block: without this it records autograd graphs
 def static_decode_step(model: nn.Module, state: FastDecodeState, trim: bool = False) -> torch.Tensor:
     """One step on `state.input_ids`, in place on the buffers; returns (and keeps) the logits (batch, vocab).
 

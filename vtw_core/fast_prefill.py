@@ -118,7 +118,7 @@ class PrefillOutputs:
     first_layers: list[int]  # per group
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def static_prefill(model: nn.Module, prompt: PromptEmbeddings, k: int | None, kept_length: int) -> PrefillOutputs:
     """VTW at K (None: the baseline) over an already padded prompt, every shape fixed by the inputs' shapes,
     `k` and `kept_length` (the deep layers' slots); no operation waits for a tensor's value."""

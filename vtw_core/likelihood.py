@@ -26,7 +26,7 @@ from vtw_core.prompts import Message, build_model_inputs
 from vtw_core.schedules import Schedule
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def continuation_logprobs(
     model: nn.Module,
     processor: Any,

@@ -83,7 +83,7 @@ def candidate_ks(num_layers: int, start: int = DEFAULT_START) -> list[int]:
     return list(range(start, num_layers))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def kl_per_k(model: nn.Module, prompt: PromptEmbeddings, ks: Sequence[int]) -> torch.Tensor:
     """KL(P_vtw@K || P_baseline) for each K in `ks` and each row: (len(ks), batch), one baseline pass."""
     wanted = set(ks)
@@ -102,7 +102,7 @@ def kl_per_k(model: nn.Module, prompt: PromptEmbeddings, ks: Sequence[int]) -> t
     return torch.stack([kl_divergence(branch_logits[k], baseline_logits) for k in ks])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def kl_per_k_naive(model: nn.Module, prompt: PromptEmbeddings, ks: Sequence[int]) -> torch.Tensor:
     """The same as `kl_per_k` by definition: a full VTW pass per K. For tests and timing."""
     num_layers = num_decoder_layers(model.config)
@@ -111,7 +111,7 @@ def kl_per_k_naive(model: nn.Module, prompt: PromptEmbeddings, ks: Sequence[int]
     return torch.stack(rows) if rows else baseline_logits.new_zeros(0, baseline_logits.shape[0])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def reply_kl(
     model: nn.Module, prompt: PromptEmbeddings, reply_ids: torch.Tensor, selectors: Sequence[Callable[[], Any]]
 ) -> torch.Tensor:
