@@ -319,7 +319,7 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _spread(values: list[float], scale: float, digits: int) -> str:
+def median_spread(values: list[float], scale: float, digits: int) -> str:
     """median [min-max] of `values` times `scale`."""
     if not values:
         return "-"
@@ -356,13 +356,14 @@ def format_table(rows: list[BenchRow], bandwidth_gb_s: float | None = None, weig
         floor = f"{floor_ms:.2f}" if floor_ms else "-"
         efficiency = f"{floor_ms / row.decode_ms_per_token * 100:.0f}%" if floor_ms and row.new_tokens > 1 else "-"
         lines.append(
-            f"| {engine} | {row.label} | {row.new_tokens} | {_spread(row.ttft_samples_s, 1e3, 1)} "
+            f"| {engine} | {row.label} | {row.new_tokens} | {median_spread(row.ttft_samples_s, 1e3, 1)} "
             f"| {ratio(row.ttft_s, base.ttft_s)} | {row.prefill_flops / 1e12:.4g} "
             f"| {ratio(row.prefill_flops, base.prefill_flops)} "
             f"| {ratio(row.vision_flops + row.prefill_flops, base.vision_flops + base.prefill_flops)} "
-            f"| {_spread(row.decode_samples_ms, 1, 2)} | {ratio(row.decode_ms_per_token, base.decode_ms_per_token)} "
+            f"| {median_spread(row.decode_samples_ms, 1, 2)} "
+            f"| {ratio(row.decode_ms_per_token, base.decode_ms_per_token)} "
             f"| {floor} "
-            f"| {efficiency} | {_spread(row.total_samples_s, 1e3, 1)} | {ratio(row.total_s, base.total_s)} "
+            f"| {efficiency} | {median_spread(row.total_samples_s, 1e3, 1)} | {ratio(row.total_s, base.total_s)} "
             f"| {row.kv_cache_bytes / 2**20:.2f} | {peak} | {ratio(row.peak_memory_bytes, base.peak_memory_bytes)} |"
         )
     if any(row.peak_memory_bytes is not None for row in rows):

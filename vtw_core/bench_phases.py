@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vtw_core import flops
-from vtw_core.bench import DeviceClock, interleaved_order
+from vtw_core.bench import DeviceClock, interleaved_order, median_spread
 from vtw_core.embed import embed_prompt
 from vtw_core.engine import check_k, prefill, withdrawal_selector
 from vtw_core.errors import InputError
@@ -117,7 +117,8 @@ def format_stages(baseline: StageTimes, vtw: StageTimes) -> str:
         base_flops, vtw_flops = baseline.flops[stage], vtw.flops[stage]
         name = stage.replace("K-1", str(vtw.k - 1)).replace("K..N-1", f"{vtw.k}..{vtw.num_layers - 1}")
         lines.append(
-            f"| {name} | {_spread(baseline.seconds[stage])} | {_spread(vtw.seconds[stage])} "
+            f"| {name} | {median_spread(baseline.seconds[stage], 1e3, 1)} "
+            f"| {median_spread(vtw.seconds[stage], 1e3, 1)} "
             f"| {vtw_ms / base_ms:.2f} | {base_flops / 1e9:.3f} | {vtw_flops / 1e9:.3f} "
             f"| {vtw_flops / base_flops:.3f} | {base_flops / base_ms / 1e6:.1f} | {vtw_flops / vtw_ms / 1e6:.1f} "
             f"| {vtw_ms - vtw_flops / rate:+.1f} |"
@@ -134,8 +135,3 @@ def format_stages(baseline: StageTimes, vtw: StageTimes) -> str:
         f"\nTTFT ratio {time_ratio:.3f} = {time_ratio / flops_ratio:.2f}x the end-to-end FLOPs ratio {flops_ratio:.3f}."
     )
     return "\n".join(lines)
-
-
-def _spread(seconds: list[float]) -> str:
-    values = [value * 1e3 for value in seconds]
-    return f"{statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]"
