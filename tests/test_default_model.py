@@ -16,7 +16,10 @@ import pytest
 
 from vtw_core.defaults import DEFAULT_MODEL_DIR, require_model
 from vtw_core.evaluate import auto_k, evaluate_side, load_items, train_calibration
+from vtw_core.generate import generate_batch
+from vtw_core.images import load_image
 from vtw_core.manager import ModelManager
+from vtw_core.prompts import user_message
 from vtw_core.search import search_k
 
 SUBSET = 200  # the first 200 questions of easy-vqa's test split
@@ -47,6 +50,21 @@ def test_baseline_and_vtw_accuracy_on_200_test_questions(manager, subset):
     assert baseline.accuracy >= 0.995
     assert vtw.accuracy >= baseline.accuracy - 0.003
     assert vtw.prefill_flops < (k + 1) / manager.info.num_layers * baseline.prefill_flops
+
+
+def test_shared_image_prefill_gives_the_full_prefills_replies(manager, subset):
+    """The evaluation above runs each image's prefix once for its questions (vtw_core.shared_prefill): on the
+    trained weights, the first image's questions get the same replies as with every prefill in full."""
+    questions = [item for item in subset if item.image == subset[0].image]
+    assert len(questions) > 5
+    conversations = [[user_message(item.question, 1)] for item in questions]
+    images = [[load_image(item.image)] for item in questions]
+    for k in (None, manager.info.searched_k):
+        replies = {
+            engine: generate_batch(manager.model, manager.processor, conversations, images, k=k, prefill_engine=engine)
+            for engine in ("plain", "shared")
+        }
+        assert replies["shared"] == replies["plain"]
 
 
 def test_the_papers_criterion_picks_the_shipped_k(manager):

@@ -119,3 +119,24 @@ def test_eval_command_json(capsys, tiny_model_path, tmp_path, sample_images):
     assert "not found" in capsys.readouterr().err
     assert main(["eval", "--model", model, "--limit", "2", "--k", "auto", "--eta", "0"]) == 2
     assert "no K meets eta" in capsys.readouterr().err
+
+
+def test_eval_shares_each_images_prefill_unless_told_not_to(capsys, tiny_model_path, tmp_path, sample_images):
+    """Questions about one image share its prefill by default; the report (replies scored, FLOPs per question
+    alone) is the one of every prefill in full, and `--no-shared-prefill` runs those."""
+    for index, image in enumerate(sample_images[:2]):
+        image.save(tmp_path / f"{index}.png")
+    questions = ["What colour?", "Is there a circle in it?", "Shape?"]
+    rows = [{"image": f"{i}.png", "question": q, "answer": "red"} for i in range(2) for q in questions]
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["eval", "--model", str(tiny_model_path("llava", 8)), "--data", str(tmp_path / "set.jsonl"), "--k", "3",
+            "--json"]  # fmt: skip
+    reports = []
+    for extra in ([], ["--no-shared-prefill"]):
+        assert main([*argv, *extra]) == 0
+        reports.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    for side in ("baseline", "vtw"):
+        shared, full = (report[side] for report in reports)
+        assert (shared["correct"], shared["questions"]) == (full["correct"], full["questions"])
+        assert shared["prefill_flops"] == full["prefill_flops"] and shared["decode_flops"] == full["decode_flops"]
+        assert (shared["prefill"], full["prefill"]) == ("shared", "plain")

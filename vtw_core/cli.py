@@ -317,6 +317,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             label = "baseline" if side_k is None else f"VTW K={side_k}"
             with tqdm(total=len(items), desc=label, unit="q", disable=args.json, leave=False) as bar:
                 return evaluate_side(model, processor, items, side_k, batch_size=args.batch_size,
+                                     share_image_prefill=args.shared_prefill,
                                      progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
 
         baseline = run(None)
@@ -333,7 +334,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 method = parse_method(spec, num_layers, auto_k=k if isinstance(k, int) else None)
                 with tqdm(total=len(items), desc=method.label, unit="q", disable=args.json, leave=False) as bar:
                     result = evaluate_side(model, processor, items, method.k, schedule=method.schedule,
-                                           batch_size=args.batch_size,
+                                           batch_size=args.batch_size, share_image_prefill=args.shared_prefill,
                                            progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
                 report["methods"].append({"spec": spec, "label": method.label, **result.to_dict()})
     if args.plot:
@@ -532,6 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     evaluate.add_argument("--all-k", action="store_true", help="also the accuracy at every K from 0 to N-1")
     evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument(
+        "--no-shared-prefill", dest="shared_prefill", action="store_false",
+        help="run every question's prefill in full (default: the questions about one image share its prefix)",
+    )  # fmt: skip
     evaluate.add_argument(
         "--method", action="append", default=[],
         help="also evaluate a method (repeatable): vtw:K, vtw:auto, fastv:K:R, schedule:FILE",

@@ -68,6 +68,18 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return position_ids.masked_fill(attention_mask == 0, 0)
 
 
+def _vision_placeholders(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return torch.isin(input_ids, torch.tensor(vision_token_ids(model.config), device=input_ids.device))
+
+
+def prompt_masks(model: nn.Module, model_inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention mask, vision mask), each (batch, seq) bool, as `embed_prompt` sets them, without embedding."""
+    input_ids = model_inputs["input_ids"]
+    attention_mask = model_inputs.get("attention_mask")
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    return valid, _vision_placeholders(model, input_ids) & valid
+
+
 @torch.inference_mode()
 def embed_prompt(model: nn.Module, model_inputs: dict[str, Any]) -> PromptEmbeddings:
     """Run the vision tower, projector and embedding merge of the stock model; stop before the decoder."""
@@ -76,7 +88,7 @@ def embed_prompt(model: nn.Module, model_inputs: dict[str, Any]) -> PromptEmbedd
     attention_mask = model_inputs.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    vision_mask = torch.isin(input_ids, torch.tensor(vision_token_ids(model.config), device=input_ids.device))
+    vision_mask = _vision_placeholders(model, input_ids)
     # Video-LLaVA's processor names its image pixels `pixel_values_images`.
     pixel_names = ("pixel_values", "pixel_values_images", "pixel_values_videos")
     has_pixels = any(model_inputs.get(name) is not None for name in pixel_names)

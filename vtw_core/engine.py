@@ -114,13 +114,14 @@ def attention_mask_for(
 ) -> torch.Tensor | None:
     """The mask a decoder layer expects for queries that are the last `query_length` of the valid keys.
 
-    None where the kernel's own causal handling is exact (no padding), which keeps sdpa and flash-attn on
-    their fastest paths. Flash kernels take the 2-D padding mask; eager and sdpa an additive 4-D mask.
+    None where the kernel's own causal handling is exact (no padding; for sdpa, whose causal flag aligns queries
+    with the first keys, also queries that are all the keys or one), which keeps sdpa and flash-attn on their
+    fastest paths. Flash kernels take the 2-D padding mask; eager and sdpa an additive 4-D mask.
     """
     no_padding = bool(valid.all())
     if implementation.startswith("flash"):
         return None if no_padding else valid.to(torch.int32)
-    if no_padding and (query_length == 1 or implementation == "sdpa"):
+    if no_padding and (query_length == 1 or (implementation == "sdpa" and query_length == valid.shape[1])):
         return None
     key_length = valid.shape[1]
     key_index = torch.arange(key_length, device=valid.device)
@@ -293,15 +294,35 @@ def decode_step(
 
     `observer(layer_idx, hidden_states)` sees each layer's input (batch, 1, hidden).
     """
+    hidden_states = language_model(model).embed_tokens(input_ids)
+    valid = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    return extend(model, state, hidden_states, valid, observer)
+
+
+@torch.inference_mode()
+def extend(
+    model: nn.Module,
+    state: DecodeState,
+    inputs_embeds: torch.Tensor,
+    valid: torch.Tensor,
+    observer: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Feed new tokens (batch, length, hidden) behind every layer's cache; return the next logits (batch, vocab).
+
+    `valid` (batch, length) is False on the chunk's left padding. Every layer sees all new tokens (nothing is
+    withdrawn after prefill); their positions continue each row's own count. One token per row is a decode
+    step; more are a prompt's continuation after a prefilled prefix (vtw_core.shared_prefill).
+    """
     decoder = language_model(model)
-    hidden_states = decoder.embed_tokens(input_ids)
-    batch_size = input_ids.shape[0]
+    offsets = (valid.long().cumsum(1) - 1).clamp(min=0)  # (batch, length): each new token's place in its row
     for group in state.groups:
-        ones = torch.ones(batch_size, 1, dtype=torch.bool, device=group.valid.device)
-        group.valid = torch.cat([group.valid, ones], dim=1)
-        group.attention_mask = attention_mask_for(group.valid, 1, state.attention_implementation, hidden_states.dtype)
-        group.rotary = decoder.rotary_emb(hidden_states, group.next_position[..., None])
-        group.next_position = group.next_position + 1
+        group.valid = torch.cat([group.valid, valid], dim=1)
+        group.attention_mask = attention_mask_for(
+            group.valid, valid.shape[1], state.attention_implementation, inputs_embeds.dtype
+        )
+        group.rotary = decoder.rotary_emb(inputs_embeds, group.next_position[..., None] + offsets)
+        group.next_position = group.next_position + valid.sum(1)
+    hidden_states = inputs_embeds
     for layer_idx, layer in enumerate(decoder.layers):
         if observer is not None:
             observer(layer_idx, hidden_states)

@@ -37,6 +37,7 @@ class SideResult:
     time_s: float
     prefill_flops: float  # mean per question, language model
     decode_flops: float  # mean per question
+    prefill: str = "plain"  # the prefill engines that ran ("shared": questions shared their image's prefill)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,8 +67,13 @@ def evaluate_side(
     batch_size: int = 64,
     max_new_tokens: int = 16,
     progress: Progress | None = None,
+    share_image_prefill: bool = True,
 ) -> SideResult:
-    """Greedy replies for every item at one K (None: baseline), scored, timed, with analytic FLOPs."""
+    """Greedy replies for every item at one K (None: baseline), scored, timed, with analytic FLOPs.
+
+    `share_image_prefill`: consecutive questions about one image form a batch that runs the image's prefix once
+    (vtw_core.shared_prefill; schedules cannot, and batch as usual). FLOPs stay those of one question alone.
+    """
     known = answers()
     vocabulary = known if all(item.answer in known for item in items[:50]) else []
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -75,26 +81,52 @@ def evaluate_side(
     correct = 0
     prefill_flops = decode_flops = 0
     started = time.perf_counter()
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
+    share = share_image_prefill and schedule is None
+    done = 0
+    ran: dict[str, None] = {}  # in order of first use
+    for chunk in batches(items, batch_size, by_image=share):
         conversations = [[user_message(item.question, 1)] for item in chunk]
         images = [[_image(item.image)] for item in chunk]
         stats = GenerationStats(k=k, num_layers=num_decoder_layers(model.config))
         outputs = generate_batch(
-            model, processor, conversations, images, k=k, sampling=sampling, stats=stats, schedule=schedule
+            model,
+            processor,
+            conversations,
+            images,
+            k=k,
+            sampling=sampling,
+            stats=stats,
+            schedule=schedule,
+            prefill_engine="shared" if share else "plain",
         )
+        ran.setdefault(stats.prefill_engine, None)
         prefill_flops += stats.prefill_flops
         decode_flops += stats.decode_flops
         for item, ids in zip(chunk, outputs, strict=True):
             correct += is_correct(tokenizer.decode(ids, skip_special_tokens=True), item.answer, vocabulary)
+        done += len(chunk)
         if progress is not None:
-            progress(min(start + batch_size, len(items)), len(items))
+            progress(done, len(items))
     elapsed = time.perf_counter() - started
     count = max(len(items), 1)
     label = schedule.name if schedule is not None else ("baseline" if k is None else f"VTW K={k}")
     return SideResult(
-        k, label, correct / count, correct, len(items), elapsed, prefill_flops / count, decode_flops / count
-    )
+        k, label, correct / count, correct, len(items), elapsed, prefill_flops / count, decode_flops / count,
+        "; ".join(ran) or "plain",
+    )  # fmt: skip
+
+
+def batches(items: Sequence[VQAItem], batch_size: int, by_image: bool) -> list[Sequence[VQAItem]]:
+    """Consecutive items, at most `batch_size` per batch; `by_image`: a batch never mixes images."""
+    out: list[Sequence[VQAItem]] = []
+    start = 0
+    while start < len(items):
+        end = min(start + batch_size, len(items))
+        if by_image:
+            end = next((i for i in range(start + 1, end) if items[i].image != items[start].image), end)
+        out.append(items[start:end])
+        start = end
+    return out
 
 
 def train_calibration(count: int = 20) -> list[CalibrationSample]:

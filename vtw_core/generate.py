@@ -20,7 +20,7 @@ from transformers import LogitsProcessorList, TextStreamer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from vtw_core import flops, validation
-from vtw_core.embed import embed_prompt
+from vtw_core.embed import embed_prompt, prompt_masks
 from vtw_core.engine import DecodeState, PositionMode, TokenSelector, decode_step, prefill, withdrawal_selector
 from vtw_core.errors import InputError, ResourceError
 from vtw_core.families import num_decoder_layers
@@ -28,9 +28,11 @@ from vtw_core.fast import GraphedDecodeStep, fast_state_from_prefill, static_dec
 from vtw_core.fast_prefill import PrefillEngine, fast_prefill
 from vtw_core.prompts import Message, build_model_inputs, eos_token_ids_of, pad_token_id_of
 from vtw_core.schedules import Schedule, ScheduleSelector
+from vtw_core.shared_prefill import shared_prefill, why_not_shared
 from vtw_core.videos import Video
 
 DecodeEngine = Literal["auto", "plain", "static", "graph"]
+PrefillChoice = PrefillEngine | Literal["shared"]
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ def generate_tokens(
     engine: DecodeEngine = "auto",
     schedule: Schedule | None = None,
     tokens_per_row: list[list[int]] | None = None,
-    prefill_engine: PrefillEngine = "plain",
+    prefill_engine: PrefillChoice = "plain",
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (batch,) until every row has ended or the stop event is set.
 
@@ -213,8 +215,9 @@ def generate_tokens(
     `schedule` (vtw_core.schedules) replaces K with a per-layer vision-token schedule (FastV, G-Search, ...).
     `tokens_per_row`, when given, receives each row's real prompt tokens per layer after prefill, so batched
     callers can account every row on its own (vtw_core.batch_stream).
-    `prefill_engine`: "plain" (the layer loop), "bucketed" or "graph" (fixed shapes, vtw_core.fast_prefill);
-    `stats.prefill_engine` says which ran, with the reason when it fell back to plain.
+    `prefill_engine`: "plain" (the layer loop), "bucketed" or "graph" (fixed shapes, vtw_core.fast_prefill),
+    "shared" (rows showing one image run its prefix once, vtw_core.shared_prefill); `stats.prefill_engine` says
+    which ran, with the reason when it fell back to plain.
     """
     sampling.validate()
     selector = method_selector(model, k, schedule)
@@ -224,20 +227,17 @@ def generate_tokens(
         generator = torch.Generator(device=device)
         generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
 
-    prompt = embed_prompt(model, model_inputs)
-    if prefill_engine == "plain":
-        (logits, state), ran = prefill(model, prompt, selector, position_mode), "plain"
-    else:
-        logits, state, ran = fast_prefill(model, prompt, selector, position_mode, prefill_engine)
+    logits, state, ran = _prefill(model, model_inputs, selector, position_mode, prefill_engine)
+    attention_mask, vision_mask = prompt_masks(model, model_inputs)
     dims = flops.DecoderDims.from_config(model.config)
-    rows = prompt.batch_size
+    rows = attention_mask.shape[0]
     per_row_layers = [[int(count[row]) for count in state.prompt_tokens_per_layer] for row in range(rows)]
     if tokens_per_row is not None:
         tokens_per_row.extend(per_row_layers)
     if stats is not None:
         stats.prefill_engine = ran
-        stats.prompt_tokens_per_row = prompt.attention_mask.sum(1).tolist()
-        stats.vision_tokens_per_row = prompt.vision_mask.sum(1).tolist()
+        stats.prompt_tokens_per_row = attention_mask.sum(1).tolist()
+        stats.vision_tokens_per_row = vision_mask.sum(1).tolist()
         stats.prefill_flops_per_row = [flops.prefill_flops(dims, layers) for layers in per_row_layers]
         stats.prompt_tokens = sum(stats.prompt_tokens_per_row)
         stats.vision_tokens = sum(stats.vision_tokens_per_row)
@@ -274,6 +274,28 @@ def generate_tokens(
             ]
             stats.decode_flops = sum(stats.decode_flops_per_row)
             stats.kv_cache_bytes = decode.kv_cache_bytes()
+
+
+def _prefill(
+    model: nn.Module,
+    model_inputs: dict[str, torch.Tensor],
+    selector: TokenSelector | None,
+    position_mode: PositionMode,
+    engine: PrefillChoice,
+) -> tuple[torch.Tensor, DecodeState, str]:
+    """Logits, decode state and the prefill engine that ran (with the reason when it fell back to plain)."""
+    if engine not in ("plain", "bucketed", "graph", "shared"):
+        raise InputError(f"prefill engine must be plain, bucketed, graph or shared; got {engine!r}")
+    if engine == "shared":
+        reason = why_not_shared(model, model_inputs, selector, position_mode)
+        shared = shared_prefill(model, model_inputs, selector) if reason is None else None
+        if shared is not None:
+            return (*shared, "shared")
+        engine = f"plain (no shared image prefill: {reason or 'no common prefix holds the image'})"
+    prompt = embed_prompt(model, model_inputs)
+    if engine in ("bucketed", "graph"):
+        return fast_prefill(model, prompt, selector, position_mode, engine)
+    return (*prefill(model, prompt, selector, position_mode), engine)
 
 
 class _Decoder:
@@ -483,11 +505,13 @@ def generate_batch(
     engine: DecodeEngine = "auto",
     stats: GenerationStats | None = None,
     schedule: Schedule | None = None,
+    prefill_engine: PrefillChoice = "plain",
 ) -> list[list[int]]:
     """Generated token ids per conversation, batched with left padding; each row ends at its first EOS.
 
     `stats`, when given, receives the batch's token counts and FLOPs (summed over rows, and per row), and its
     time to first token and total time, from this call on (preprocessing included; rows share them).
+    `prefill_engine` as in `generate_tokens` ("shared": rows about one image run its prefill once).
     """
     start = time.perf_counter()
     model_inputs = prompt_inputs_within_context(model, processor, conversations, images, sampling, videos=videos)
@@ -505,6 +529,7 @@ def generate_batch(
         engine=engine,
         stats=stats,
         schedule=schedule,
+        prefill_engine=prefill_engine,
     ):
         columns.append(column)
         if stats is not None and stats.ttft_s is None:
