@@ -68,16 +68,13 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return position_ids.masked_fill(attention_mask == 0, 0)
 
 
-def _vision_placeholders(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    return torch.isin(input_ids, torch.tensor(vision_token_ids(model.config), device=input_ids.device))
-
-
 def prompt_masks(model: nn.Module, model_inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(attention mask, vision mask), each (batch, seq) bool, as `embed_prompt` sets them, without embedding."""
+    """(attention mask, vision mask), each (batch, seq) bool: real tokens, and the image/video placeholders."""
     input_ids = model_inputs["input_ids"]
     attention_mask = model_inputs.get("attention_mask")
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    return valid, _vision_placeholders(model, input_ids) & valid
+    placeholders = torch.isin(input_ids, torch.tensor(vision_token_ids(model.config), device=input_ids.device))
+    return valid, placeholders & valid
 
 
 @torch.inference_mode()
@@ -85,21 +82,18 @@ def embed_prompt(model: nn.Module, model_inputs: dict[str, Any]) -> PromptEmbedd
     """Run the vision tower, projector and embedding merge of the stock model; stop before the decoder."""
     family = model_family(model.config)
     input_ids = model_inputs["input_ids"]
-    attention_mask = model_inputs.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    vision_mask = _vision_placeholders(model, input_ids)
+    valid, vision_mask = prompt_masks(model, model_inputs)
     # Video-LLaVA's processor names its image pixels `pixel_values_images`.
     pixel_names = ("pixel_values", "pixel_values_images", "pixel_values_videos")
     has_pixels = any(model_inputs.get(name) is not None for name in pixel_names)
     if bool(vision_mask.any()) and not has_pixels:
         raise InputError("the prompt has image or video placeholder tokens but no image or video was given")
-    captured = _capture_language_model_inputs(model, {**model_inputs, "attention_mask": attention_mask})
+    captured = _capture_language_model_inputs(model, {**model_inputs, "attention_mask": valid.long()})
 
     inputs_embeds = captured["inputs_embeds"]
     position_ids = captured.get("position_ids")
     if position_ids is None:
-        position_ids = default_position_ids(attention_mask)
+        position_ids = default_position_ids(valid)
         if family in MROPE_FAMILIES:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
     elif position_ids.ndim == 3 and position_ids.shape[0] == 4:
@@ -115,9 +109,9 @@ def embed_prompt(model: nn.Module, model_inputs: dict[str, Any]) -> PromptEmbedd
         )
     return PromptEmbeddings(
         inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask.bool(),
+        attention_mask=valid,
         position_ids=position_ids.to(inputs_embeds.device),
-        vision_mask=vision_mask & attention_mask.bool(),
+        vision_mask=vision_mask,
         layer_additions=layer_additions,
     )
 
