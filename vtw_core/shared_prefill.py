@@ -33,18 +33,21 @@ SHAREABLE_INPUTS = {"input_ids", "attention_mask", "pixel_values"}
 def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: torch.Tensor) -> int:
     """Length of the prefix every row starts with (after its left padding), holding all vision tokens and
     ending on a text token, with at least one token of each row after it; 0 when there is none."""
-    starts = (~attention_mask).sum(1).tolist()
-    rows = [input_ids[row, start:] for row, start in enumerate(starts)]
+    rows = unpadded_rows(input_ids, attention_mask)
     length = min(len(ids) for ids in rows) - 1
     for ids in rows[1:]:
         differs = (ids[:length] != rows[0][:length]).nonzero()
         if len(differs):
             length = int(differs[0])
-    for row, start in enumerate(starts):
-        row_vision = vision[row, start:]
+    for row_vision in unpadded_rows(vision, attention_mask):
         if length < 1 or bool(row_vision[length - 1]) or bool(row_vision[length:].any()):
             return 0
     return length
+
+
+def unpadded_rows(rows: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each row of a left-padded (batch, seq) tensor without its padding."""
+    return [row[padding:] for row, padding in zip(rows, (~attention_mask).sum(1).tolist(), strict=True)]
 
 
 def why_not_shared(
@@ -81,8 +84,8 @@ def shared_prefill(
     if length == 0:
         return None
     batch = input_ids.shape[0]
-    first_start = int((~attention_mask[0]).sum())
-    first_row = input_ids[:1, first_start:]
+    rows = unpadded_rows(input_ids, attention_mask)
+    first_row = rows[0][None]
     prompt = embed_prompt(
         model,
         {"input_ids": first_row, "attention_mask": torch.ones_like(first_row),
@@ -102,7 +105,7 @@ def shared_prefill(
             group.next_position = group.next_position.expand(batch).clone()
             group.prompt_index = group.prompt_index.expand(batch, -1).clone()
         # Each row's own tokens after the prefix, left-padded into one chunk.
-        rest = [input_ids[row, int((~attention_mask[row]).sum()) + length :] for row in range(batch)]
+        rest = [ids[length:] for ids in rows]
         width = max(len(ids) for ids in rest)
         chunk = torch.zeros(batch, width, dtype=input_ids.dtype, device=input_ids.device)
         chunk_valid = torch.zeros(batch, width, dtype=torch.bool, device=input_ids.device)
