@@ -40,9 +40,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from app.ui import build_demo, launch_options
-    from vtw_core.defaults import require_model
     from vtw_core.errors import VTWError
-    from vtw_core.manager import ModelManager
+    from vtw_core.generation.manager import ModelManager
+    from vtw_core.models.defaults import require_model
 
     try:
         if args.backend_url:

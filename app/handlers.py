@@ -20,21 +20,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from vtw_core.attention import analyze_attention
-from vtw_core.calibration import load_calibration
-from vtw_core.defaults import default_model
+from vtw_core.analysis.attention import analyze_attention
+from vtw_core.analysis.calibration import load_calibration
+from vtw_core.analysis.k_search import CalibrationSample, Progress, check_eta, search_k
+from vtw_core.analysis.units import (
+    format_bytes,
+    format_flops,
+    format_kl,
+    format_per_frame,
+    format_ratio,
+    format_seconds,
+)
+from vtw_core.benchmarks.evaluate import train_calibration
+from vtw_core.engine.methods import Method, parse_method
 from vtw_core.errors import InputError, ResourceError, VTWError
-from vtw_core.evaluate import train_calibration
-from vtw_core.families import SUPPORTED_FAMILIES, VIDEO_FAMILIES
-from vtw_core.generate import SamplingConfig
-from vtw_core.images import load_image
-from vtw_core.manager import ModelManager
-from vtw_core.methods import Method, parse_method
-from vtw_core.prompts import Message, assistant_message, user_message
-from vtw_core.search import CalibrationSample, Progress, check_eta, search_k
-from vtw_core.units import format_bytes, format_flops, format_kl, format_per_frame, format_ratio, format_seconds
+from vtw_core.generation.generate import SamplingConfig
+from vtw_core.generation.manager import ModelManager
+from vtw_core.models.defaults import default_model
+from vtw_core.models.families import SUPPORTED_FAMILIES, VIDEO_FAMILIES
+from vtw_core.models.images import load_image
+from vtw_core.models.prompts import Message, assistant_message, user_message
+from vtw_core.models.videos import LIMITS, Video, check_num_frames, read_video
 from vtw_core.validation import check_float, check_int, check_k, check_max_new_tokens, check_text
-from vtw_core.videos import LIMITS, Video, check_num_frames, read_video
 
 logger = logging.getLogger("vtw_chat")
 SIDES = ("baseline", "vtw")
@@ -413,7 +420,7 @@ def answer_last_turn(
 ) -> Iterator[tuple[ChatState, dict[str, str]]]:
     """Answer the last turn on both sides; yields the state and the metrics' Markdown as tokens stream.
 
-    The accelerated side runs `method` (vtw_core.methods: "vtw" uses the slider's K, "fastv:R" FastV from
+    The accelerated side runs `method` (vtw_core.engine.methods: "vtw" uses the slider's K, "fastv:R" FastV from
     layer K keeping 1 - R, "schedule:NAME" a saved schedule). With sampling, both sides get the same seed.
     `stop_event` is anything with `is_set()`; a side that has not started when it is set is "skipped".
     """
@@ -675,7 +682,7 @@ CRITERIA = [
 
 def search_settings(manager: ModelManager) -> SearchSettings:
     """easy-vqa train questions and the shipped criterion for the default model; bundled photos otherwise."""
-    from vtw_core.search import default_eta
+    from vtw_core.analysis.k_search import default_eta
 
     turn = ("the current turn", "turn")
     shipped = _shipped_search(manager.info.source)
@@ -959,7 +966,8 @@ def log_failure(error: BaseException, where: str) -> str:
 def read_video_upload(path: str | Path, num_frames: Any, allowed_roots: list[Path]) -> Video:
     """A video upload's sampled frames, if the file lies under an allowed folder and passes every video limit.
 
-    `num_frames` comes from the frame-count control; limits and messages are vtw_core.videos's, the same as the CLI's.
+    `num_frames` comes from the frame-count control; limits and messages are those of vtw_core.models.videos,
+    the same as the CLI's.
     """
     frames = check_num_frames(num_frames)
     return read_video(check_upload_path(path, allowed_roots, kind="videos"), frames)

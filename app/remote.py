@@ -20,12 +20,12 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from vtw_core.concurrent import interleave
+from vtw_core.engine.schedules import Schedule
 from vtw_core.errors import InputError, ResourceError, VTWError
-from vtw_core.generate import GenerationResult, GenerationStats, SamplingConfig, StreamEvent
-from vtw_core.manager import ModelInfo
-from vtw_core.prompts import Message
-from vtw_core.schedules import Schedule
+from vtw_core.generation.concurrent import interleave
+from vtw_core.generation.generate import GenerationResult, GenerationStats, SamplingConfig, StreamEvent
+from vtw_core.generation.manager import ModelInfo
+from vtw_core.models.prompts import Message
 
 STATS_FIELDS = {field.name for field in fields(GenerationStats)}
 LOCAL_ONLY = "the K search and the attention analysis need the model in this process; run the app without --backend-url"

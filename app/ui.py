@@ -17,12 +17,12 @@ from gradio_client import handle_file
 from app import handlers
 from app.gpu import on_gpu
 from app.handlers import ChatState
+from vtw_core.analysis.k_search import check_eta
+from vtw_core.analysis.plots import attention_figure, kl_curve_figure
 from vtw_core.errors import InputError
-from vtw_core.manager import ModelManager
-from vtw_core.plots import attention_figure, kl_curve_figure
-from vtw_core.search import check_eta
+from vtw_core.generation.manager import ModelManager
+from vtw_core.models.videos import LIMITS
 from vtw_core.validation import check_float, check_k
-from vtw_core.videos import LIMITS
 
 ASSETS = handlers.ASSETS
 EXAMPLES = handlers.EXAMPLES

@@ -1,5 +1,5 @@
 """Which decode engine is faster on CPU: plain (torch.cat grows each layer's cache every step) or static
-(preallocated buffers written in place, vtw_core.fast). `engine="auto"` picks from these measurements.
+(preallocated buffers written in place, vtw_core.engine.fast_decode). `engine="auto"` picks from these measurements.
 
     python scripts/cpu_decode_engines.py --threads 1
 
@@ -24,11 +24,11 @@ from transformers import AutoConfig, AutoModelForImageTextToText, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vtw_core.defaults import DEFAULT_MODEL_DIR
-from vtw_core.embed import PromptEmbeddings
-from vtw_core.engine import DecodeState, prefill, withdrawal_selector
-from vtw_core.generate import _decoder_for
-from vtw_core.tiny import tiny_config
+from vtw_core.engine.decoder import DecodeState, prefill, withdrawal_selector
+from vtw_core.engine.embed import PromptEmbeddings
+from vtw_core.generation.generate import _decoder_for
+from vtw_core.models.defaults import DEFAULT_MODEL_DIR
+from vtw_core.testing.tiny import tiny_config
 
 ENGINES = ("plain", "static")
 

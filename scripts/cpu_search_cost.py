@@ -24,10 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vtw_core.calibration import load_calibration
-from vtw_core.defaults import require_model
-from vtw_core.embed import embed_prompt
-from vtw_core.engine import (
+from vtw_core.analysis.calibration import load_calibration
+from vtw_core.analysis.k_search import DEFAULT_START, candidate_ks, kl_divergence, kl_per_k, kl_per_k_naive
+from vtw_core.engine.decoder import (
     LayerGroup,
     Withdrawal,
     _logits,
@@ -38,10 +37,11 @@ from vtw_core.engine import (
     prefill,
     run_decoder,
 )
-from vtw_core.families import language_model
-from vtw_core.manager import ModelManager
-from vtw_core.prompts import build_model_inputs, user_message
-from vtw_core.search import DEFAULT_START, candidate_ks, kl_divergence, kl_per_k, kl_per_k_naive
+from vtw_core.engine.embed import embed_prompt
+from vtw_core.generation.manager import ModelManager
+from vtw_core.models.defaults import require_model
+from vtw_core.models.families import language_model
+from vtw_core.models.prompts import build_model_inputs, user_message
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ What it prints:
 
 Paths on CUDA: plain/plain (the layer loops), plain/graph (today's `engine="auto"`), graph/graph (prefill and
 decode captured). In the dry run, where CUDA graphs do not exist, bucketed/static stands in for graph/graph
-(the same fixed-shape code, run eagerly). Runs go through `vtw_core.bench.run_bench`: an untimed warm-up of
+(the same fixed-shape code, run eagerly). Runs go through `vtw_core.benchmarks.bench.run_bench`: an untimed warm-up of
 every setting, then interleaved repeats, timed with CUDA events.
 """
 
@@ -43,13 +43,13 @@ from transformers import AutoModelForImageTextToText
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vtw_core.bench import BenchRow, run_bench, synthetic_inputs, weight_bytes
-from vtw_core.embed import embed_prompt
-from vtw_core.engine import withdrawal_selector
-from vtw_core.fast_prefill import capture_failures, fast_prefill
-from vtw_core.generate import SamplingConfig, _decoder_for, generate_tokens
-from vtw_core.manager import ModelManager
-from vtw_core.tiny import tiny_config
+from vtw_core.benchmarks.bench import BenchRow, run_bench, synthetic_inputs, weight_bytes
+from vtw_core.engine.decoder import withdrawal_selector
+from vtw_core.engine.embed import embed_prompt
+from vtw_core.engine.fast_prefill import capture_failures, fast_prefill
+from vtw_core.generation.generate import SamplingConfig, _decoder_for, generate_tokens
+from vtw_core.generation.manager import ModelManager
+from vtw_core.testing.tiny import tiny_config
 
 PROBES = {  # what to import to know a kernel library is usable, by the name people install it under
     "flash-attn 2": "flash_attn",

@@ -17,12 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vtw_core.bench import synthetic_inputs
-from vtw_core.embed import embed_prompt
-from vtw_core.engine import decode_step, prefill, withdrawal_selector
-from vtw_core.fast import GraphedDecodeStep, fast_state_from_prefill
-from vtw_core.generate import GenerationStats, SamplingConfig, generate_tokens
-from vtw_core.manager import ModelManager
+from vtw_core.benchmarks.bench import synthetic_inputs
+from vtw_core.engine.decoder import decode_step, prefill, withdrawal_selector
+from vtw_core.engine.embed import embed_prompt
+from vtw_core.engine.fast_decode import GraphedDecodeStep, fast_state_from_prefill
+from vtw_core.generation.generate import GenerationStats, SamplingConfig, generate_tokens
+from vtw_core.generation.manager import ModelManager
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vtw_core.defaults import require_model
-from vtw_core.manager import ModelManager
+from vtw_core.generation.manager import ModelManager
+from vtw_core.models.defaults import require_model
 
 
 def main() -> None:

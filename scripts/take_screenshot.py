@@ -46,8 +46,8 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from app.ui import build_demo, launch_options
-    from vtw_core.defaults import require_model
-    from vtw_core.manager import ModelManager
+    from vtw_core.generation.manager import ModelManager
+    from vtw_core.models.defaults import require_model
 
     manager = ModelManager.load(require_model(args.model), device="cpu")
     with socket.socket() as sock:

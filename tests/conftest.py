@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from vtw_core.tiny import build_tiny_model
+from vtw_core.testing.tiny import build_tiny_model
 
 # The two longest test files (about 4.5 and 2.5 minutes of one core) first, one to each of the first two parallel
 # workers (pytest-xdist, one file per worker at a time, `--no-loadscope-reorder`): the workers then finish close
@@ -86,7 +86,7 @@ def served_app(tiny_model_path):
     Eight layers, so the K search (K from 5 to N-1) has candidates.
     """
     from app.ui import build_demo, launch_options
-    from vtw_core.manager import ModelManager
+    from vtw_core.generation.manager import ModelManager
 
     manager = ModelManager.load(str(tiny_model_path("llava", 8)), device="cpu")
     demo = build_demo(manager)

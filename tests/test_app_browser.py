@@ -319,8 +319,8 @@ def test_bad_upload_shows_a_message_and_the_app_keeps_serving(page, tmp_path):
 
 
 def test_search_k_moves_the_slider_and_shows_the_curve(page, app):
-    from vtw_core.calibration import load_calibration
-    from vtw_core.search import search_k
+    from vtw_core.analysis.calibration import load_calibration
+    from vtw_core.analysis.k_search import search_k
 
     manager, _ = app
     expected = search_k(manager.model, manager.processor, load_calibration("default")).k

@@ -10,9 +10,9 @@ from PIL import Image
 from app import handlers
 from app.handlers import ChatState
 from vtw_core.errors import InputError, ResourceError
-from vtw_core.generate import SamplingConfig
-from vtw_core.manager import ModelManager
-from vtw_core.prompts import user_message
+from vtw_core.generation.generate import SamplingConfig
+from vtw_core.generation.manager import ModelManager
+from vtw_core.models.prompts import user_message
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def test_metrics_table_compares_the_sides_and_marks_the_better_value():
 
 
 def test_one_formatter_for_flops_bytes_and_kl():
-    from vtw_core.units import format_bytes, format_flops, format_kl, format_seconds
+    from vtw_core.analysis.units import format_bytes, format_flops, format_kl, format_seconds
 
     assert format_flops(8.477e12) == "8.48 TFLOPs" and format_flops(2.12e8) == "212 MFLOPs"
     assert format_flops(999.7e3) == "1.00 MFLOPs" and format_flops(0) == "0 FLOPs"
@@ -211,7 +211,7 @@ def test_the_side_that_runs_first_alternates(manager, uploads):
 def test_every_answer_keeps_the_footer_of_its_settings(manager, uploads):
     import torch
 
-    from vtw_core.generate import auto_engine
+    from vtw_core.generation.generate import auto_engine
 
     engine = auto_engine(torch.device("cpu"), manager.info.attention)  # the decode engine "auto" runs here
     state = ChatState()
@@ -282,7 +282,7 @@ def test_a_turn_stopped_while_queued_says_skipped(manager, uploads):
 
 
 def test_warm_up_and_examples_fit_the_model(manager):
-    from vtw_core.defaults import require_model
+    from vtw_core.models.defaults import require_model
 
     handlers.warm_up(manager, 2, handlers.EXAMPLES / "chelsea.jpg")  # untimed: leaves no trace in any chat
     shapes = [path.name for path, _ in handlers.example_files(True)]
@@ -296,7 +296,7 @@ def test_warm_up_and_examples_fit_the_model(manager):
 def test_prompt_beyond_the_context_and_out_of_memory_are_clear(manager, uploads, monkeypatch):
     import torch
 
-    import vtw_core.generate
+    import vtw_core.generation.generate
 
     state = ChatState()
     # A short context, so a question within the text limits still overflows it.
@@ -310,7 +310,7 @@ def test_prompt_beyond_the_context_and_out_of_memory_are_clear(manager, uploads,
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(vtw_core.generate, "prefill", out_of_memory)
+    monkeypatch.setattr(vtw_core.generation.generate, "prefill", out_of_memory)
     handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
     with pytest.raises(ResourceError) as caught:
         list(handlers.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=4)))
@@ -344,7 +344,7 @@ def test_search_k_on_the_current_turn_and_attention(tiny_model_path, uploads):
 
 
 def test_the_accelerated_pane_can_run_fastv_or_a_schedule(manager, uploads, tmp_path):
-    from vtw_core.schedules import Schedule
+    from vtw_core.engine.schedules import Schedule
 
     state = ChatState()
     handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
@@ -364,7 +364,7 @@ def test_the_accelerated_pane_can_run_fastv_or_a_schedule(manager, uploads, tmp_
 
 
 def test_header_names_the_model(manager):
-    from vtw_core.defaults import require_model
+    from vtw_core.models.defaults import require_model
 
     assert manager.info.source in handlers.header(manager) and "embedded" not in handlers.header(manager)
     default = ModelManager.load(require_model(None), device="cpu")
@@ -377,7 +377,7 @@ def test_search_settings_fit_the_model_and_agree_with_the_cli_and_the_shipped_k(
     from pathlib import Path
 
     from vtw_core.cli import main
-    from vtw_core.defaults import require_model
+    from vtw_core.models.defaults import require_model
 
     default = ModelManager.load(require_model(None), device="cpu")
     shipped = json.loads((Path(default.info.source) / "vtw.json").read_text(encoding="utf-8"))
@@ -427,7 +427,7 @@ def clip(uploads):
 
 
 def test_a_video_turn_answers_as_the_engine_does(video_manager, uploads, clip):
-    from vtw_core.videos import read_video
+    from vtw_core.models.videos import read_video
 
     family = video_manager.info.family
     state = handlers.add_turn(ChatState(), "What happens?", [], [uploads], [str(clip)], num_frames=3, family=family)
@@ -476,7 +476,7 @@ def test_bad_videos_are_refused_and_leave_the_chat_unchanged(video_manager, uplo
 
 
 def test_an_image_only_model_refuses_a_video_turn(uploads, clip):
-    from vtw_core.defaults import require_model
+    from vtw_core.models.defaults import require_model
 
     default = ModelManager.load(require_model(None), device="cpu")  # the embedded default model: LLaVA-1.5
     state = ChatState()

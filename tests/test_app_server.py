@@ -6,8 +6,8 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from vtw_core.generate import SamplingConfig
-from vtw_core.prompts import user_message
+from vtw_core.generation.generate import SamplingConfig
+from vtw_core.models.prompts import user_message
 
 
 @pytest.fixture()
@@ -49,8 +49,8 @@ def test_only_the_documented_endpoints_are_public(served_app):
 
 
 def test_search_k_api_equals_the_library(served_app):
-    from vtw_core.calibration import load_calibration
-    from vtw_core.search import search_k
+    from vtw_core.analysis.calibration import load_calibration
+    from vtw_core.analysis.k_search import search_k
 
     manager, url = served_app
     result = Client(url, verbose=False).predict(0.003, api_name="/search_k")

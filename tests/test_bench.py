@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_cli import last_json, run_cli
 
-from vtw_core import bench
-from vtw_core.bench import DeviceClock, format_table, interleaved_order, run_bench
-from vtw_core.generate import GenerationStats
-from vtw_core.manager import ModelManager
+from vtw_core.benchmarks import bench
+from vtw_core.benchmarks.bench import DeviceClock, format_table, interleaved_order, run_bench
+from vtw_core.generation.generate import GenerationStats
+from vtw_core.generation.manager import ModelManager
 
 
 def test_interleaved_order():
@@ -115,7 +115,7 @@ def test_bench_on_the_default_model_times_an_easy_vqa_question_at_the_shipped_k(
     import json
     from pathlib import Path
 
-    from vtw_core.defaults import DEFAULT_MODEL_DIR
+    from vtw_core.models.defaults import DEFAULT_MODEL_DIR
 
     shipped = json.loads((Path(DEFAULT_MODEL_DIR) / "vtw.json").read_text())["k"]
     code, out, _ = run_cli(capsys, "bench", "--repeats", "1", "--new-tokens", "2", "--threads", "1", "--json")

@@ -6,12 +6,12 @@ import pytest
 import torch
 from test_cli import last_json, run_cli
 
-from vtw_core import bench_phases
-from vtw_core.bench import synthetic_inputs
-from vtw_core.bench_phases import STAGES, StageTimes, format_stages, run_stages
+from vtw_core.benchmarks import stages as bench_phases
+from vtw_core.benchmarks.bench import synthetic_inputs
+from vtw_core.benchmarks.stages import STAGES, StageTimes, format_stages, run_stages
 from vtw_core.errors import InputError
-from vtw_core.generate import GenerationStats, SamplingConfig, generate_tokens
-from vtw_core.manager import ModelManager
+from vtw_core.generation.generate import GenerationStats, SamplingConfig, generate_tokens
+from vtw_core.generation.manager import ModelManager
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vtw_core import flops
 from vtw_core.cli import main
-from vtw_core.configs import shipped_config_path
+from vtw_core.engine import flops
+from vtw_core.models.configs import shipped_config_path
 
 
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
@@ -120,7 +120,7 @@ def test_bench_random_weights_from_a_shipped_config_shape(capsys, tiny_model_pat
 def test_vision_token_count_matches_the_real_config():
     from transformers import AutoConfig
 
-    from vtw_core.bench import llava_next_image_tokens
+    from vtw_core.benchmarks.bench import llava_next_image_tokens
 
     config = AutoConfig.from_pretrained(shipped_config_path("llava-v1.6-vicuna-7b"))
     # The paper's LLaVA-NeXT shape: a 672x672 image is 4 tiles + base = 2880 vision tokens (with newlines: 2928).
@@ -131,9 +131,9 @@ def test_vision_token_count_matches_the_real_config():
 
 
 def test_llava_next_token_count_matches_the_processor(tiny_model_path, sample_images):
-    from vtw_core.bench import llava_next_image_tokens
-    from vtw_core.manager import ModelManager
-    from vtw_core.prompts import build_model_inputs, user_message
+    from vtw_core.benchmarks.bench import llava_next_image_tokens
+    from vtw_core.generation.manager import ModelManager
+    from vtw_core.models.prompts import build_model_inputs, user_message
 
     manager = ModelManager.load(str(tiny_model_path("llava_next")), device="cpu")
     for image in sample_images:
@@ -217,9 +217,9 @@ def test_attention_json_and_plot(capsys, tiny_model_path, image_file, tmp_path):
 
 
 def test_missing_default_model_is_a_clear_error(capsys, monkeypatch, tmp_path):
-    import vtw_core.defaults
+    import vtw_core.models.defaults
 
-    monkeypatch.setattr(vtw_core.defaults, "DEFAULT_MODEL_DIR", tmp_path / "nothing-here")
+    monkeypatch.setattr(vtw_core.models.defaults, "DEFAULT_MODEL_DIR", tmp_path / "nothing-here")
     code, _, err = run_cli(capsys, "generate", "--prompt", "Hi")
     assert code == 2 and "no --model given and the embedded default model is missing" in err
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from vtw_core.generate import GenerationStats, SamplingConfig, generate_batch
+from vtw_core.generation.generate import GenerationStats, SamplingConfig, generate_batch
+from vtw_core.generation.manager import ModelManager
 from vtw_core.integrations.cost import sample_costs, summarize
-from vtw_core.manager import ModelManager
-from vtw_core.prompts import user_message
+from vtw_core.models.prompts import user_message
 
 
 def _run(manager: ModelManager, images, k: int | None, new_tokens: int) -> tuple[GenerationStats, list[list[int]]]:

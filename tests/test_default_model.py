@@ -14,13 +14,13 @@ import sys
 
 import pytest
 
-from vtw_core.defaults import DEFAULT_MODEL_DIR, require_model
-from vtw_core.evaluate import auto_k, evaluate_side, load_items, train_calibration
-from vtw_core.generate import generate_batch
-from vtw_core.images import load_image
-from vtw_core.manager import ModelManager
-from vtw_core.prompts import user_message
-from vtw_core.search import search_k
+from vtw_core.analysis.k_search import search_k
+from vtw_core.benchmarks.evaluate import auto_k, evaluate_side, load_items, train_calibration
+from vtw_core.generation.generate import generate_batch
+from vtw_core.generation.manager import ModelManager
+from vtw_core.models.defaults import DEFAULT_MODEL_DIR, require_model
+from vtw_core.models.images import load_image
+from vtw_core.models.prompts import user_message
 
 SUBSET = 200  # the first 200 questions of easy-vqa's test split
 
@@ -53,7 +53,7 @@ def test_baseline_and_vtw_accuracy_on_200_test_questions(manager, subset):
 
 
 def test_shared_image_prefill_gives_the_full_prefills_replies(manager, subset):
-    """The evaluation above runs each image's prefix once for its questions (vtw_core.shared_prefill): on the
+    """The evaluation above runs each image's prefix once for its questions (vtw_core.engine.shared_prefill): on the
     trained weights, the first image's questions get the same replies as with every prefill in full."""
     questions = [item for item in subset if item.image == subset[0].image]
     assert len(questions) > 5
@@ -85,7 +85,7 @@ def test_training_script_runs_a_few_steps_and_is_reproducible(tmp_path):
 
     def run(out):
         command = [
-            sys.executable, "-m", "vtw_core.train_default", "--out", str(out), "--max-steps", "2", "--epochs",
+            sys.executable, "-m", "vtw_core.training.train_default", "--out", str(out), "--max-steps", "2", "--epochs",
             "0.5", "--limit-images", "8", "--batch-images", "4", "--hidden", "32", "--layers", "2",
             "--vision-hidden", "32", "--vision-layers", "1", "--withdraw-layers", "1", "1", "--withdraw-share", "1",
         ]  # fmt: skip

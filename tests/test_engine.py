@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from vtw_core.bench import synthetic_inputs
-from vtw_core.embed import embed_prompt
-from vtw_core.engine import decode_step, prefill, withdrawal_selector
+from vtw_core.benchmarks.bench import synthetic_inputs
+from vtw_core.engine.decoder import decode_step, prefill, withdrawal_selector
+from vtw_core.engine.embed import embed_prompt
 from vtw_core.errors import InputError, UnsupportedModelError
-from vtw_core.families import language_model, vision_token_ids
-from vtw_core.generate import SamplingConfig, generate_tokens
-from vtw_core.prompts import processor_images
-from vtw_core.tiny import SUPPORTED_TINY_FAMILIES, build_tiny_processor, tiny_config
+from vtw_core.generation.generate import SamplingConfig, generate_tokens
+from vtw_core.models.families import language_model, vision_token_ids
+from vtw_core.models.prompts import processor_images
+from vtw_core.testing.tiny import SUPPORTED_TINY_FAMILIES, build_tiny_processor, tiny_config
 
 SYNTHETIC_FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
 # Families whose test prompts come from their real processor class (tiny tokenizer and image processor).
@@ -84,7 +84,7 @@ def processor_inputs(family: str, rows: list[list], text: str = "What is in the 
 
 
 def sample_video(frames: int = 4, seed: int = 0) -> list[Image.Image]:
-    """A short clip as PIL frames (what vtw_core.videos.read_video returns), 48 wide x 40 high."""
+    """A short clip as PIL frames (what vtw_core.models.videos.read_video returns), 48 wide x 40 high."""
     return [sample_image(48, 40, seed * 100 + index) for index in range(frames)]
 
 
@@ -413,7 +413,7 @@ def test_unsupported_model_names_the_supported_families():
 def test_refused_families_say_why(model_type, reason):
     from transformers import AutoConfig
 
-    from vtw_core.families import model_family
+    from vtw_core.models.families import model_family
 
     with pytest.raises(UnsupportedModelError, match=reason) as error:
         model_family(AutoConfig.for_model(model_type))
@@ -454,7 +454,7 @@ def test_decoder_layers_are_called_with_current_argument_names(recwarn):
     """No deprecation warning per layer call: the cache goes in under the name this transformers release uses."""
     import warnings
 
-    from vtw_core.engine import cache_argument
+    from vtw_core.engine.decoder import cache_argument
 
     model = build_model("llava")
     layer_class = type(language_model(model).layers[0])

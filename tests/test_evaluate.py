@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import re
 
+from vtw_core.benchmarks.evaluate import evaluate_side, load_items, train_calibration
 from vtw_core.cli import main
-from vtw_core.easyvqa import (
+from vtw_core.generation.manager import ModelManager
+from vtw_core.training.easyvqa import (
     answer_sentence,
     answers,
     image_attributes,
@@ -15,9 +17,7 @@ from vtw_core.easyvqa import (
     normalise,
     predicted_answer,
 )
-from vtw_core.evaluate import evaluate_side, load_items, train_calibration
-from vtw_core.manager import ModelManager
-from vtw_core.train_default import load_split as load_train_images
+from vtw_core.training.train_default import load_split as load_train_images
 
 
 def test_easy_vqa_is_available_offline():

@@ -6,11 +6,11 @@ import pytest
 import torch
 from test_engine import FAMILIES, NUM_LAYERS, build_model, left_pad, prompt_inputs
 
-from vtw_core.embed import embed_prompt
-from vtw_core.engine import decode_step, prefill, withdrawal_selector
+from vtw_core.engine.decoder import decode_step, prefill, withdrawal_selector
+from vtw_core.engine.embed import embed_prompt
+from vtw_core.engine.fast_decode import fast_state_from_prefill, static_decode_step
 from vtw_core.errors import InputError
-from vtw_core.fast import fast_state_from_prefill, static_decode_step
-from vtw_core.generate import GenerationStats, SamplingConfig, auto_engine, generate_tokens
+from vtw_core.generation.generate import GenerationStats, SamplingConfig, auto_engine, generate_tokens
 
 
 def tokens(model, inputs, k, engine, sampling=SamplingConfig(max_new_tokens=10)):

@@ -1,4 +1,4 @@
-"""The fixed-shape prefill (vtw_core.fast_prefill) against the plain prefill; its bucketing and fallbacks."""
+"""The fixed-shape prefill (vtw_core.engine.fast_prefill) against the plain prefill; its bucketing and fallbacks."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 from test_engine import FAMILIES, NUM_LAYERS, build_model, left_pad, prompt_inputs
 
-from vtw_core import fast_prefill as fp
-from vtw_core.embed import embed_prompt
-from vtw_core.engine import prefill, withdrawal_selector
+from vtw_core.engine import fast_prefill as fp
+from vtw_core.engine.decoder import prefill, withdrawal_selector
+from vtw_core.engine.embed import embed_prompt
+from vtw_core.engine.schedules import Schedule
 from vtw_core.errors import InputError
-from vtw_core.generate import GenerationStats, SamplingConfig, generate_tokens
-from vtw_core.schedules import Schedule
+from vtw_core.generation.generate import GenerationStats, SamplingConfig, generate_tokens
 
 
 def generated(model, inputs, k, engine="plain", prefill_engine="plain", schedule=None, steps=8):
@@ -154,7 +154,7 @@ def test_prompts_with_per_layer_vision_additions_fall_back_to_the_plain_prefill(
     """Qwen3-VL's DeepStack adds vision features inside the layer loop, which only the plain prefill applies."""
     import dataclasses
 
-    from vtw_core.fast_prefill import fallback_reason
+    from vtw_core.engine.fast_prefill import fallback_reason
 
     model = build_model("llava")
     prompt = embed_prompt(model, prompt_inputs(model, "llava"))

@@ -1,4 +1,4 @@
-"""Analytic FLOPs (vtw_core.flops) against FlopCounterMode on real forward passes and against the VTW paper.
+"""Analytic FLOPs (vtw_core.engine.flops) against FlopCounterMode on real forward passes and against the VTW paper.
 
 Every comparison is between the formula and something measured or published: FlopCounterMode around stock
 transformers modules (tiny random models on CPU, or the real configs on the meta device, where only shapes
@@ -26,10 +26,10 @@ from transformers import (
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from transformers.vision_utils import get_vision_position_ids
 
-from vtw_core import flops
-from vtw_core.configs import shipped_config_names, shipped_config_path
+from vtw_core.engine import flops
 from vtw_core.errors import InputError, UnsupportedModelError
-from vtw_core.families import language_model
+from vtw_core.models.configs import shipped_config_names, shipped_config_path
+from vtw_core.models.families import language_model
 
 ATTENTIONS = ["sdpa", "eager"]
 
@@ -498,7 +498,7 @@ def test_vision_arguments_per_family(llava7b_config) -> None:
 
 
 def _tiny_family_model(family: str, attention: str) -> torch.nn.Module:
-    from vtw_core.tiny import tiny_config
+    from vtw_core.testing.tiny import tiny_config
 
     torch.manual_seed(0)
     return AutoModelForImageTextToText.from_config(tiny_config(family), attn_implementation=attention).eval()
@@ -507,8 +507,8 @@ def _tiny_family_model(family: str, attention: str) -> torch.nn.Module:
 def _family_inputs(family: str, images: int, videos: int) -> dict:
     from PIL import Image
 
-    from vtw_core.prompts import processor_images
-    from vtw_core.tiny import build_tiny_processor
+    from vtw_core.models.prompts import processor_images
+    from vtw_core.testing.tiny import build_tiny_processor
 
     processor = build_tiny_processor(family)
     generator = torch.Generator().manual_seed(0)
@@ -528,7 +528,7 @@ def _family_inputs(family: str, images: int, videos: int) -> dict:
 
 def _vision_part_flops(model: torch.nn.Module, inputs: dict) -> int:
     """Everything the stock model computes before its decoder: the vision tower(s), projector and merging."""
-    from vtw_core.embed import embed_prompt
+    from vtw_core.engine.embed import embed_prompt
 
     return measure(lambda: embed_prompt(model, inputs))
 
@@ -569,8 +569,8 @@ def test_family_vision_matches_flop_counter(family: str, images: int, videos: in
 @pytest.mark.parametrize("k", [0, 2, None])
 def test_family_engine_prefill_matches_flop_counter(family: str, k: int | None) -> None:
     """The engine's VTW prefill on a real processor prompt costs what prefill_flops says for its layer schedule."""
-    from vtw_core.embed import embed_prompt
-    from vtw_core.engine import prefill, withdrawal_selector
+    from vtw_core.engine.decoder import prefill, withdrawal_selector
+    from vtw_core.engine.embed import embed_prompt
 
     model = _tiny_family_model(family, "sdpa")
     inputs = _family_inputs(family, 1, 1 if family not in ("internvl", "idefics3", "smolvlm") else 0)

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vtw_core import flops
-from vtw_core.embed import embed_prompt
-from vtw_core.engine import decode_step, prefill, withdrawal_selector
+from vtw_core.engine import flops
+from vtw_core.engine.decoder import decode_step, prefill, withdrawal_selector
+from vtw_core.engine.embed import embed_prompt
 from vtw_core.errors import InputError, VTWError
-from vtw_core.generate import SamplingConfig, generate_batch
-from vtw_core.manager import ModelManager, resolve_attention, resolve_dtype, searched_k
-from vtw_core.prompts import assistant_message, build_model_inputs, user_message
+from vtw_core.generation.generate import SamplingConfig, generate_batch
+from vtw_core.generation.manager import ModelManager, resolve_attention, resolve_dtype, searched_k
+from vtw_core.models.prompts import assistant_message, build_model_inputs, user_message
 
 FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
 

@@ -23,8 +23,8 @@ from app import handlers
 from app.handlers import ChatState
 from vtw_core.cli import main as cli_main
 from vtw_core.errors import InputError, VTWError
-from vtw_core.manager import ModelManager
-from vtw_core.tiny import build_tiny_model
+from vtw_core.generation.manager import ModelManager
+from vtw_core.testing.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 HUGE = 2**70

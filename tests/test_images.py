@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vtw_core.errors import InputError
-from vtw_core.images import load_image
+from vtw_core.models.images import load_image
 
 
 def png_bytes(size=(8, 6), mode="RGBA") -> bytes:

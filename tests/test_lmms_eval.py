@@ -19,14 +19,14 @@ pytest.importorskip("lmms_eval")
 
 from lmms_eval.api.instance import Instance
 
-from vtw_core.easyvqa import COLOURS, SHAPES, answer_sentence, load_split
-from vtw_core.embed import embed_prompt
-from vtw_core.engine import Withdrawal, prefill
+from vtw_core.analysis.k_search import CalibrationSample, search_k
+from vtw_core.engine.decoder import Withdrawal, prefill
+from vtw_core.engine.embed import embed_prompt
 from vtw_core.errors import InputError
-from vtw_core.images import load_image
 from vtw_core.integrations.lmms_eval import VTW
 from vtw_core.integrations.lmms_eval_tasks import TASKS_DIR
-from vtw_core.search import CalibrationSample, search_k
+from vtw_core.models.images import load_image
+from vtw_core.training.easyvqa import COLOURS, SHAPES, answer_sentence, load_split
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_K = json.loads((REPO / "assets" / "default-model" / "vtw.json").read_text())["k"]

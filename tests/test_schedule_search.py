@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 
-from vtw_core.manager import ModelManager
-from vtw_core.schedule_search import g_search, kl_score, p_sigmoid, schedule_prefill_flops, sigmoid_schedule
-from vtw_core.schedules import Schedule
-from vtw_core.search import CalibrationSample
+from vtw_core.analysis.k_search import CalibrationSample
+from vtw_core.analysis.schedule_search import g_search, kl_score, p_sigmoid, schedule_prefill_flops, sigmoid_schedule
+from vtw_core.engine.schedules import Schedule
+from vtw_core.generation.manager import ModelManager
 
 N = 6
 

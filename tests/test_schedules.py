@@ -16,13 +16,13 @@ from test_engine import (
 )
 from transformers import AutoConfig
 
-from vtw_core import flops
-from vtw_core.configs import shipped_config_path
-from vtw_core.embed import embed_prompt
-from vtw_core.engine import prefill
+from vtw_core.engine import flops
+from vtw_core.engine.decoder import prefill
+from vtw_core.engine.embed import embed_prompt
+from vtw_core.engine.schedules import Schedule, ScheduleSelector
 from vtw_core.errors import InputError
-from vtw_core.generate import GenerationStats, SamplingConfig, generate_tokens
-from vtw_core.schedules import Schedule, ScheduleSelector
+from vtw_core.generation.generate import GenerationStats, SamplingConfig, generate_tokens
+from vtw_core.models.configs import shipped_config_path
 
 N = 4
 
@@ -143,7 +143,7 @@ def test_schedule_validation_and_files(tmp_path):
 
 
 def test_methods_by_name_and_file(tmp_path):
-    from vtw_core.methods import parse_method
+    from vtw_core.engine.methods import parse_method
 
     assert parse_method("vtw:7", 12).k == 7 and parse_method("baseline", 12).label == "baseline"
     assert parse_method("fastv:2:0.5", 12).schedule == Schedule.fastv(2, 0.5, 12)

@@ -9,13 +9,9 @@ import torch
 from PIL import Image
 from test_engine import PROCESSOR_FAMILIES, VIDEO_FAMILIES
 
-from vtw_core.attention import SEGMENTS, analyze_attention, prompt_segments
-from vtw_core.calibration import load_calibration
-from vtw_core.embed import embed_prompt
-from vtw_core.errors import InputError
-from vtw_core.manager import ModelManager
-from vtw_core.prompts import build_model_inputs, user_message
-from vtw_core.search import (
+from vtw_core.analysis.attention import SEGMENTS, analyze_attention, prompt_segments
+from vtw_core.analysis.calibration import load_calibration
+from vtw_core.analysis.k_search import (
     CalibrationSample,
     default_eta,
     kl_divergence,
@@ -23,6 +19,10 @@ from vtw_core.search import (
     kl_per_k_naive,
     search_k,
 )
+from vtw_core.engine.embed import embed_prompt
+from vtw_core.errors import InputError
+from vtw_core.generation.manager import ModelManager
+from vtw_core.models.prompts import build_model_inputs, user_message
 
 NUM_LAYERS = 8
 
@@ -105,7 +105,7 @@ def test_search_when_no_k_meets_eta(managers, sample_images):
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_one_pass_equals_a_vtw_pass_per_k_on_video(managers, sample_images, family):
-    from vtw_core.videos import Video
+    from vtw_core.models.videos import Video
 
     manager = managers(family)
     model = manager.model
@@ -213,7 +213,7 @@ def test_prompt_segments():
 
 
 def test_reply_kl_variant(managers, sample_images):
-    from vtw_core.search import reply_kl_per_k
+    from vtw_core.analysis.k_search import reply_kl_per_k
 
     manager = managers("llava")
     model = manager.model
@@ -233,7 +233,7 @@ def test_reply_kl_variant(managers, sample_images):
 
 def test_a_pass_without_cache_gives_the_same_logits(managers, sample_images):
     """The search's passes store no keys and values; their logits are those of a pass that does."""
-    from vtw_core.engine import prefill, withdrawal_selector
+    from vtw_core.engine.decoder import prefill, withdrawal_selector
 
     manager = managers("qwen2_vl")
     model = manager.model

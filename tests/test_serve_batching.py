@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vtw_core.defaults import require_model
+from vtw_core.engine.methods import parse_method
 from vtw_core.errors import InputError
-from vtw_core.generate import SamplingConfig, StreamEvent
-from vtw_core.manager import ModelManager
-from vtw_core.methods import parse_method
-from vtw_core.prompts import user_message
+from vtw_core.generation.generate import SamplingConfig, StreamEvent
+from vtw_core.generation.manager import ModelManager
+from vtw_core.models.defaults import require_model
+from vtw_core.models.prompts import user_message
 from vtw_core.serve.batching import Batcher, Job
 from vtw_core.serve.errors import APIError
 

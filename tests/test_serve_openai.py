@@ -18,11 +18,11 @@ from conftest import free_port
 from PIL import Image
 
 from vtw_core.cli import main as cli_main
-from vtw_core.defaults import require_model
 from vtw_core.errors import InputError
-from vtw_core.generate import SamplingConfig
-from vtw_core.manager import ModelManager
-from vtw_core.prompts import assistant_message, user_message
+from vtw_core.generation.generate import SamplingConfig
+from vtw_core.generation.manager import ModelManager
+from vtw_core.models.defaults import require_model
+from vtw_core.models.prompts import assistant_message, user_message
 from vtw_core.serve.readiness import wait_until_ready
 from vtw_core.validation import MAX_TEXT_CHARS
 

@@ -13,10 +13,10 @@ import yaml
 from conftest import free_port
 from PIL import Image
 
-from vtw_core.defaults import require_model
-from vtw_core.generate import SamplingConfig
-from vtw_core.manager import ModelManager
-from vtw_core.prompts import user_message
+from vtw_core.generation.generate import SamplingConfig
+from vtw_core.generation.manager import ModelManager
+from vtw_core.models.defaults import require_model
+from vtw_core.models.prompts import user_message
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "assets" / "examples"

@@ -5,15 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vtw_core.easyvqa import VQAItem
-from vtw_core.embed import embed_prompt
-from vtw_core.engine import TokenState, extend, prefill, run_decoder, withdrawal_selector
-from vtw_core.evaluate import batches
-from vtw_core.generate import SamplingConfig, _prefill, generate_batch, method_selector, prompt_inputs_within_context
-from vtw_core.manager import ModelManager
-from vtw_core.prompts import user_message
-from vtw_core.schedules import Schedule
-from vtw_core.shared_prefill import shared_prefix_length
+from vtw_core.benchmarks.evaluate import batches
+from vtw_core.engine.decoder import TokenState, extend, prefill, run_decoder, withdrawal_selector
+from vtw_core.engine.embed import embed_prompt
+from vtw_core.engine.schedules import Schedule
+from vtw_core.engine.shared_prefill import shared_prefix_length
+from vtw_core.generation.generate import (
+    SamplingConfig,
+    _prefill,
+    generate_batch,
+    method_selector,
+    prompt_inputs_within_context,
+)
+from vtw_core.generation.manager import ModelManager
+from vtw_core.models.prompts import user_message
+from vtw_core.training.easyvqa import VQAItem
 
 # Different lengths (the chunk after the prefix is padded), two that tokenise alike up to their last words.
 QUESTIONS = ["What shape is it?", "Is there a red circle in the image?", "Colour?", "What colour is the shape?"]

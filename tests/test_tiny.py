@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import is_torchvision_available
 
-from vtw_core import tiny
-from vtw_core.prompts import count_image_items, processor_images
-from vtw_core.tiny import (
+from vtw_core.models.prompts import count_image_items, processor_images
+from vtw_core.testing import tiny
+from vtw_core.testing.tiny import (
     QWEN_IDS,
     SUPPORTED_TINY_FAMILIES,
     VOCAB_SIZE,

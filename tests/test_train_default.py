@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from vtw_core.easyvqa import COLOURS, SHAPES, image_attributes, load_split, yes_no_subject
-from vtw_core.train_default import (
+from vtw_core.training.easyvqa import COLOURS, SHAPES, image_attributes, load_split, yes_no_subject
+from vtw_core.training.train_default import (
     MAX_SHIFT,
     VISION_TOKENS,
     _batch,
@@ -24,7 +24,7 @@ from vtw_core.train_default import (
     segment_mask,
     training_replies,
 )
-from vtw_core.train_default import load_split as load_images
+from vtw_core.training.train_default import load_split as load_images
 
 
 def test_yes_no_subject():

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from vtw_core.errors import InputError
-from vtw_core.prompts import build_model_inputs, user_message
-from vtw_core.tiny import build_tiny_processor
-from vtw_core.videos import LIMITS, Video, check_num_frames, read_video, sample_frame_indices
+from vtw_core.models.prompts import build_model_inputs, user_message
+from vtw_core.models.videos import LIMITS, Video, check_num_frames, read_video, sample_frame_indices
+from vtw_core.testing.tiny import build_tiny_processor
 
 av = pytest.importorskip("av")
 
@@ -125,8 +125,8 @@ def test_video_slots_must_match_videos(sample_images):
 
 @pytest.mark.parametrize("family", ["video_llava", "qwen2_5_vl", "internvl"])
 def test_manager_answers_about_a_video_with_frame_stats(tiny_model_path, clip_path, family):
-    from vtw_core.generate import SamplingConfig
-    from vtw_core.manager import ModelManager
+    from vtw_core.generation.generate import SamplingConfig
+    from vtw_core.generation.manager import ModelManager
 
     manager = ModelManager.load(str(tiny_model_path(family)), device="cpu")
     video = read_video(clip_path, 4)
@@ -170,9 +170,9 @@ def test_synthetic_video_prompt_is_what_the_stock_model_takes(family):
     """The bench's synthetic video prompt: as many video tokens as the real processor makes, and stock-valid."""
     from transformers import AutoModelForImageTextToText
 
-    from vtw_core.bench import synthetic_video_inputs
-    from vtw_core.generate import SamplingConfig, generate_tokens
-    from vtw_core.tiny import tiny_config
+    from vtw_core.benchmarks.bench import synthetic_video_inputs
+    from vtw_core.generation.generate import SamplingConfig, generate_tokens
+    from vtw_core.testing.tiny import tiny_config
 
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(tiny_config(family)).eval()
@@ -218,8 +218,8 @@ def test_app_video_upload_handler(clip_path, tmp_path):
 
 def test_video_families_are_those_whose_processor_takes_video(sample_images):
     """families.VIDEO_FAMILIES names exactly the tiny families whose processor turns frames into video tokens."""
-    from vtw_core.families import VIDEO_FAMILIES
-    from vtw_core.tiny import SUPPORTED_TINY_FAMILIES
+    from vtw_core.models.families import VIDEO_FAMILIES
+    from vtw_core.testing.tiny import SUPPORTED_TINY_FAMILIES
 
     clip = Video(frames=[sample_images[0].resize((48, 40))] * 2, fps=1.0, total_frames=2)
     messages = [user_message("What happens?", num_images=0, num_videos=1)]
@@ -242,7 +242,7 @@ def test_frames_follow_the_image_processor_without_saved_video_settings(tiny_mod
     import json
     import shutil
 
-    from vtw_core.tiny import load_processor
+    from vtw_core.testing.tiny import load_processor
 
     folder = tmp_path / family
     shutil.copytree(tiny_model_path(family), folder)
@@ -259,8 +259,8 @@ def test_video_llava_7b_bench_prompt_has_the_real_video_length():
     """The bench row's prompt on the real Video-LLaVA-7B config: 8 frames of 257 tokens, the config's 2,056."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from vtw_core.bench import synthetic_video_inputs
-    from vtw_core.configs import shipped_config_path
+    from vtw_core.benchmarks.bench import synthetic_video_inputs
+    from vtw_core.models.configs import shipped_config_path
 
     config = AutoConfig.from_pretrained(shipped_config_path("video-llava-7b"))
     with torch.device("meta"):

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vtw_core import flops
-from vtw_core.generate import GenerationStats
+from vtw_core.engine import flops
+from vtw_core.generation.generate import GenerationStats
 
 
 @dataclass

@@ -29,15 +29,15 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger
 from PIL import Image
 
-from vtw_core.defaults import DEFAULT_MODEL_DIR, default_model
+from vtw_core.analysis.k_search import DEFAULT_ETA, CalibrationSample, search_k
+from vtw_core.engine.methods import Method, parse_method
 from vtw_core.errors import InputError, VTWError
-from vtw_core.generate import GenerationStats, SamplingConfig, generate_batch
+from vtw_core.generation.generate import GenerationStats, SamplingConfig, generate_batch
+from vtw_core.generation.likelihood import continuation_logprobs
+from vtw_core.generation.manager import ModelManager
 from vtw_core.integrations.cost import SampleCost, sample_costs, summarize
-from vtw_core.likelihood import continuation_logprobs
-from vtw_core.manager import ModelManager
-from vtw_core.methods import Method, parse_method
-from vtw_core.prompts import render_prompt, user_message
-from vtw_core.search import DEFAULT_ETA, CalibrationSample, search_k
+from vtw_core.models.defaults import DEFAULT_MODEL_DIR, default_model
+from vtw_core.models.prompts import render_prompt, user_message
 
 IMAGE_PLACEHOLDER = "<image>"  # some lmms-eval tasks write it into the question; the chat template places images
 

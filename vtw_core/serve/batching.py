@@ -22,10 +22,10 @@ from typing import Any
 
 from PIL import Image
 
-from vtw_core.generate import SamplingConfig, StreamEvent
-from vtw_core.manager import ModelManager
-from vtw_core.methods import Method
-from vtw_core.prompts import Message
+from vtw_core.engine.methods import Method
+from vtw_core.generation.generate import SamplingConfig, StreamEvent
+from vtw_core.generation.manager import ModelManager
+from vtw_core.models.prompts import Message
 from vtw_core.serve.errors import overloaded
 
 Delivery = Callable[[StreamEvent | BaseException], None]

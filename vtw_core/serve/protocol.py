@@ -20,11 +20,11 @@ from typing import Any
 from PIL import Image
 
 from vtw_core import validation
+from vtw_core.engine.schedules import Schedule
 from vtw_core.errors import InputError
-from vtw_core.generate import SamplingConfig
-from vtw_core.images import MAX_IMAGE_BYTES, load_image
-from vtw_core.prompts import Message
-from vtw_core.schedules import Schedule
+from vtw_core.generation.generate import SamplingConfig
+from vtw_core.models.images import MAX_IMAGE_BYTES, load_image
+from vtw_core.models.prompts import Message
 from vtw_core.serve.errors import bad_request
 
 # The app takes at most 4 images per turn (app.handlers.MAX_IMAGES_PER_TURN; a test keeps the two equal).
@@ -196,7 +196,7 @@ def _messages(value: Any, fetch: Fetch | None) -> tuple[list[Message], list[Imag
 
 
 def _content(value: Any, role: str, param: str, fetch: Fetch | None) -> tuple[list[dict], list[Image.Image]]:
-    """Content items in the order given, as vtw_core.prompts writes them; images decoded and checked."""
+    """Content items in the order given, as vtw_core.models.prompts writes them; images decoded and checked."""
     parts = [{"type": "text", "text": value}] if isinstance(value, str) else value
     if not isinstance(parts, list) or not parts:
         raise bad_request(f"{param} must be a string or a non-empty list of parts", param=param)

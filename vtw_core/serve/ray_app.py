@@ -19,8 +19,8 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve import Application
 
-from vtw_core.defaults import require_model
-from vtw_core.manager import ModelManager
+from vtw_core.generation.manager import ModelManager
+from vtw_core.models.defaults import require_model
 from vtw_core.serve.openai_api import ChatService, install_error_handlers, read_json
 from vtw_core.serve.standalone import model_id_of
 

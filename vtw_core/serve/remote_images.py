@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import httpx
 
-from vtw_core.images import MAX_IMAGE_BYTES
+from vtw_core.models.images import MAX_IMAGE_BYTES
 from vtw_core.serve.errors import bad_request
 
 TIMEOUT_S = 10.0

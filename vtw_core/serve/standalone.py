@@ -5,8 +5,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from vtw_core.defaults import default_model
-from vtw_core.manager import ModelManager
+from vtw_core.generation.manager import ModelManager
+from vtw_core.models.defaults import default_model
 from vtw_core.serve.openai_api import ChatService, build_app
 
 

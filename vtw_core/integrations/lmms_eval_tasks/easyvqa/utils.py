@@ -1,4 +1,4 @@
-"""easy-vqa as lmms-eval tasks: the questions of vtw_core.easyvqa, in its order, scored by its rule.
+"""easy-vqa as lmms-eval tasks: the questions of vtw_core.training.easyvqa, in its order, scored by its rule.
 
 The documents come from the easy-vqa package on disk (no dataset hub): the task classes build them instead
 of downloading. Each document is one question; images stay paths until a request needs them.
@@ -16,8 +16,8 @@ import datasets
 from lmms_eval.api.task import ConfigurableTask
 from PIL import Image
 
-from vtw_core.easyvqa import COLOURS, SHAPES, answer_sentence, answers, is_correct, load_split
-from vtw_core.images import load_image
+from vtw_core.models.images import load_image
+from vtw_core.training.easyvqa import COLOURS, SHAPES, answer_sentence, answers, is_correct, load_split
 
 
 class EasyVQATask(ConfigurableTask):

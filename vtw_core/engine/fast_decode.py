@@ -1,0 +1,172 @@
+"""The fast decode path: preallocated per-layer KV buffers, and on CUDA the decode step as one CUDA graph.
+
+The plain decode step (engine.decode_step) grows each layer's cache by concatenation and launches every
+kernel from Python, which on a fast GPU costs more than the math. Here every tensor a decode step touches
+has a fixed shape and address:
+
+- each layer owns key/value buffers of (batch, kv_heads, capacity, head_dim), capacity = the tokens that
+  layer cached at prefill (all of them below K, only the text from K on under VTW) + max new tokens;
+- a step writes its key/value at a device-side index (`index_copy_`), marks that slot valid, and attends
+  over the whole buffer with the unused slots masked out (they get exactly zero weight);
+- the step's position ids and write index live in device tensors advanced in place.
+
+So one step can be captured once with `torch.cuda.graph` and replayed for every token. Prefill stays on the
+plain path (it runs once) and its caches are copied into the buffers. The math is the plain path's: on CPU
+the tokens are identical (tests), and the graph is checked against the eager step before it is trusted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtw_core.engine.decoder import DecodeState, LayerGroup, _logits, _run_layer, attention_mask_for
+from vtw_core.models.families import language_model
+
+
+class StaticLayerCache:
+    """Per-layer key/value buffers; `update` writes one step at the layer group's device-side index."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], write_index: list[torch.Tensor]):
+        self.keys = keys
+        self.values = values
+        self.write_index = write_index  # per layer: a shared (1,) long tensor of its group
+        # Per layer, how many leading slots a step attends over: None = the whole buffer (fixed shapes, for the
+        # graph); an int = only the slots written so far (eager steps: no work on the still empty room).
+        self.visible: list[int | None] = [None] * len(keys)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
+        index = self.write_index[layer_idx]
+        self.keys[layer_idx].index_copy_(2, index, key_states.to(self.keys[layer_idx].dtype))
+        self.values[layer_idx].index_copy_(2, index, value_states.to(self.values[layer_idx].dtype))
+        limit = self.visible[layer_idx]
+        if limit is None:
+            return self.keys[layer_idx], self.values[layer_idx]
+        return self.keys[layer_idx][:, :, :limit], self.values[layer_idx][:, :, :limit]  # views, no copy
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes reserved by the buffers (they are allocated once, at their final size)."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+@dataclass
+class FastDecodeState:
+    cache: StaticLayerCache
+    groups: list[LayerGroup]  # valid: (batch, capacity), prompt tokens and the steps written so far
+    write_index: list[torch.Tensor]  # per group: (1,) long, the slot the next step writes
+    group_of_layer: list[int]
+    input_ids: torch.Tensor  # (batch, 1): the token fed to the next step (a graph input)
+    next_slot: list[int]  # per group: `write_index` on the host, for eager steps that attend over written slots only
+    logits: torch.Tensor | None = None  # (batch, vocab): the last step's output (a graph output)
+
+    def _step_tensors(self) -> list[torch.Tensor]:
+        return [*self.write_index, *(t for g in self.groups for t in (g.valid, g.next_position))]
+
+    def snapshot(self) -> tuple[list[torch.Tensor], list[int]]:
+        return [t.clone() for t in self._step_tensors()], list(self.next_slot)
+
+    def restore(self, saved: tuple[list[torch.Tensor], list[int]]) -> None:
+        tensors, next_slot = saved
+        for tensor, value in zip(self._step_tensors(), tensors, strict=True):
+            tensor.copy_(value)
+        self.next_slot = list(next_slot)
+
+
+def fast_state_from_prefill(state: DecodeState, max_new_tokens: int) -> FastDecodeState:
+    """Copy the prefill's per-layer caches into buffers with room for `max_new_tokens` more steps."""
+    groups, write_index = [], []
+    for group in state.groups:
+        batch, cached = group.valid.shape
+        valid = torch.zeros(batch, cached + max_new_tokens, dtype=torch.bool, device=group.valid.device)
+        valid[:, :cached] = group.valid
+        groups.append(LayerGroup(group.first_layer, valid, group.next_position.clone()))
+        write_index.append(torch.tensor([cached], device=group.valid.device))
+    keys, values, indexes = [], [], []
+    for layer_idx, layer in enumerate(state.cache.layers):
+        group = groups[state.group_of_layer[layer_idx]]
+        batch, heads, cached, head_dim = layer.keys.shape
+        shape = (batch, heads, group.valid.shape[1], head_dim)
+        key_buffer = layer.keys.new_zeros(shape)
+        value_buffer = layer.values.new_zeros(shape)
+        key_buffer[:, :, :cached] = layer.keys
+        value_buffer[:, :, :cached] = layer.values
+        keys.append(key_buffer)
+        values.append(value_buffer)
+        indexes.append(write_index[state.group_of_layer[layer_idx]])
+    batch = state.groups[0].valid.shape[0]
+    input_ids = torch.zeros(batch, 1, dtype=torch.long, device=state.groups[0].valid.device)
+    cache = StaticLayerCache(keys, values, indexes)
+    next_slot = [group.valid.shape[1] for group in state.groups]
+    return FastDecodeState(cache, groups, write_index, list(state.group_of_layer), input_ids, next_slot)
+
+
+@torch.inference_mode()  # generation calls it outside any grad-free block: without this it records autograd graphs
+def static_decode_step(model: nn.Module, state: FastDecodeState, trim: bool = False) -> torch.Tensor:
+    """One step on `state.input_ids`, in place on the buffers; returns (and keeps) the logits (batch, vocab).
+
+    trim=False: only fixed-shape tensor operations, no Python branch on a tensor value, so it can be captured;
+    the step attends over the whole buffer (empty slots masked). trim=True (eager steps): it attends over the
+    slots written so far only (views of the buffers, the host-side `next_slot` says how many), so a large
+    max_new_tokens costs nothing per step. Both give the same logits: the empty slots get exactly zero weight.
+    """
+    decoder = language_model(model)
+    hidden_states = decoder.embed_tokens(state.input_ids)
+    blocked = torch.finfo(hidden_states.dtype).min
+    for group, write_index, slot in zip(state.groups, state.write_index, state.next_slot, strict=True):
+        group.valid.index_fill_(1, write_index, True)
+        if trim:  # eager: the plain step's mask, None without padding (the kernels' fastest path)
+            group.attention_mask = attention_mask_for(group.valid[:, : slot + 1], 1, "eager", hidden_states.dtype)
+        else:
+            group.attention_mask = torch.zeros_like(group.valid, dtype=hidden_states.dtype).masked_fill(
+                ~group.valid, blocked
+            )[:, None, None, :]  # (batch, 1, 1, capacity)
+        group.rotary = decoder.rotary_emb(hidden_states, group.next_position[..., None])
+    for layer_idx, group_idx in enumerate(state.group_of_layer):
+        state.cache.visible[layer_idx] = state.next_slot[group_idx] + 1 if trim else None
+    for layer_idx, layer in enumerate(decoder.layers):
+        hidden_states = _run_layer(layer, hidden_states, state.groups[state.group_of_layer[layer_idx]], state.cache)
+    for group, write_index in zip(state.groups, state.write_index, strict=True):
+        write_index.add_(1)
+        group.next_position.add_(1)
+    state.next_slot = [slot + 1 for slot in state.next_slot]
+    state.logits = _logits(model, decoder, hidden_states)
+    return state.logits
+
+
+class GraphedDecodeStep:
+    """`static_decode_step` captured once as a CUDA graph; `__call__` replays it for the next token.
+
+    Before trusting the graph, the step runs eagerly (which also warms up kernels and the allocator), the
+    state is rewound, the step is captured and replayed, and the two logits must agree; otherwise this
+    raises and the caller keeps the eager step.
+    """
+
+    def __init__(self, model: nn.Module, state: FastDecodeState, atol: float = 1e-2):
+        self.model, self.state = model, state
+        saved = state.snapshot()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):  # warm-up, on a side stream as capture requires
+                state.restore(saved)
+                eager = static_decode_step(model, state).clone()
+        torch.cuda.current_stream().wait_stream(stream)
+        state.restore(saved)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            static_decode_step(model, state)
+        self.graph.replay()
+        if not torch.allclose(state.logits.float(), eager.float(), atol=atol, rtol=atol):
+            state.restore(saved)
+            raise RuntimeError("the captured decode step does not reproduce the eager one")
+        self.pending = True  # the check's replay already computed the first step
+
+    def __call__(self) -> torch.Tensor:
+        if self.pending:
+            self.pending = False
+        else:
+            self.graph.replay()
+        return self.state.logits

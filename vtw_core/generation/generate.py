@@ -1,0 +1,557 @@
+"""Generation on top of the engine: greedy or seeded sampling, streaming text, honest per-request stats.
+
+`stream_generate` is what the app and the CLI use: it yields a `StreamEvent` per new token with the text
+delta and live stats. Timing starts when the request arrives, so time to first token includes image
+preprocessing, the vision tower and prefill; the device is synchronised before every clock reading.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import LogitsProcessorList, TextStreamer
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from vtw_core import validation
+from vtw_core.engine import flops
+from vtw_core.engine.decoder import (
+    DecodeState,
+    PositionMode,
+    TokenSelector,
+    decode_step,
+    prefill,
+    withdrawal_selector,
+)
+from vtw_core.engine.embed import embed_prompt, prompt_masks
+from vtw_core.engine.fast_decode import GraphedDecodeStep, fast_state_from_prefill, static_decode_step
+from vtw_core.engine.fast_prefill import PrefillEngine, fast_prefill
+from vtw_core.engine.schedules import Schedule, ScheduleSelector
+from vtw_core.engine.shared_prefill import shared_prefill, why_not_shared
+from vtw_core.errors import InputError, ResourceError
+from vtw_core.models.families import num_decoder_layers
+from vtw_core.models.prompts import Message, build_model_inputs, eos_token_ids_of, pad_token_id_of
+from vtw_core.models.videos import Video
+
+DecodeEngine = Literal["auto", "plain", "static", "graph"]
+PrefillChoice = PrefillEngine | Literal["shared"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Greedy by default, so baseline and VTW answers are comparable token for token."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Every field checked (finite, integral where needed, in range); integral floats become ints."""
+        checked = {
+            "max_new_tokens": validation.check_max_new_tokens(self.max_new_tokens),
+            "temperature": validation.check_float(self.temperature, "temperature", 0, 100),
+            "top_p": validation.check_float(self.top_p, "top_p", 0, 1, low_inclusive=False),
+            "top_k": validation.check_int(self.top_k, "top_k", 0, 1_000_000),
+            "seed": validation.check_seed(self.seed),
+        }
+        if not isinstance(self.do_sample, bool):
+            raise InputError(f"do_sample must be true or false, got {self.do_sample!r}")
+        if self.do_sample and checked["temperature"] == 0:
+            raise InputError("temperature must be > 0 when sampling (0 means greedy: turn sampling off)")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)  # frozen: normalise once, at construction
+
+
+@dataclass
+class GenerationStats:
+    """Per-request measurements. FLOPs are analytic (vtw_core.engine.flops) for the tokens actually processed."""
+
+    k: int | None
+    num_layers: int
+    engine: str = "plain"
+    prefill_engine: str = "plain"
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention: str = "sdpa"
+    prompt_tokens: int = 0
+    vision_tokens: int = 0  # image and video tokens
+    video_frames: int = 0  # frames sampled from the request's videos
+    video_tokens: int = 0
+    vision_tokens_per_frame: float | None = None  # video tokens / frames (None without video)
+    new_tokens: int = 0
+    ttft_s: float | None = None
+    total_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    prefill_flops: int = 0
+    vision_flops: int = 0
+    decode_flops: int = 0
+    kv_cache_bytes: int = 0
+    peak_memory_bytes: int | None = None
+    finish_reason: str | None = None  # "eos", "length" or "stopped"
+    # Batches: each row's own share of the counts above (the sums), so callers can report per request.
+    prompt_tokens_per_row: list[int] = field(default_factory=list)
+    vision_tokens_per_row: list[int] = field(default_factory=list)
+    prefill_flops_per_row: list[int] = field(default_factory=list)
+    decode_flops_per_row: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StreamEvent:
+    text_delta: str
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    finished: bool = False
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats = field(repr=False)
+
+
+class _TextCollector(TextStreamer):
+    """transformers' streamer decides where words end; we collect its text instead of printing it."""
+
+    def __init__(self, tokenizer: Any):
+        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
+        self.pending = ""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.pending += text
+
+    def take(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if not sampling.do_sample:
+        return logits.argmax(-1)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
+    if sampling.top_k > 0:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    probabilities = warpers(None, logits).softmax(-1)
+    return torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+
+
+def _vision_flops(config: Any, model_inputs: dict[str, torch.Tensor]) -> int:
+    """FLOPs of the vision tower and projector for the images and videos in this request."""
+    return flops.request_vision_flops(config, model_inputs)
+
+
+def _check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise InputError(
+            f"the prompt has {prompt_tokens} tokens; with {max_new_tokens} new tokens it exceeds the model's "
+            f"context of {limit} tokens"
+        )
+
+
+def prompt_inputs_within_context(
+    model: nn.Module,
+    processor: Any,
+    conversations: list[list[Message]],
+    images: list[list[Image.Image]],
+    sampling: SamplingConfig,
+    videos: list[list[Video]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The processor's batch on the model's device and dtype, refused early if the prompt and the new tokens
+    do not fit the model's context."""
+    model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype, videos=videos)
+    _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
+    return model_inputs
+
+
+def method_selector(model: nn.Module, k: int | None, schedule: Schedule | None) -> TokenSelector | None:
+    """The token selector of one request: VTW at K, or a per-layer schedule; None for the unchanged model."""
+    num_layers = num_decoder_layers(model.config)
+    if schedule is not None:
+        if k is not None:
+            raise InputError("pass either K (VTW) or a schedule, not both")
+        return ScheduleSelector(model, schedule, num_layers)  # per request: it holds ranking rows
+    return withdrawal_selector(k, num_layers)
+
+
+def generate_tokens(
+    model: nn.Module,
+    model_inputs: dict[str, torch.Tensor],
+    *,
+    k: int | None = None,
+    position_mode: PositionMode = "original",
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_token_ids: set[int] = frozenset(),
+    pad_token_id: int = 0,
+    stop_event: threading.Event | None = None,
+    stats: GenerationStats | None = None,
+    engine: DecodeEngine = "auto",
+    schedule: Schedule | None = None,
+    tokens_per_row: list[list[int]] | None = None,
+    prefill_engine: PrefillChoice = "plain",
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (batch,) until every row has ended or the stop event is set.
+
+    Rows that already ended receive `pad_token_id`, as stock `generate()` does. When `stats` is given, the
+    token counts, FLOPs and KV-cache size are filled in as generation proceeds. `engine`: "plain" (growing
+    caches), "static" (preallocated buffers, vtw_core.engine.fast_decode), "graph" (static + the step as a CUDA graph),
+    or "auto" (`auto_engine`: graph on CUDA, static on CPU, plain with flash attention); `stats.engine` says
+    which one ran.
+    `schedule` (vtw_core.engine.schedules) replaces K with a per-layer vision-token schedule (FastV, G-Search, ...).
+    `tokens_per_row`, when given, receives each row's real prompt tokens per layer after prefill, so batched
+    callers can account every row on its own (vtw_core.generation.batch_stream).
+    `prefill_engine`: "plain" (the layer loop), "bucketed" or "graph" (fixed shapes, vtw_core.engine.fast_prefill),
+    "shared" (rows showing one image run its prefix once, vtw_core.engine.shared_prefill); `stats.prefill_engine` says
+    which ran, with the reason when it fell back to plain.
+    """
+    sampling.validate()
+    selector = method_selector(model, k, schedule)
+    device = model_inputs["input_ids"].device
+    generator = None
+    if sampling.do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+
+    logits, state, ran = _prefill(model, model_inputs, selector, position_mode, prefill_engine)
+    attention_mask, vision_mask = prompt_masks(model, model_inputs)
+    dims = flops.DecoderDims.from_config(model.config)
+    rows = attention_mask.shape[0]
+    per_row_layers = [[int(count[row]) for count in state.prompt_tokens_per_layer] for row in range(rows)]
+    if tokens_per_row is not None:
+        tokens_per_row.extend(per_row_layers)
+    if stats is not None:
+        stats.prefill_engine = ran
+        stats.prompt_tokens_per_row = attention_mask.sum(1).tolist()
+        stats.vision_tokens_per_row = vision_mask.sum(1).tolist()
+        stats.prefill_flops_per_row = [flops.prefill_flops(dims, layers) for layers in per_row_layers]
+        stats.prompt_tokens = sum(stats.prompt_tokens_per_row)
+        stats.vision_tokens = sum(stats.vision_tokens_per_row)
+        stats.prefill_flops = sum(stats.prefill_flops_per_row)
+        stats.decode_flops_per_row = [0] * rows
+        stats.vision_flops = _vision_flops(model.config, model_inputs)
+        stats.kv_cache_bytes = state.kv_cache_bytes()
+
+    decode = _decoder_for(model, state, engine, sampling.max_new_tokens, stats)
+    if stats is not None:
+        stats.kv_cache_bytes = decode.kv_cache_bytes()
+
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    decode_steps = [0] * rows
+    eos = torch.tensor(sorted(eos_token_ids), device=device, dtype=torch.long)
+    for step in range(sampling.max_new_tokens):
+        active = ~finished
+        tokens = _next_tokens(logits, sampling, generator).masked_fill(finished, pad_token_id)
+        finished = finished | torch.isin(tokens, eos)
+        if stats is not None:
+            stats.new_tokens += int(active.sum())
+        yield tokens
+        if bool(finished.all()) or step + 1 == sampling.max_new_tokens:
+            break
+        if stop_event is not None and stop_event.is_set():
+            break
+        for row in range(rows):
+            decode_steps[row] += int(not finished[row])
+        logits = decode(tokens)
+        if stats is not None:
+            stats.decode_flops_per_row = [
+                flops.decode_flops(dims, layers, steps)
+                for layers, steps in zip(per_row_layers, decode_steps, strict=True)
+            ]
+            stats.decode_flops = sum(stats.decode_flops_per_row)
+            stats.kv_cache_bytes = decode.kv_cache_bytes()
+
+
+def _prefill(
+    model: nn.Module,
+    model_inputs: dict[str, torch.Tensor],
+    selector: TokenSelector | None,
+    position_mode: PositionMode,
+    engine: PrefillChoice,
+) -> tuple[torch.Tensor, DecodeState, str]:
+    """Logits, decode state and the prefill engine that ran (with the reason when it fell back to plain)."""
+    if engine not in ("plain", "bucketed", "graph", "shared"):
+        raise InputError(f"prefill engine must be plain, bucketed, graph or shared; got {engine!r}")
+    if engine == "shared":
+        reason = why_not_shared(model, model_inputs, selector, position_mode)
+        shared = shared_prefill(model, model_inputs, selector) if reason is None else None
+        if shared is not None:
+            return (*shared, "shared")
+        engine = f"plain (no shared image prefill: {reason or 'no common prefix holds the image'})"
+    prompt = embed_prompt(model, model_inputs)
+    if engine in ("bucketed", "graph"):
+        return fast_prefill(model, prompt, selector, position_mode, engine)
+    return (*prefill(model, prompt, selector, position_mode), engine)
+
+
+class _Decoder:
+    """Runs decode steps on the chosen engine; falls back from the CUDA graph to the eager static step."""
+
+    def __init__(self, model: nn.Module, state: DecodeState, engine: str, max_new_tokens: int, stats):
+        self.model, self.state, self.engine, self.stats = model, state, engine, stats
+        self.max_new_tokens = max_new_tokens
+        self.fast = None  # built at the first decode step, so the first token is not delayed by the copy
+        self.graphed: GraphedDecodeStep | None = None
+        self.prefill_slots: list[int] = []  # per layer group: cached prompt slots (padding included)
+        self.steps = 0  # decode steps run on the buffers
+        if stats is not None:
+            stats.engine = engine
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.engine == "plain":
+            return decode_step(self.model, self.state, tokens[:, None])
+        if self.fast is None:
+            self.fast = fast_state_from_prefill(self.state, self.max_new_tokens)
+            self.prefill_slots = [group.valid.shape[1] for group in self.state.groups]
+            self.state = None  # the buffers hold the caches now; let the prefill's cache go
+        self.fast.input_ids.copy_(tokens[:, None])
+        self.steps += 1
+        if self.engine == "graph":
+            if self.graphed is None:
+                try:
+                    self.graphed = GraphedDecodeStep(self.model, self.fast)
+                except RuntimeError:  # capture failed or disagreed with the eager step: stay eager
+                    self.engine = "static"
+                    if self.stats is not None:
+                        self.stats.engine = "static (graph capture failed)"
+                    return static_decode_step(self.model, self.fast, trim=True)
+            return self.graphed()
+        return static_decode_step(self.model, self.fast, trim=True)
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes of keys and values held for the tokens so far, whatever the engine (the plain cache's size);
+        the static buffers reserve room for the remaining new tokens on top (`fast.cache.kv_cache_bytes()`)."""
+        if self.fast is None:
+            return self.state.kv_cache_bytes()
+        total = 0
+        for layer_idx, group_idx in enumerate(self.fast.group_of_layer):
+            keys, values = self.fast.cache.keys[layer_idx], self.fast.cache.values[layer_idx]
+            slot_bytes = (keys[:, :, 0].numel() * keys.element_size()) + (
+                values[:, :, 0].numel() * values.element_size()
+            )
+            total += slot_bytes * (self.prefill_slots[group_idx] + self.steps)
+        return total
+
+
+def auto_engine(device: torch.device, attention: str) -> str:
+    """The decode engine `engine="auto"` picks, per device, from measurements (README, "Decode engines").
+
+    CUDA: the graph (launch overhead dominates a plain step: 26 -> 9.6 ms/token at 7B on an H100). CPU: the
+    static buffers (no torch.cat of every layer's cache per step: 0.67-0.92x plain from 638 tokens up, equal
+    at the default model's 162). Both build 4-D masks, so flash attention keeps the plain path, as do devices
+    nobody has measured.
+    """
+    if attention not in ("sdpa", "eager"):
+        return "plain"
+    return {"cuda": "graph", "cpu": "static"}.get(device.type, "plain")
+
+
+def _decoder_for(model: nn.Module, state: DecodeState, engine: str, max_new_tokens: int, stats) -> _Decoder:
+    if engine not in ("auto", "plain", "static", "graph"):
+        raise InputError(f"engine must be auto, plain, static or graph; got {engine!r}")
+    graph_ok = state.cache.layers[0].keys.is_cuda and state.attention_implementation in ("sdpa", "eager")
+    if engine == "auto":
+        engine = auto_engine(state.cache.layers[0].keys.device, state.attention_implementation)
+    elif engine == "graph" and not graph_ok:
+        raise InputError("the CUDA-graph engine needs a CUDA device and sdpa or eager attention")
+    return _Decoder(model, state, engine, max_new_tokens, stats)
+
+
+def _video_stats(
+    model: nn.Module, model_inputs: dict[str, torch.Tensor], videos: list[Video], stats: GenerationStats
+) -> None:
+    """Frames and video tokens of the request (its video placeholders, as the processor expanded them)."""
+    if not videos:
+        return
+    stats.video_frames = sum(len(video.frames) for video in videos)
+    video_token = getattr(model.config, "video_token_id", None)
+    if video_token is not None:
+        stats.video_tokens = int((model_inputs["input_ids"] == video_token).sum())
+    else:  # InternVL marks frames with its image token: one tile of image_seq_length tokens per frame
+        stats.video_tokens = stats.video_frames * model.config.image_seq_length
+    stats.vision_tokens_per_frame = stats.video_tokens / stats.video_frames
+
+
+def stream_generate(
+    model: nn.Module,
+    processor: Any,
+    messages: list[Message],
+    images: list[Image.Image],
+    *,
+    videos: list[Video] | None = None,
+    k: int | None = None,
+    position_mode: PositionMode = "original",
+    sampling: SamplingConfig = SamplingConfig(),
+    stop_event: threading.Event | None = None,
+    engine: DecodeEngine = "auto",
+    schedule: Schedule | None = None,
+) -> Iterator[StreamEvent]:
+    """Answer one conversation, yielding text deltas with live stats; the last event has finished=True.
+
+    `videos`: vtw_core.models.videos.read_video results for the conversation's "video" slots, in order.
+    """
+    start = time.perf_counter()
+    device = model.device
+    dtype = model.dtype
+    memory_before = 0
+    if device.type == "cuda":
+        _synchronize(device)
+        memory_before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = GenerationStats(
+        k=k,
+        num_layers=num_decoder_layers(model.config),
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        attention=model.config.get_text_config()._attn_implementation,
+    )
+    tokenizer = getattr(processor, "tokenizer", processor)
+    collector = _TextCollector(tokenizer)
+    token_ids: list[int] = []
+    text = ""
+    eos_ids = eos_token_ids_of(model, processor)
+    try:
+        model_inputs = prompt_inputs_within_context(
+            model, processor, [messages], [images], sampling, videos=[list(videos or [])]
+        )
+        _video_stats(model, model_inputs, list(videos or []), stats)
+        steps = generate_tokens(
+            model,
+            model_inputs,
+            k=k,
+            position_mode=position_mode,
+            sampling=sampling,
+            eos_token_ids=eos_ids,
+            stop_event=stop_event,
+            stats=stats,
+            engine=engine,
+            schedule=schedule,
+        )
+        for tokens in steps:
+            token = int(tokens[0])
+            _synchronize(device)
+            now = time.perf_counter() - start
+            if stats.ttft_s is None:
+                stats.ttft_s = now
+            stats.total_s = now
+            if stats.new_tokens > 1 and now > stats.ttft_s:
+                stats.decode_tokens_per_s = (stats.new_tokens - 1) / (now - stats.ttft_s)
+            if device.type == "cuda":
+                stats.peak_memory_bytes = torch.cuda.max_memory_allocated(device) - memory_before
+            token_ids.append(token)
+            if token in eos_ids:
+                stats.finish_reason = "eos"
+            else:
+                collector.put(tokens[:1].cpu())
+            delta = collector.take()
+            text += delta
+            yield StreamEvent(delta, text, list(token_ids), stats)
+    except torch.OutOfMemoryError as error:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise ResourceError(
+            "the device ran out of memory; try a smaller image, fewer new tokens or a lower K"
+        ) from error
+    collector.end()
+    delta = collector.take()
+    text += delta
+    if stats.finish_reason is None:
+        stopped = stop_event is not None and stop_event.is_set()
+        stats.finish_reason = "stopped" if stopped else "length"
+    _synchronize(device)
+    stats.total_s = time.perf_counter() - start
+    yield StreamEvent(delta, text, list(token_ids), stats, finished=True)
+
+
+def generate(
+    model: nn.Module,
+    processor: Any,
+    messages: list[Message],
+    images: list[Image.Image],
+    **options: Any,
+) -> GenerationResult:
+    """`stream_generate` run to the end."""
+    last = None
+    for event in stream_generate(model, processor, messages, images, **options):
+        last = event
+    assert last is not None and last.finished
+    return GenerationResult(last.text, last.token_ids, last.stats)
+
+
+def generate_batch(
+    model: nn.Module,
+    processor: Any,
+    conversations: list[list[Message]],
+    images: list[list[Image.Image]],
+    *,
+    videos: list[list[Video]] | None = None,
+    k: int | None = None,
+    position_mode: PositionMode = "original",
+    sampling: SamplingConfig = SamplingConfig(),
+    engine: DecodeEngine = "auto",
+    stats: GenerationStats | None = None,
+    schedule: Schedule | None = None,
+    prefill_engine: PrefillChoice = "plain",
+) -> list[list[int]]:
+    """Generated token ids per conversation, batched with left padding; each row ends at its first EOS.
+
+    `stats`, when given, receives the batch's token counts and FLOPs (summed over rows, and per row), and its
+    time to first token and total time, from this call on (preprocessing included; rows share them).
+    `prefill_engine` as in `generate_tokens` ("shared": rows about one image run its prefill once).
+    """
+    start = time.perf_counter()
+    model_inputs = prompt_inputs_within_context(model, processor, conversations, images, sampling, videos=videos)
+    eos_ids = eos_token_ids_of(model, processor)
+    pad = pad_token_id_of(processor)
+    columns = []
+    for column in generate_tokens(
+        model,
+        model_inputs,
+        k=k,
+        position_mode=position_mode,
+        sampling=sampling,
+        eos_token_ids=eos_ids,
+        pad_token_id=pad,
+        engine=engine,
+        stats=stats,
+        schedule=schedule,
+        prefill_engine=prefill_engine,
+    ):
+        columns.append(column)
+        if stats is not None and stats.ttft_s is None:
+            _synchronize(model.device)
+            stats.ttft_s = time.perf_counter() - start
+    if stats is not None:
+        _synchronize(model.device)
+        stats.total_s = time.perf_counter() - start
+    outputs = []
+    for row in range(len(conversations)):
+        ids: list[int] = []
+        for column in columns:
+            ids.append(int(column[row]))
+            if ids[-1] in eos_ids:
+                break
+        outputs.append(ids)
+    return outputs

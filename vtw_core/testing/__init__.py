@@ -1,0 +1,5 @@
+"""Tiny random-weight models of every supported family, built offline with working processors: the fixtures of
+the tests and of CPU benchmarks, and the building blocks of the default model's architecture.
+
+Apart from the library: nothing in the engine, models, generation or serving imports it.
+"""
