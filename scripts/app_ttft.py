@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.handlers import example_files  # noqa: E402  (examples only: this script touches no tensors)
+from app.media import example_files  # noqa: E402  (examples only: this script touches no tensors)
 
 
 def main() -> None:

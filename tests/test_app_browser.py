@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app import handlers
+from app import search
 
 CHROMIUM = os.environ.get("VTW_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -47,7 +47,7 @@ def browser():
 def app(served_app):
     """The served app with the slow-down hook installed on its manager and on the K search."""
     manager, url = served_app
-    original_stream, original_search = manager.stream, handlers.search_k
+    original_stream, original_search = manager.stream, search.search_k
 
     def slow_stream(*args, **kwargs):
         for event in original_stream(*args, **kwargs):
@@ -63,10 +63,10 @@ def app(served_app):
         return original_search(*args, progress=report, **kwargs)
 
     manager.stream = slow_stream
-    handlers.search_k = slow_search
+    search.search_k = slow_search
     yield manager, url
     manager.stream = original_stream
-    handlers.search_k = original_search
+    search.search_k = original_search
 
 
 @pytest.fixture()

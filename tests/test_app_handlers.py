@@ -7,8 +7,8 @@ import threading
 import pytest
 from PIL import Image
 
-from app import handlers
-from app.handlers import ChatState
+from app import attention, benchmark, errors, media, metrics, search, session, turns
+from app.session import ChatState
 from vtw_core.errors import InputError, ResourceError
 from vtw_core.generation.generate import SamplingConfig
 from vtw_core.generation.manager import ModelManager
@@ -29,15 +29,15 @@ def uploads(tmp_path, sample_images):
 
 
 def ask(manager, state, text, paths, roots, k=2, params=SamplingConfig(max_new_tokens=4), **options):
-    handlers.add_turn(state, text, [str(path) for path in paths], roots)
-    return list(handlers.answer_last_turn(manager, state, k, params, **options))
+    turns.add_turn(state, text, [str(path) for path in paths], roots)
+    return list(turns.answer_last_turn(manager, state, k, params, **options))
 
 
 def sides_in_order(manager, state, *args, **options) -> list[str]:
     """Which side each streamed update belongs to, by whose result changed."""
     seen, last = [], {}
-    for chat, _ in handlers.answer_last_turn(manager, state, *args, **options):
-        for side in handlers.SIDES:
+    for chat, _ in turns.answer_last_turn(manager, state, *args, **options):
+        for side in session.SIDES:
             result = chat.results[side]
             if result is not None and result["token_ids"] != last.get(side):
                 seen.append(side)
@@ -86,29 +86,29 @@ def test_race_mode_answers_both_sides_and_says_so(manager, uploads):
 def test_regenerate_and_undo(manager, uploads):
     state = ChatState()
     ask(manager, state, "What?", [uploads / "image0.png"], [uploads])
-    handlers.drop_last_answers(state)
+    turns.drop_last_answers(state)
     assert state.answers == {"baseline": [], "vtw": []} and len(state.turns) == 1
-    list(handlers.answer_last_turn(manager, state, 1, SamplingConfig(max_new_tokens=3)))
+    list(turns.answer_last_turn(manager, state, 1, SamplingConfig(max_new_tokens=3)))
     assert len(state.answers["vtw"]) == 1
-    handlers.undo_last_turn(state)
+    turns.undo_last_turn(state)
     assert state.turns == [] and state.answers == {"baseline": [], "vtw": []}
     with pytest.raises(InputError, match="nothing to regenerate"):
-        handlers.drop_last_answers(state)
+        turns.drop_last_answers(state)
 
 
 def test_stop_ends_the_turn_and_skips_the_second_side(manager, uploads):
     state = ChatState()
-    handlers.add_turn(state, "Talk.", [str(uploads / "image0.png")], [uploads])
+    turns.add_turn(state, "Talk.", [str(uploads / "image0.png")], [uploads])
     stop = threading.Event()
     updates = []
-    for update in handlers.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=50), stop_event=stop):
+    for update in turns.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=50), stop_event=stop):
         updates.append(update)
         stop.set()
     final, _ = updates[-1]
     assert final.results["baseline"]["stats"]["finish_reason"] == "stopped"
     assert final.results["vtw"] is None
     assert final.status == {"baseline": ["stopped"], "vtw": ["skipped"]}
-    assert handlers.SKIPPED in final.display("vtw")[-1]["content"]
+    assert session.SKIPPED in final.display("vtw")[-1]["content"]
     assert "…" not in final.display("vtw")[-1]["content"]  # no answer stays "in progress" after Stop
 
 
@@ -128,15 +128,15 @@ def test_bad_input_is_refused_and_leaves_the_chat_unchanged(manager, uploads, tm
     ]
     for text, paths, message in cases:
         with pytest.raises(InputError, match=message):
-            handlers.add_turn(state, text, [str(path) for path in paths], [uploads])
+            turns.add_turn(state, text, [str(path) for path in paths], [uploads])
         assert state.turns == []
-    handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
+    turns.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
     with pytest.raises(InputError, match="K must be a whole number from 0 to 4"):
-        list(handlers.answer_last_turn(manager, state, 9, SamplingConfig()))
+        list(turns.answer_last_turn(manager, state, 9, SamplingConfig()))
 
 
 def test_compare_api_payload(manager, uploads):
-    result = handlers.compare_once(manager, str(uploads / "image0.png"), "What is it?", 2, 5)
+    result = turns.compare_once(manager, str(uploads / "image0.png"), "What is it?", 2, 5)
     assert set(result) == {"baseline", "vtw"}
     assert result["vtw"]["k"] == 2 and result["baseline"]["stats"]["k"] is None
     direct = manager.generate([user_message("What is it?")], [Image.open(uploads / "image0.png")], k=2,
@@ -146,9 +146,9 @@ def test_compare_api_payload(manager, uploads):
 
 
 def test_messages():
-    assert handlers.error_message(ResourceError("the device ran out of memory")).startswith("Out of memory")
-    assert handlers.error_message(InputError("please type a question")) == "please type a question"
-    assert handlers.error_message(RuntimeError("boom")).startswith("Unexpected error (RuntimeError)")
+    assert errors.error_message(ResourceError("the device ran out of memory")).startswith("Out of memory")
+    assert errors.error_message(InputError("please type a question")) == "please type a question"
+    assert errors.error_message(RuntimeError("boom")).startswith("Unexpected error (RuntimeError)")
 
 
 STATS = {"ttft_s": 2.0, "total_s": 4.0, "prefill_flops": 10e9, "decode_flops": 10e6, "vision_flops": 1e6,
@@ -160,14 +160,14 @@ def test_metrics_table_compares_the_sides_and_marks_the_better_value():
     fast = {**STATS, "ttft_s": 1.0, "prefill_flops": 5e9, "kv_cache_bytes": 50e6, "peak_memory_bytes": 200e6,
             "decode_tokens_per_s": 2.0}  # fmt: skip
     results = {"baseline": {"stats": STATS, "token_ids": [1]}, "vtw": {"stats": fast, "token_ids": [2]}}
-    rows = {row["name"]: row for row in handlers.metrics_rows(results)}
-    assert set(rows) == {name for name, *_ in handlers.METRICS}
+    rows = {row["name"]: row for row in metrics.metrics_rows(results)}
+    assert set(rows) == {name for name, *_ in metrics.METRICS}
     assert rows["time to first token"]["ratio"] == 0.5 and rows["time to first token"]["better"] == "vtw"
     assert rows["decode tokens/s"]["ratio"] == 2.0 and rows["decode tokens/s"]["better"] == "vtw"  # higher wins
     assert rows["total time"]["ratio"] == 1.0 and rows["total time"]["better"] is None  # a tie marks nothing
     assert rows["prefill FLOPs"]["baseline"] == "10.0 GFLOPs" and rows["prefill FLOPs"]["vtw"] == "5.00 GFLOPs"
     assert rows["KV cache"]["vtw"] == "50.0 MB" and rows["peak GPU memory"]["baseline"] == "400 MB"
-    table = handlers.metrics_table(results, "FastV K=2 R=0.5")
+    table = metrics.metrics_table(results, "FastV K=2 R=0.5")
     assert "| | baseline | FastV K=2 R=0.5 | FastV / baseline |" in table  # not "VTW" when FastV ran
     assert "**1.00 s** ✓" in table and "| 0.50× |" in table
     assert "VTW / baseline" not in table
@@ -175,10 +175,10 @@ def test_metrics_table_compares_the_sides_and_marks_the_better_value():
     cpu = {**STATS, "peak_memory_bytes": None}
     half = {"baseline": {"stats": cpu, "token_ids": []}, "vtw": {"stats": {**cpu, "finish_reason": None},
             "token_ids": []}}  # fmt: skip
-    rows = {row["name"]: row for row in handlers.metrics_rows(half)}
+    rows = {row["name"]: row for row in metrics.metrics_rows(half)}
     assert rows["peak GPU memory"]["baseline"] == "not measured on CPU"
     assert all(row["ratio"] is None for row in rows.values())
-    assert "| time to first token | – | – | – |" in handlers.metrics_table({})
+    assert "| time to first token | – | – | – |" in metrics.metrics_table({})
 
 
 def test_one_formatter_for_flops_bytes_and_kl():
@@ -193,16 +193,16 @@ def test_one_formatter_for_flops_bytes_and_kl():
 
 def test_the_side_that_runs_first_alternates(manager, uploads):
     state = ChatState()
-    handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
+    turns.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
     params = SamplingConfig(max_new_tokens=3)
     assert sides_in_order(manager, state, 2, params) == ["baseline", "vtw"] and state.first == "baseline"
-    handlers.add_turn(state, "And?", [], [uploads])
+    turns.add_turn(state, "And?", [], [uploads])
     assert sides_in_order(manager, state, 2, params) == ["vtw", "baseline"] and state.first == "vtw"
-    *_, (_, shown) = handlers.answer_last_turn(manager, handlers.add_turn(state, "Again?", [], [uploads]), 2, params)
+    *_, (_, shown) = turns.answer_last_turn(manager, turns.add_turn(state, "Again?", [], [uploads]), 2, params)
     assert "the baseline ran first" in shown["summary"]
-    assert handlers.run_order(0) == ("baseline", "vtw") and handlers.run_order(1) == ("vtw", "baseline")
+    assert turns.run_order(0) == ("baseline", "vtw") and turns.run_order(1) == ("vtw", "baseline")
     # Every finished side adds its TTFT and total time to the chart, per turn.
-    rows = handlers.timing_rows(state)
+    rows = benchmark.timing_rows(state)
     assert {row["turn"] for row in rows} == {1, 2, 3} and len(rows) == 3 * 2 * 2
     assert {row["series"] for row in rows} == {"baseline TTFT", "baseline total", "accelerated TTFT",
                                                "accelerated total"}  # fmt: skip
@@ -215,47 +215,47 @@ def test_every_answer_keeps_the_footer_of_its_settings(manager, uploads):
 
     engine = auto_engine(torch.device("cpu"), manager.info.attention)  # the decode engine "auto" runs here
     state = ChatState()
-    handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
-    list(handlers.answer_last_turn(manager, state, 3, SamplingConfig(max_new_tokens=2), eta=0.003))
-    handlers.add_turn(state, "And?", [], [uploads])
-    list(handlers.answer_last_turn(manager, state, 1, SamplingConfig(max_new_tokens=2), method="fastv:0.25", eta=1))
+    turns.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
+    list(turns.answer_last_turn(manager, state, 3, SamplingConfig(max_new_tokens=2), eta=0.003))
+    turns.add_turn(state, "And?", [], [uploads])
+    list(turns.answer_last_turn(manager, state, 1, SamplingConfig(max_new_tokens=2), method="fastv:0.25", eta=1))
     assert state.footers["vtw"][0] == f"VTW K = 3 · engine {engine} · eta 0.003"
     assert state.footers["vtw"][1] == f"FastV K = 1 · R = 0.25 · engine {engine}"
     assert state.footers["baseline"] == [f"baseline (all 4 layers) · engine {engine}"] * 2
     assert state.display("vtw")[2]["content"].endswith(f"<sub>⚙ VTW K = 3 · engine {engine} · eta 0.003</sub>")
     # The pane's title speaks of the next turn, never of answers already given.
-    assert handlers.pane_label("vtw", 2, 0.5, 4) == "next turn: VTW K = 2"
-    assert handlers.pane_label("fastv", 0, 0.5, 4) == "next turn: FastV K = 1 · R = 0.5"
-    assert handlers.pane_label("vtw", 9, 0.5, 4).startswith("Accelerated")
+    assert metrics.pane_label("vtw", 2, 0.5, 4) == "next turn: VTW K = 2"
+    assert metrics.pane_label("fastv", 0, 0.5, 4) == "next turn: FastV K = 1 · R = 0.5"
+    assert metrics.pane_label("vtw", 9, 0.5, 4).startswith("Accelerated")
 
 
 def test_benchmark_this_turn_runs_both_sides_interleaved(manager, uploads, monkeypatch):
     state = ChatState()
     with pytest.raises(InputError, match="ask a question first"):
-        handlers.benchmark_turn(manager, state, 2, "vtw", 3)
-    handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
+        benchmark.benchmark_turn(manager, state, 2, "vtw", 3)
+    turns.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
     calls = []
     original = manager.generate
     monkeypatch.setattr(manager, "generate", lambda *a, **kw: calls.append(kw["k"]) or original(*a, **kw))
-    result = handlers.benchmark_turn(manager, state, 2, "vtw", 3, max_new_tokens=2)
+    result = benchmark.benchmark_turn(manager, state, 2, "vtw", 3, max_new_tokens=2)
     assert calls == [None, 2, 2, None, None, 2]  # interleaved, the order alternating
     assert result["repeats"] == 3 and result["label"] == "VTW K=2"
-    for side in handlers.SIDES:
+    for side in session.SIDES:
         for key in ("ttft_s", "total_s"):
             spread = result["sides"][side][key]
             assert spread["n"] == 3 and spread["min"] <= spread["median"] <= spread["max"]
-    text = handlers.describe_benchmark(result)
+    text = benchmark.describe_benchmark(result)
     assert "3 runs per side, interleaved" in text and "| time to first token |" in text and "×" in text
     stop = threading.Event()
     stop.set()
-    with pytest.raises(handlers.Cancelled):
-        handlers.benchmark_turn(manager, state, 2, "vtw", 3, stop_event=stop)
+    with pytest.raises(errors.Cancelled):
+        benchmark.benchmark_turn(manager, state, 2, "vtw", 3, stop_event=stop)
     with pytest.raises(InputError, match="repetitions"):
-        handlers.benchmark_turn(manager, state, 2, "vtw", 0)
+        benchmark.benchmark_turn(manager, state, 2, "vtw", 0)
 
 
 def test_stop_and_clear_reach_queued_requests():
-    sessions = handlers.Sessions()
+    sessions = session.Sessions()
     running = sessions.issue("a", turn=True)
     assert sessions.issue("a", turn=True) is None  # a second turn while one is in flight is refused
     queued = sessions.issue("a")  # e.g. a K search waiting behind the turn
@@ -273,24 +273,24 @@ def test_stop_and_clear_reach_queued_requests():
 
 def test_a_turn_stopped_while_queued_says_skipped(manager, uploads):
     state = ChatState()
-    handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
-    handlers.show_waiting(state)
-    assert handlers.WAITING in state.display("vtw")[-1]["content"]
-    handlers.skip_last_turn(state)
-    for side in handlers.SIDES:
-        assert state.status[side] == ["skipped"] and handlers.SKIPPED in state.display(side)[-1]["content"]
+    turns.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
+    turns.show_waiting(state)
+    assert session.WAITING in state.display("vtw")[-1]["content"]
+    turns.skip_last_turn(state)
+    for side in session.SIDES:
+        assert state.status[side] == ["skipped"] and session.SKIPPED in state.display(side)[-1]["content"]
 
 
 def test_warm_up_and_examples_fit_the_model(manager):
     from vtw_core.models.defaults import require_model
 
-    handlers.warm_up(manager, 2, handlers.EXAMPLES / "chelsea.jpg")  # untimed: leaves no trace in any chat
-    shapes = [path.name for path, _ in handlers.example_files(True)]
-    photos = [path.name for path, _ in handlers.example_files(False)]
+    turns.warm_up(manager, 2, media.EXAMPLES / "chelsea.jpg")  # untimed: leaves no trace in any chat
+    shapes = [path.name for path, _ in media.example_files(True)]
+    photos = [path.name for path, _ in media.example_files(False)]
     assert shapes and all(name.startswith("easyvqa-") for name in shapes)
     assert photos and not any(name.startswith("easyvqa-") for name in photos)
-    assert handlers.is_default_model(ModelManager.load(require_model(None), device="cpu"))
-    assert not handlers.is_default_model(manager)
+    assert media.is_default_model(ModelManager.load(require_model(None), device="cpu"))
+    assert not media.is_default_model(manager)
 
 
 def test_prompt_beyond_the_context_and_out_of_memory_are_clear(manager, uploads, monkeypatch):
@@ -301,23 +301,23 @@ def test_prompt_beyond_the_context_and_out_of_memory_are_clear(manager, uploads,
     state = ChatState()
     # A short context, so a question within the text limits still overflows it.
     monkeypatch.setattr(manager.model.config.get_text_config(), "max_position_embeddings", 300)
-    handlers.add_turn(state, "word " * 300, [str(uploads / "image0.png")], [uploads])
+    turns.add_turn(state, "word " * 300, [str(uploads / "image0.png")], [uploads])
     with pytest.raises(InputError, match="exceeds the model's context"):
-        list(handlers.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=4)))
-    handlers.undo_last_turn(state)
+        list(turns.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=4)))
+    turns.undo_last_turn(state)
     monkeypatch.undo()
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(vtw_core.generation.generate, "prefill", out_of_memory)
-    handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
+    turns.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
     with pytest.raises(ResourceError) as caught:
-        list(handlers.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=4)))
-    assert handlers.error_message(caught.value).startswith("Out of memory: the device ran out of memory")
+        list(turns.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=4)))
+    assert errors.error_message(caught.value).startswith("Out of memory: the device ran out of memory")
     monkeypatch.undo()
     # The manager's lock was released: the next request is served.
-    handlers.undo_last_turn(state)
+    turns.undo_last_turn(state)
     assert ask(manager, state, "What?", [uploads / "image0.png"], [uploads])[-1][0].results["vtw"] is not None
 
 
@@ -325,51 +325,51 @@ def test_search_k_on_the_current_turn_and_attention(tiny_model_path, uploads):
     manager = ModelManager.load(str(tiny_model_path("llava", 8)), device="cpu")
     state = ChatState()
     with pytest.raises(InputError, match="ask a question first"):
-        handlers.calibration_for("turn", state)
+        search.calibration_for("turn", state)
     ask(manager, state, "What is it?", [uploads / "image0.png"], [uploads])
-    samples = handlers.calibration_for("turn", state)
+    samples = search.calibration_for("turn", state)
     assert len(samples) == 1 and samples[0].question == "What is it?" and len(samples[0].images) == 1
     progress = []
-    result = handlers.search_k_result(manager, samples, 100, lambda done, total: progress.append(done))
+    result = search.search_k_result(manager, samples, 100, lambda done, total: progress.append(done))
     assert result["k"] == 5 and progress == [1]
-    assert "**K = 5**" in handlers.describe_search(result, "turn")
-    none = handlers.search_k_result(manager, samples, 0.0)
-    assert none["k"] is None and "slider is unchanged" in handlers.describe_search(none, "turn")
+    assert "**K = 5**" in search.describe_search(result, "turn")
+    none = search.search_k_result(manager, samples, 0.0)
+    assert none["k"] is None and "slider is unchanged" in search.describe_search(none, "turn")
 
-    report = handlers.attention_report(manager, state, "vtw", 3, max_new_tokens=2)
+    report = attention.attention_report(manager, state, "vtw", 3, max_new_tokens=2)
     assert report["k"] == 3 and all(layer["vision"] == 0 for layer in report["prompt"][3:])
-    assert "Vision tokens (36 of the prompt)" in handlers.describe_attention(report)
+    assert "Vision tokens (36 of the prompt)" in attention.describe_attention(report)
     with pytest.raises(InputError, match="ask a question first"):
-        handlers.attention_report(manager, ChatState(), "baseline", 3)
+        attention.attention_report(manager, ChatState(), "baseline", 3)
 
 
 def test_the_accelerated_pane_can_run_fastv_or_a_schedule(manager, uploads, tmp_path):
     from vtw_core.engine.schedules import Schedule
 
     state = ChatState()
-    handlers.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
-    *_, (state, _) = handlers.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=3), method="fastv:0.5")
+    turns.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
+    *_, (state, _) = turns.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=3), method="fastv:0.5")
     base, fastv = state.results["baseline"]["stats"], state.results["vtw"]["stats"]
     assert fastv["prefill_flops"] < base["prefill_flops"] and fastv["k"] is None
     schedule = tmp_path / "s.json"
     schedule.write_text(Schedule((1.0, 1.0, 1.0, 1.0), "text", "keep-all").to_json())
-    handlers.drop_last_answers(state)
-    *_, (state, shown) = handlers.answer_last_turn(
+    turns.drop_last_answers(state)
+    *_, (state, shown) = turns.answer_last_turn(
         manager, state, 2, SamplingConfig(max_new_tokens=3), method=f"schedule:{schedule}"
     )
     assert "Answers **identical**" in shown["summary"]  # keeping everything is the baseline
-    assert handlers.accelerated_method("vtw", 3, 4).k == 3
+    assert turns.accelerated_method("vtw", 3, 4).k == 3
     with pytest.raises(InputError, match="unknown method"):
-        handlers.accelerated_method("turbo", 3, 4)
+        turns.accelerated_method("turbo", 3, 4)
 
 
 def test_header_names_the_model(manager):
     from vtw_core.models.defaults import require_model
 
-    assert manager.info.source in handlers.header(manager) and "embedded" not in handlers.header(manager)
+    assert manager.info.source in metrics.header(manager) and "embedded" not in metrics.header(manager)
     default = ModelManager.load(require_model(None), device="cpu")
     layers = f"{default.info.num_layers} decoder layers"
-    assert "embedded default model" in handlers.header(default) and layers in handlers.header(default)
+    assert "embedded default model" in metrics.header(default) and layers in metrics.header(default)
 
 
 def test_search_settings_fit_the_model_and_agree_with_the_cli_and_the_shipped_k(capsys):
@@ -381,34 +381,34 @@ def test_search_settings_fit_the_model_and_agree_with_the_cli_and_the_shipped_k(
 
     default = ModelManager.load(require_model(None), device="cpu")
     shipped = json.loads((Path(default.info.source) / "vtw.json").read_text(encoding="utf-8"))
-    settings = handlers.search_settings(default)
+    settings = search.search_settings(default)
     assert settings.calibration[0] == ("easy-vqa train questions (20)", "easy-vqa")
     assert settings.criterion == shipped["kl_over"] and settings.eta == shipped["kl_threshold"]
     assert "easy-vqa" in settings.explanation and settings.explanation.count(". ") == 0  # one sentence
-    samples = handlers.calibration_for(settings.calibration[0][1], ChatState())
-    result = handlers.search_k_result(default, samples, settings.eta, over=settings.criterion)
+    samples = search.calibration_for(settings.calibration[0][1], ChatState())
+    result = search.search_k_result(default, samples, settings.eta, over=settings.criterion)
     assert result["k"] == shipped["k"]
     code = main(["search-k", "--data", "easy-vqa", "--kl-over", settings.criterion, "--eta", str(settings.eta),
                  "--json"])  # fmt: skip
     cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and cli["k"] == result["k"]
     assert [point["kl"] for point in cli["curve"]] == pytest.approx([p["kl"] for p in result["curve"]], rel=1e-5)
-    assert f"K = {shipped['k']}" in handlers.describe_search(result, "easy-vqa")
+    assert f"K = {shipped['k']}" in search.describe_search(result, "easy-vqa")
 
 
 def test_search_settings_for_a_real_checkpoint_and_a_search_that_stops(tiny_model_path):
     manager = ModelManager.load(str(tiny_model_path("llava", 8)), device="cpu")
-    settings = handlers.search_settings(manager)
+    settings = search.search_settings(manager)
     assert settings.calibration[0][1] == "bundled" and settings.criterion == "prompt"
     assert "paper" in settings.explanation
-    samples = handlers.calibration_for("bundled", ChatState())
+    samples = search.calibration_for("bundled", ChatState())
     reported = []
-    with pytest.raises(handlers.Cancelled, match="stopped after 2 of 20 samples"):
-        handlers.search_k_result(manager, samples, 0.003, lambda done, total: reported.append(done),
+    with pytest.raises(errors.Cancelled, match="stopped after 2 of 20 samples"):
+        search.search_k_result(manager, samples, 0.003, lambda done, total: reported.append(done),
                                  should_stop=lambda: len(reported) >= 1)  # fmt: skip
     assert reported == [1] and not manager.lock.locked()  # the device is free for the next request
     with pytest.raises(InputError, match="calibrate on"):
-        handlers.calibration_for("everything", ChatState())
+        search.calibration_for("everything", ChatState())
 
 
 # --- Video turns, on a tiny LLaVA-NeXT-Video (its processor takes images and videos) ---------------------------
@@ -430,9 +430,9 @@ def test_a_video_turn_answers_as_the_engine_does(video_manager, uploads, clip):
     from vtw_core.models.videos import read_video
 
     family = video_manager.info.family
-    state = handlers.add_turn(ChatState(), "What happens?", [], [uploads], [str(clip)], num_frames=3, family=family)
+    state = turns.add_turn(ChatState(), "What happens?", [], [uploads], [str(clip)], num_frames=3, family=family)
     assert state.turns[0].video_paths == [str(clip.resolve())] and state.turns[0].num_frames == 3
-    *_, (state, shown) = handlers.answer_last_turn(video_manager, state, 1, SamplingConfig(max_new_tokens=4))
+    *_, (state, shown) = turns.answer_last_turn(video_manager, state, 1, SamplingConfig(max_new_tokens=4))
     messages = [user_message("What happens?", num_images=0, num_videos=1)]
     video = read_video(clip, 3)
     for side, k in (("baseline", None), ("vtw", 1)):
@@ -443,36 +443,36 @@ def test_a_video_turn_answers_as_the_engine_does(video_manager, uploads, clip):
         assert stats["video_frames"] == 3 and stats["vision_tokens_per_frame"] == 4.0
     assert "| video frames | 3 | 3 | |" in shown["metrics"]
     assert "| vision tokens per frame | 4.0 | 4.0 | |" in shown["metrics"]
-    assert "video frames" not in handlers.metrics_table({})  # no video rows for an image turn
+    assert "video frames" not in metrics.metrics_table({})  # no video rows for an image turn
     assert {"role": "user", "content": {"path": str(clip.resolve())}} in state.display("vtw")
     # A follow-up without media keeps the video in the conversation, sampled as when it was asked.
-    handlers.add_turn(state, "And then?", [], [uploads], num_frames=64, family=family)
-    *_, (state, _) = handlers.answer_last_turn(video_manager, state, 1, SamplingConfig(max_new_tokens=2))
+    turns.add_turn(state, "And then?", [], [uploads], num_frames=64, family=family)
+    *_, (state, _) = turns.answer_last_turn(video_manager, state, 1, SamplingConfig(max_new_tokens=2))
     assert state.results["baseline"]["stats"]["video_frames"] == 3
-    result = handlers.benchmark_turn(video_manager, state, 1, "vtw", 1, max_new_tokens=2)
-    assert set(result["sides"]) == set(handlers.SIDES)
+    result = benchmark.benchmark_turn(video_manager, state, 1, "vtw", 1, max_new_tokens=2)
+    assert set(result["sides"]) == set(session.SIDES)
 
 
 def test_bad_videos_are_refused_and_leave_the_chat_unchanged(video_manager, uploads, clip, tmp_path_factory):
     family = video_manager.info.family
-    state = handlers.add_turn(ChatState(), "What?", [str(uploads / "image0.png")], [uploads], family=family)
+    state = turns.add_turn(ChatState(), "What?", [str(uploads / "image0.png")], [uploads], family=family)
     corrupt = uploads / "corrupt.mp4"
     corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
     outside = tmp_path_factory.mktemp("elsewhere") / "clip.mp4"
     outside.write_bytes(clip.read_bytes())
     cases = [
-        ([corrupt], 8, handlers.VideoRefused, r"not a readable video|no video stream|no decodable frames"),
+        ([corrupt], 8, media.VideoRefused, r"not a readable video|no video stream|no decodable frames"),
         ([clip], 65, InputError, "frame count must be from 1 to 64"),
         ([clip], 2.5, InputError, "frame count must be a whole number"),
-        ([outside], 8, handlers.VideoRefused, "only come from uploads"),
-        ([clip, clip], 8, handlers.VideoRefused, "at most 1 video"),
+        ([outside], 8, media.VideoRefused, "only come from uploads"),
+        ([clip, clip], 8, media.VideoRefused, "at most 1 video"),
     ]
     for paths, frames, error, message in cases:
         with pytest.raises(error, match=message):
-            handlers.add_turn(state, "And this?", [], [uploads], [str(path) for path in paths], frames, family)
+            turns.add_turn(state, "And this?", [], [uploads], [str(path) for path in paths], frames, family)
         assert len(state.turns) == 1 and state.turns[0].video_paths == []
     with pytest.raises(InputError, match="upload an image or a video with your first question"):
-        handlers.add_turn(ChatState(), "What?", [], [uploads], family=family)
+        turns.add_turn(ChatState(), "What?", [], [uploads], family=family)
 
 
 def test_an_image_only_model_refuses_a_video_turn(uploads, clip):
@@ -480,12 +480,12 @@ def test_an_image_only_model_refuses_a_video_turn(uploads, clip):
 
     default = ModelManager.load(require_model(None), device="cpu")  # the embedded default model: LLaVA-1.5
     state = ChatState()
-    with pytest.raises(handlers.VideoRefused, match=r"takes images only; videos work with .*LLaVA-NeXT-Video") as info:
-        handlers.add_turn(state, "What?", [], [uploads], [str(clip)], 8, default.info.family)
+    with pytest.raises(media.VideoRefused, match=r"takes images only; videos work with .*LLaVA-NeXT-Video") as info:
+        turns.add_turn(state, "What?", [], [uploads], [str(clip)], 8, default.info.family)
     assert "Qwen2-VL" in str(info.value) and state.turns == []
-    assert not handlers.takes_video(default)
+    assert not media.takes_video(default)
     # A video turn that reaches the model anyway is refused before any model work, with the same message.
-    state.turns.append(handlers.Turn("What?", [], [str(clip)], 4))
-    with pytest.raises(handlers.VideoRefused, match="takes images only"):
-        list(handlers.answer_last_turn(default, state, 2, SamplingConfig(max_new_tokens=2)))
+    state.turns.append(session.Turn("What?", [], [str(clip)], 4))
+    with pytest.raises(media.VideoRefused, match="takes images only"):
+        list(turns.answer_last_turn(default, state, 2, SamplingConfig(max_new_tokens=2)))
     assert state.answers == {"baseline": [], "vtw": []} and state.runs == 0 and state.settings is None

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from app import handlers
-from app.handlers import ChatState
+from app import attention, errors, search, turns
+from app.session import ChatState
 from vtw_core.cli import main as cli_main
 from vtw_core.errors import InputError, VTWError
 from vtw_core.generation.manager import ModelManager
@@ -36,18 +36,18 @@ def handler_cases(manager: ModelManager, image: str) -> list[tuple[str, object, 
     num_layers = manager.info.num_layers
 
     def compare(question="What?", k=2, tokens=4):
-        return lambda: handlers.compare_once(manager, image, question, k, tokens)
+        return lambda: turns.compare_once(manager, image, question, k, tokens)
 
     def answer(k):
         def run():
-            state = handlers.add_turn(ChatState(), "What?", [image], [Path(image).parent])
-            return list(handlers.answer_last_turn(manager, state, k, handlers.sampling_config(4, False, 1, 1, 0)))
+            state = turns.add_turn(ChatState(), "What?", [image], [Path(image).parent])
+            return list(turns.answer_last_turn(manager, state, k, turns.sampling_config(4, False, 1, 1, 0)))
 
         return run
 
     def sampling(**overrides):
         values = {"max_new_tokens": 8, "sample": True, "temperature": 0.7, "top_p": 0.9, "seed": 0, **overrides}
-        return lambda: handlers.sampling_config(**values)
+        return lambda: turns.sampling_config(**values)
 
     return [
         ("/compare question of 100,000 characters", compare("x" * 100_000), "at most 4,000 are accepted"),
@@ -71,11 +71,11 @@ def handler_cases(manager: ModelManager, image: str) -> list[tuple[str, object, 
         ("sampling top_p = 0", sampling(top_p=0), r"top_p must be in \(0, 1\]"),
         ("sampling seed = 2**70", sampling(seed=HUGE), "seed must be a whole number from 0 to"),
         ("sampling seed = -1", sampling(seed=-1), "seed must be a whole number from 0 to"),
-        ("Search K eta = 'x'", lambda: handlers.search_k_result(manager, [], "x"), "eta must be a number"),
-        ("Search K eta = Infinity", lambda: handlers.search_k_result(manager, [], INF), "eta must be a finite"),
-        ("Search K eta = -1", lambda: handlers.search_k_result(manager, [], -1), r"eta must be in \[0, 100\]"),
-        ("attention K = NaN", lambda: handlers.attention_report(manager, ChatState(), "vtw", NAN), "K must be a"),
-        ("method with a server path", lambda: handlers.accelerated_method("schedule:/srv/x/s.json", 2, num_layers),
+        ("Search K eta = 'x'", lambda: search.search_k_result(manager, [], "x"), "eta must be a number"),
+        ("Search K eta = Infinity", lambda: search.search_k_result(manager, [], INF), "eta must be a finite"),
+        ("Search K eta = -1", lambda: search.search_k_result(manager, [], -1), r"eta must be in \[0, 100\]"),
+        ("attention K = NaN", lambda: attention.attention_report(manager, ChatState(), "vtw", NAN), "K must be a"),
+        ("method with a server path", lambda: turns.accelerated_method("schedule:/srv/x/s.json", 2, num_layers),
          "cannot read the method 'schedule:s.json'"),
     ]  # fmt: skip
 
@@ -96,17 +96,17 @@ def test_every_bad_handler_input_gets_its_message(manager, image):
     for what, call, message in handler_cases(manager, image):
         with pytest.raises(InputError) as caught:
             call()
-        shown = handlers.error_message(caught.value)  # what the user reads
+        shown = errors.error_message(caught.value)  # what the user reads
         assert re.search(message, shown), (what, shown)
         assert not shown.startswith("Unexpected") and "/srv/" not in shown, what
     # The same manager still answers.
-    assert handlers.compare_once(manager, image, "What?", 2, 3)["vtw"]["k"] == 2
+    assert turns.compare_once(manager, image, "What?", 2, 3)["vtw"]["k"] == 2
 
 
 def test_a_refused_request_logs_one_line(manager, image, caplog):
     with caplog.at_level("WARNING", logger="vtw_chat"), pytest.raises(InputError) as caught:
-        handlers.compare_once(manager, image, "What?", NAN, 4)
-    handlers.log_failure(caught.value, "/compare")
+        turns.compare_once(manager, image, "What?", NAN, 4)
+    errors.log_failure(caught.value, "/compare")
     records = [record for record in caplog.records if record.name == "vtw_chat"]
     assert len(records) == 1 and records[0].exc_info is None and "K must be" in records[0].getMessage()
 
@@ -125,9 +125,9 @@ ANYTHING = st.one_of(
 @given(question=st.one_of(st.text(max_size=30), st.integers()), k=ANYTHING, tokens=ANYTHING)
 def test_compare_never_fails_unexpectedly(manager, image, question, k, tokens):
     try:
-        result = handlers.compare_once(manager, image, question, k, tokens)
+        result = turns.compare_once(manager, image, question, k, tokens)
     except VTWError as error:
-        assert not handlers.error_message(error).startswith("Unexpected")
+        assert not errors.error_message(error).startswith("Unexpected")
     else:
         assert result["vtw"]["k"] == k and 1 <= result["vtw"]["stats"]["new_tokens"] <= tokens
 
@@ -136,13 +136,13 @@ def test_compare_never_fails_unexpectedly(manager, image, question, k, tokens):
 @given(tokens=ANYTHING, sample=ANYTHING, temperature=ANYTHING, top_p=ANYTHING, seed=ANYTHING, eta=ANYTHING)
 def test_parameter_panel_never_fails_unexpectedly(tokens, sample, temperature, top_p, seed, eta):
     for call in (
-        lambda: handlers.sampling_config(tokens, sample, temperature, top_p, seed),
-        lambda: handlers.check_eta(eta),
+        lambda: turns.sampling_config(tokens, sample, temperature, top_p, seed),
+        lambda: search.check_eta(eta),
     ):
         try:
             call()
         except VTWError as error:
-            assert not handlers.error_message(error).startswith("Unexpected")
+            assert not errors.error_message(error).startswith("Unexpected")
 
 
 def call_raw(url: str, api: str, body: str) -> str:
@@ -284,7 +284,7 @@ def print_table() -> None:
                 call()
                 outcome = "(accepted)"
             except Exception as error:
-                outcome = handlers.error_message(error)
+                outcome = errors.error_message(error)
             print(f"| {what} | {outcome[:110]} | {(time.perf_counter() - start) * 1000:.1f} |")
 
 

@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 
 from vtw_core.models.defaults import default_model
+from vtw_core.models.processors import load_processor
 from vtw_core.models.prompts import build_model_inputs, reserved_strings, user_message
-from vtw_core.testing.tiny import SUPPORTED_TINY_FAMILIES, build_tiny_processor, load_processor
+from vtw_core.testing.tiny import SUPPORTED_TINY_FAMILIES, build_tiny_processor
 
 FAMILIES = list(SUPPORTED_TINY_FAMILIES)  # every family the engine runs, through its real processor class
 INJECTION = (

@@ -159,7 +159,7 @@ def test_stream_batch_rows_equal_single_requests_on_every_family(tiny_model_path
 
 
 def test_the_server_takes_as_many_images_per_message_as_the_app():
-    from app.handlers import MAX_IMAGES_PER_TURN
+    from app.media import MAX_IMAGES_PER_TURN
     from vtw_core.serve.protocol import MAX_IMAGES_PER_MESSAGE
 
     assert MAX_IMAGES_PER_MESSAGE == MAX_IMAGES_PER_TURN

@@ -253,7 +253,7 @@ def test_the_server_keeps_serving_after_errors(client):
 
 def test_the_app_answers_through_the_server_as_it_does_in_process(server, manager):
     """`python app.py --backend-url`: the chat's handlers on the server give the in-process answers and stats."""
-    from app import handlers
+    from app import search, session, turns
     from app.remote import RemoteManager
 
     remote = RemoteManager(server)
@@ -269,19 +269,19 @@ def test_the_app_answers_through_the_server_as_it_does_in_process(server, manage
     }
     results = {}
     for name, (backend, mode, method) in runs.items():
-        state = handlers.add_turn(handlers.ChatState(), "what is the red shape?", [str(EXAMPLES / "easyvqa-0.png")],
+        state = turns.add_turn(session.ChatState(), "what is the red shape?", [str(EXAMPLES / "easyvqa-0.png")],
                                   roots)  # fmt: skip
-        for _ in handlers.answer_last_turn(backend, state, 9, sampling, mode, method=method):
+        for _ in turns.answer_last_turn(backend, state, 9, sampling, mode, method=method):
             pass
         results[name] = state.results
     for name, reference in (("remote", "local"), ("race", "local"), ("fastv", "fastv-local")):
-        for side in handlers.SIDES:
+        for side in session.SIDES:
             got, expected = results[name][side], results[reference][side]
             assert got["text"] == expected["text"] and got["token_ids"] == expected["token_ids"], (name, side)
             for key in ("prefill_flops", "kv_cache_bytes", "k", "prompt_tokens", "new_tokens"):
                 assert got["stats"][key] == expected["stats"][key], (name, side, key)
     with pytest.raises(InputError, match="backend-url"):
-        handlers.search_k_result(remote, [], 0.003)
+        search.search_k_result(remote, [], 0.003)
 
 
 def test_remote_image_urls_work_only_when_allowed(manager, tmp_path):

@@ -203,7 +203,7 @@ def test_bench_cli_runs_a_synthetic_video_row(capsys, tiny_model_path):
 
 
 def test_app_video_upload_handler(clip_path, tmp_path):
-    from app.handlers import format_video_stats, read_video_upload
+    from app.media import format_video_stats, read_video_upload
 
     video = read_video_upload(clip_path, 5, [clip_path.parent])
     assert len(video.frames) == 5
@@ -242,7 +242,7 @@ def test_frames_follow_the_image_processor_without_saved_video_settings(tiny_mod
     import json
     import shutil
 
-    from vtw_core.testing.tiny import load_processor
+    from vtw_core.models.processors import load_processor
 
     folder = tmp_path / family
     shutil.copytree(tiny_model_path(family), folder)

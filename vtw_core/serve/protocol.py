@@ -27,7 +27,7 @@ from vtw_core.models.images import MAX_IMAGE_BYTES, load_image
 from vtw_core.models.prompts import Message
 from vtw_core.serve.errors import bad_request
 
-# The app takes at most 4 images per turn (app.handlers.MAX_IMAGES_PER_TURN; a test keeps the two equal).
+# The app takes at most 4 images per turn (app.media.MAX_IMAGES_PER_TURN; a test keeps the two equal).
 MAX_IMAGES_PER_MESSAGE = 4
 MAX_MESSAGES = 64  # far more turns than any context holds; refuses absurd bodies before any work
 MAX_STOP_SEQUENCES = 4  # as OpenAI

@@ -1,0 +1,96 @@
+"""The events of the accordions below the chat: Search K, "Benchmark this turn" and the attention analysis.
+
+Search K and the benchmark take a ticket outside the queue first, as a chat turn does, so Stop (or leaving
+the page) cancels them whether they run or still wait for the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import gradio as gr
+
+from app.attention import describe_attention
+from app.benchmark import describe_benchmark
+from app.errors import log_failure
+from app.search import calibration_for, describe_search
+from app.ui.context import ON_DEVICE, PRIVATE, PageContext, method_of
+from app.ui.layout import Page
+from vtw_core.analysis.k_search import check_eta
+from vtw_core.analysis.plots import attention_figure, kl_curve_figure
+
+
+def wire_panels(context: PageContext, page: Page) -> None:
+    sessions, activity = context.sessions, context.activity
+    states, ask, status = page.states, page.ask, page.panes.status
+
+    def take_ticket(request: gr.Request) -> tuple[int | None, str]:
+        return sessions.issue(request.session_hash), context.queued_note()
+
+    def after_ticket(button: gr.Button, work: Callable[..., Any], inputs: list[Any], outputs: list[Any]) -> None:
+        """`button` takes a ticket into `job_ticket` outside the queue, then `work` runs on the device with it."""
+        button.click(take_ticket, None, [states.job_ticket, status], queue=False, **PRIVATE).then(
+            work, [states.job_ticket, *inputs], outputs, **ON_DEVICE, **PRIVATE
+        )
+
+    def on_search(number, source, over, eta_value, chat, k_value, request: gr.Request, progress=gr.Progress()):
+        session = request.session_hash
+        try:
+            progress(0, desc="K search")
+            eta_checked = check_eta(eta_value)
+            samples = calibration_for(source, chat)
+            stop = sessions.flag(session, number)
+            with activity.running("a K search"):
+                result = context.device.search(
+                    samples, eta_checked, lambda done, total: progress((done, total)), over, stop.is_set
+                )
+        except Exception as error:
+            message = log_failure(error, "Search K")
+            return gr.Slider(value=k_value), f"⚠️ {message}", None, ""
+        new_k = result["k"] if result["k"] is not None else k_value
+        return gr.Slider(value=new_k), describe_search(result, source), kl_curve_figure(result), ""
+
+    search = page.search
+    after_ticket(
+        search.button,
+        on_search,
+        [search.source, search.criterion, search.eta, states.chat, ask.k],
+        [ask.k, search.result, search.plot, status],
+    )
+
+    def on_benchmark(number, chat, k_value, choice, ratio, runs, tokens, request: gr.Request):
+        stop = sessions.flag(request.session_hash, number)
+        try:
+            with activity.running("a benchmark"):
+                result = context.device.benchmark(chat, k_value, method_of(choice, ratio), runs, tokens, stop)
+        except Exception as error:
+            return f"⚠️ {log_failure(error, 'benchmark')}", ""
+        return describe_benchmark(result), ""
+
+    timing = page.timing
+    after_ticket(
+        timing.button,
+        on_benchmark,
+        [states.chat, ask.k, ask.method, ask.fastv_ratio, timing.repeats, page.params.max_new_tokens],
+        [timing.result, status],
+    )
+
+    def on_attention(chat, side, k_value):
+        try:
+            with activity.running("an attention analysis"):
+                report = context.device.attention(chat, side, k_value)
+        except Exception as error:
+            message = log_failure(error, "attention")
+            return f"⚠️ {message}", None, None
+        output_plot = attention_figure(report, "generated") if report["generated"] else None
+        return describe_attention(report), attention_figure(report, "prompt"), output_plot
+
+    attention = page.attention
+    attention.button.click(
+        on_attention,
+        [states.chat, attention.side, ask.k],
+        [attention.result, attention.prompt_plot, attention.output_plot],
+        **ON_DEVICE,
+        **PRIVATE,
+    )
