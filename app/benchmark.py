@@ -16,8 +16,8 @@ from app.session import SIDES, ChatState, TurnSettings
 from app.turns import accelerated_method, run_order, side_request
 from vtw_core.analysis.units import format_ratio, format_seconds
 from vtw_core.errors import InputError
-from vtw_core.generation.generate import SamplingConfig
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import SamplingConfig
 from vtw_core.validation import check_int, check_k
 
 

@@ -23,8 +23,8 @@ from PIL import Image
 from vtw_core.engine.schedules import Schedule
 from vtw_core.errors import InputError, ResourceError, VTWError
 from vtw_core.generation.concurrent import interleave
-from vtw_core.generation.generate import GenerationResult, GenerationStats, SamplingConfig, StreamEvent
 from vtw_core.generation.manager import ModelInfo
+from vtw_core.generation.types import GenerationResult, GenerationStats, SamplingConfig, StreamEvent
 from vtw_core.models.prompts import Message
 
 STATS_FIELDS = {field.name for field in fields(GenerationStats)}

@@ -16,8 +16,8 @@ from app.metrics import counters, footer
 from app.session import SIDES, ChatState, RunMode, Turn, TurnSettings, fastv_layer
 from vtw_core.engine.methods import Method, parse_method
 from vtw_core.errors import InputError
-from vtw_core.generation.generate import SamplingConfig
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import SamplingConfig
 from vtw_core.models.families import VIDEO_FAMILIES
 from vtw_core.models.images import load_image
 from vtw_core.models.prompts import user_message

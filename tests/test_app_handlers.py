@@ -10,8 +10,8 @@ from PIL import Image
 from app import attention, benchmark, errors, media, metrics, search, session, turns
 from app.session import ChatState
 from vtw_core.errors import InputError, ResourceError
-from vtw_core.generation.generate import SamplingConfig
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import SamplingConfig
 from vtw_core.models.prompts import user_message
 
 

@@ -6,7 +6,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from vtw_core.generation.generate import SamplingConfig
+from vtw_core.generation.types import SamplingConfig
 from vtw_core.models.prompts import user_message
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vtw_core.generation.generate import GenerationStats, SamplingConfig, generate_batch
+from vtw_core.generation.generate import generate_batch
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import GenerationStats, SamplingConfig
 from vtw_core.integrations.cost import sample_costs, summarize
 from vtw_core.models.prompts import user_message
 

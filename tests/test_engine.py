@@ -16,7 +16,8 @@ from vtw_core.benchmarks.bench import synthetic_inputs
 from vtw_core.engine.decoder import decode_step, prefill, withdrawal_selector
 from vtw_core.engine.embed import embed_prompt
 from vtw_core.errors import InputError, UnsupportedModelError
-from vtw_core.generation.generate import SamplingConfig, generate_tokens
+from vtw_core.generation.generate import generate_tokens
+from vtw_core.generation.types import SamplingConfig
 from vtw_core.models.families import language_model, vision_token_ids
 from vtw_core.models.prompts import processor_images
 from vtw_core.testing.tiny import SUPPORTED_TINY_FAMILIES, build_tiny_processor, tiny_config

@@ -8,6 +8,7 @@ import re
 from vtw_core.benchmarks.evaluate import evaluate_side, load_items, train_calibration
 from vtw_core.cli import main
 from vtw_core.generation.manager import ModelManager
+from vtw_core.training.data import load_split as load_train_images
 from vtw_core.training.easyvqa import (
     answer_sentence,
     answers,
@@ -17,7 +18,6 @@ from vtw_core.training.easyvqa import (
     normalise,
     predicted_answer,
 )
-from vtw_core.training.train_default import load_split as load_train_images
 
 
 def test_easy_vqa_is_available_offline():

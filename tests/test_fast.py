@@ -10,7 +10,8 @@ from vtw_core.engine.decoder import decode_step, prefill, withdrawal_selector
 from vtw_core.engine.embed import embed_prompt
 from vtw_core.engine.fast_decode import fast_state_from_prefill, static_decode_step
 from vtw_core.errors import InputError
-from vtw_core.generation.generate import GenerationStats, SamplingConfig, auto_engine, generate_tokens
+from vtw_core.generation.generate import auto_engine, generate_tokens
+from vtw_core.generation.types import GenerationStats, SamplingConfig
 
 
 def tokens(model, inputs, k, engine, sampling=SamplingConfig(max_new_tokens=10)):

@@ -11,7 +11,8 @@ from vtw_core.engine.decoder import prefill, withdrawal_selector
 from vtw_core.engine.embed import embed_prompt
 from vtw_core.engine.schedules import Schedule
 from vtw_core.errors import InputError
-from vtw_core.generation.generate import GenerationStats, SamplingConfig, generate_tokens
+from vtw_core.generation.generate import generate_tokens
+from vtw_core.generation.types import GenerationStats, SamplingConfig
 
 
 def generated(model, inputs, k, engine="plain", prefill_engine="plain", schedule=None, steps=8):

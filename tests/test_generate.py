@@ -12,8 +12,9 @@ from vtw_core.engine import flops
 from vtw_core.engine.decoder import decode_step, prefill, withdrawal_selector
 from vtw_core.engine.embed import embed_prompt
 from vtw_core.errors import InputError, VTWError
-from vtw_core.generation.generate import SamplingConfig, generate_batch
+from vtw_core.generation.generate import generate_batch
 from vtw_core.generation.manager import ModelManager, resolve_attention, resolve_dtype, searched_k
+from vtw_core.generation.types import SamplingConfig
 from vtw_core.models.prompts import assistant_message, build_model_inputs, user_message
 
 FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]

@@ -8,9 +8,9 @@ import torch
 from vtw_core.engine.decoder import Withdrawal, prefill
 from vtw_core.engine.embed import embed_prompt
 from vtw_core.errors import InputError
-from vtw_core.generation.generate import GenerationStats
 from vtw_core.generation.likelihood import continuation_logprobs
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import GenerationStats
 from vtw_core.models.prompts import build_model_inputs, user_message
 
 

@@ -21,7 +21,8 @@ from vtw_core.engine.decoder import prefill
 from vtw_core.engine.embed import embed_prompt
 from vtw_core.engine.schedules import Schedule, ScheduleSelector
 from vtw_core.errors import InputError
-from vtw_core.generation.generate import GenerationStats, SamplingConfig, generate_tokens
+from vtw_core.generation.generate import generate_tokens
+from vtw_core.generation.types import GenerationStats, SamplingConfig
 from vtw_core.models.configs import shipped_config_path
 
 N = 4

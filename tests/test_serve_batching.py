@@ -10,8 +10,8 @@ from PIL import Image
 
 from vtw_core.engine.methods import parse_method
 from vtw_core.errors import InputError
-from vtw_core.generation.generate import SamplingConfig, StreamEvent
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import SamplingConfig, StreamEvent
 from vtw_core.models.defaults import require_model
 from vtw_core.models.prompts import user_message
 from vtw_core.serve.batching import Batcher, Job

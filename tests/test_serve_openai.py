@@ -19,8 +19,8 @@ from PIL import Image
 
 from vtw_core.cli import main as cli_main
 from vtw_core.errors import InputError
-from vtw_core.generation.generate import SamplingConfig
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import SamplingConfig
 from vtw_core.models.defaults import require_model
 from vtw_core.models.prompts import assistant_message, user_message
 from vtw_core.serve.readiness import wait_until_ready

@@ -13,8 +13,8 @@ import yaml
 from conftest import free_port
 from PIL import Image
 
-from vtw_core.generation.generate import SamplingConfig
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import SamplingConfig
 from vtw_core.models.defaults import require_model
 from vtw_core.models.prompts import user_message
 

@@ -10,14 +10,9 @@ from vtw_core.engine.decoder import TokenState, extend, prefill, run_decoder, wi
 from vtw_core.engine.embed import embed_prompt
 from vtw_core.engine.schedules import Schedule
 from vtw_core.engine.shared_prefill import shared_prefix_length
-from vtw_core.generation.generate import (
-    SamplingConfig,
-    _prefill,
-    generate_batch,
-    method_selector,
-    prompt_inputs_within_context,
-)
+from vtw_core.generation.generate import _prefill, generate_batch, method_selector, prompt_inputs_within_context
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import SamplingConfig
 from vtw_core.models.prompts import user_message
 from vtw_core.training.easyvqa import VQAItem
 

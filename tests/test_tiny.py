@@ -12,15 +12,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import is_torchvision_available
 
+from vtw_core.models.processors import load_processor
 from vtw_core.models.prompts import count_image_items, processor_images
-from vtw_core.testing import tiny
+from vtw_core.testing import tiny, tokenizers
 from vtw_core.testing.tiny import (
     QWEN_IDS,
     SUPPORTED_TINY_FAMILIES,
     VOCAB_SIZE,
     build_tiny_model,
     build_tiny_tokenizer,
-    load_processor,
     tiny_config,
 )
 
@@ -228,8 +228,8 @@ def test_same_seed_same_weights(family, tmp_path, tiny_model_path):
     first = build_tiny_model(family, tmp_path / "a", seed=0)
     torch.rand(3)  # unrelated RNG use in between must not matter
     # Retrain the tokenizers too (they are cached per process), so their determinism is checked as well.
-    tiny._llama_vocab_and_merges.cache_clear()
-    tiny._qwen_vocab_and_merges.cache_clear()
+    tokenizers._llama_vocab_and_merges.cache_clear()
+    tokenizers._qwen_vocab_and_merges.cache_clear()
     second = build_tiny_model(family, tmp_path / "b", seed=0)
     other = build_tiny_model(family, tmp_path / "c", seed=1)
     assert weights_digest(first) == weights_digest(second) == weights_digest(tiny_model_path(family))

@@ -10,21 +10,19 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from vtw_core.training.easyvqa import COLOURS, SHAPES, image_attributes, load_split, yes_no_subject
-from vtw_core.training.train_default import (
+from vtw_core.training.data import (
     MAX_SHIFT,
-    VISION_TOKENS,
     _batch,
     augment,
-    build_config,
     build_processor,
     encode_image_questions,
-    packed_loss,
     rebalance_yes_no,
-    segment_mask,
     training_replies,
 )
-from vtw_core.training.train_default import load_split as load_images
+from vtw_core.training.data import load_split as load_images
+from vtw_core.training.easyvqa import COLOURS, SHAPES, image_attributes, load_split, yes_no_subject
+from vtw_core.training.loss import packed_loss, segment_mask
+from vtw_core.training.model import VISION_TOKENS, build_config
 
 
 def test_yes_no_subject():

@@ -125,8 +125,8 @@ def test_video_slots_must_match_videos(sample_images):
 
 @pytest.mark.parametrize("family", ["video_llava", "qwen2_5_vl", "internvl"])
 def test_manager_answers_about_a_video_with_frame_stats(tiny_model_path, clip_path, family):
-    from vtw_core.generation.generate import SamplingConfig
     from vtw_core.generation.manager import ModelManager
+    from vtw_core.generation.types import SamplingConfig
 
     manager = ModelManager.load(str(tiny_model_path(family)), device="cpu")
     video = read_video(clip_path, 4)
@@ -171,7 +171,8 @@ def test_synthetic_video_prompt_is_what_the_stock_model_takes(family):
     from transformers import AutoModelForImageTextToText
 
     from vtw_core.benchmarks.bench import synthetic_video_inputs
-    from vtw_core.generation.generate import SamplingConfig, generate_tokens
+    from vtw_core.generation.generate import generate_tokens
+    from vtw_core.generation.types import SamplingConfig
     from vtw_core.testing.tiny import tiny_config
 
     torch.manual_seed(0)

@@ -192,7 +192,8 @@ def search_k(
 
 def greedy_reply(model: nn.Module, processor: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The unchanged model's greedy reply to one prompt, up to and including its end token: (1, T)."""
-    from vtw_core.generation.generate import SamplingConfig, generate_tokens
+    from vtw_core.generation.generate import generate_tokens
+    from vtw_core.generation.types import SamplingConfig
 
     eos = eos_token_ids_of(model, processor)
     tokens = []

@@ -18,7 +18,8 @@ from torch import nn
 from vtw_core.analysis.k_search import CalibrationSample, KSearchResult, search_k
 from vtw_core.engine.schedules import Schedule
 from vtw_core.errors import InputError
-from vtw_core.generation.generate import GenerationStats, SamplingConfig, generate_batch
+from vtw_core.generation.generate import generate_batch
+from vtw_core.generation.types import GenerationStats, SamplingConfig
 from vtw_core.models.families import num_decoder_layers
 from vtw_core.models.images import load_image
 from vtw_core.models.prompts import user_message

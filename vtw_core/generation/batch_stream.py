@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,31 +24,18 @@ from torch import nn
 from vtw_core.engine import flops
 from vtw_core.engine.decoder import PositionMode
 from vtw_core.engine.schedules import Schedule
-from vtw_core.errors import ResourceError
-from vtw_core.generation.generate import (
-    DecodeEngine,
-    GenerationStats,
-    SamplingConfig,
-    StreamEvent,
-    _synchronize,
-    _TextCollector,
-    _vision_flops,
-    generate_tokens,
-    prompt_inputs_within_context,
+from vtw_core.generation.generate import DecodeEngine, conversation_tokens
+from vtw_core.generation.streaming import (
+    TextStream,
+    end_reason,
+    out_of_memory_as_resource_error,
+    record_token_time,
+    request_stats,
+    synchronize,
 )
+from vtw_core.generation.types import GenerationStats, SamplingConfig, StreamEvent
 from vtw_core.models.families import num_decoder_layers, vision_token_ids
-from vtw_core.models.prompts import Message, eos_token_ids_of, pad_token_id_of
-
-
-@dataclass
-class _Row:
-    """One conversation's progress inside the batch."""
-
-    stats: GenerationStats
-    collector: _TextCollector
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    done: bool = False
+from vtw_core.models.prompts import Message
 
 
 def _row_vision_flops(config: Any, model_inputs: dict[str, torch.Tensor], first: int, count: int) -> int:
@@ -61,7 +47,7 @@ def _row_vision_flops(config: Any, model_inputs: dict[str, torch.Tensor], first:
         value = model_inputs.get(name)
         if value is not None:
             sliced[name] = value[first : first + count]
-    return _vision_flops(config, sliced)
+    return flops.request_vision_flops(config, sliced)
 
 
 def stream_generate_batch(
@@ -84,32 +70,29 @@ def stream_generate_batch(
     """
     start = time.perf_counter()
     device = model.device
-    num_layers = num_decoder_layers(model.config)
     tokenizer = getattr(processor, "tokenizer", processor)
-    pad = pad_token_id_of(processor)
-    eos_ids = eos_token_ids_of(model, processor)
-    batch_stats = GenerationStats(k=k, num_layers=num_layers)
+    batch_stats = GenerationStats(k=k, num_layers=num_decoder_layers(model.config))
     tokens_per_row: list[list[int]] = []
-    try:
-        model_inputs = prompt_inputs_within_context(model, processor, conversations, images, sampling)
-        rows = _new_rows(model, tokenizer, model_inputs, images, k)
-        steps = generate_tokens(
+    advice = "try fewer concurrent requests, a smaller image or fewer new tokens"
+    with out_of_memory_as_resource_error(device, advice):
+        model_inputs, eos_ids, steps = conversation_tokens(
             model,
-            model_inputs,
+            processor,
+            conversations,
+            images,
+            sampling=sampling,
             k=k,
             position_mode=position_mode,
-            sampling=sampling,
-            eos_token_ids=eos_ids,
-            pad_token_id=pad,
             stop_event=stop_event,
             stats=batch_stats,
             engine=engine,
             schedule=schedule,
             tokens_per_row=tokens_per_row,
         )
+        rows = _new_rows(model, tokenizer, model_inputs, images, k)
         dims = flops.DecoderDims.from_config(model.config)
         for tokens in steps:
-            _synchronize(device)
+            synchronize(device)
             now = time.perf_counter() - start
             for index, row in enumerate(rows):
                 if row.done:
@@ -117,25 +100,19 @@ def stream_generate_batch(
                 event = _advance(row, int(tokens[index]), now, eos_ids, dims, tokens_per_row[index], batch_stats)
                 yield index, event
                 if row.done:
-                    yield index, _finish(row, row.stats.finish_reason)
-    except torch.OutOfMemoryError as error:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        raise ResourceError(
-            "the device ran out of memory; try fewer concurrent requests, a smaller image or fewer new tokens"
-        ) from error
-    stopped = stop_event is not None and stop_event.is_set()
-    _synchronize(device)
+                    yield index, row.finish(row.stats.finish_reason)
+    reason = end_reason(stop_event)
+    synchronize(device)
     for index, row in enumerate(rows):
         if not row.done:
             row.stats.total_s = time.perf_counter() - start
-            yield index, _finish(row, "stopped" if stopped else "length")
+            yield index, row.finish(reason)
 
 
 def _new_rows(
     model: nn.Module, tokenizer: Any, model_inputs: dict[str, torch.Tensor], images: list[list[Image.Image]], k
-) -> list[_Row]:
-    """Per-row stats with the row's own prompt, vision tokens and vision-tower FLOPs."""
+) -> list[TextStream]:
+    """Per-row streams whose stats hold the row's own prompt, vision tokens and vision-tower FLOPs."""
     mask = model_inputs.get("attention_mask")
     input_ids = model_inputs["input_ids"]
     if mask is None:
@@ -144,23 +121,20 @@ def _new_rows(
     vision = vision & mask.bool()
     rows, first_image = [], 0
     for index, row_images in enumerate(images):
-        stats = GenerationStats(
-            k=k,
-            num_layers=num_decoder_layers(model.config),
-            device=str(model.device),
-            dtype=str(model.dtype).removeprefix("torch."),
-            attention=model.config.get_text_config()._attn_implementation,
+        stats = request_stats(
+            model,
+            k,
             prompt_tokens=int(mask[index].sum()),
             vision_tokens=int(vision[index].sum()),
             vision_flops=_row_vision_flops(model.config, model_inputs, first_image, len(row_images)),
         )
         first_image += len(row_images)
-        rows.append(_Row(stats, _TextCollector(tokenizer)))
+        rows.append(TextStream(stats, tokenizer))
     return rows
 
 
 def _advance(
-    row: _Row,
+    row: TextStream,
     token: int,
     now: float,
     eos_ids: set[int],
@@ -171,36 +145,15 @@ def _advance(
     """Take the row's next token: text, timings and the FLOPs and KV bytes of its tokens so far."""
     stats = row.stats
     stats.engine = batch_stats.engine
-    row.token_ids.append(token)
-    stats.new_tokens = len(row.token_ids)
-    if stats.ttft_s is None:
-        stats.ttft_s = now
-    stats.total_s = now
-    if stats.new_tokens > 1 and now > stats.ttft_s:
-        stats.decode_tokens_per_s = (stats.new_tokens - 1) / (now - stats.ttft_s)
+    stats.new_tokens = len(row.token_ids) + 1  # this token included
+    record_token_time(stats, now)
     # A row's decode steps come after its first token; its cache holds the prompt plus the tokens fed back.
     steps = stats.new_tokens - 1
     stats.prefill_flops = flops.prefill_flops(dims, layers)
     stats.decode_flops = flops.decode_flops(dims, layers, steps)
     bytes_per_token = 2 * dims.num_kv_heads * dims.head_dim * _element_size(stats.dtype)
     stats.kv_cache_bytes = sum(count + steps for count in layers) * bytes_per_token
-    if token in eos_ids:
-        stats.finish_reason = "eos"
-        row.done = True
-    else:
-        row.collector.put(torch.tensor([token]))
-    delta = row.collector.take()
-    row.text += delta
-    return StreamEvent(delta, row.text, list(row.token_ids), stats)
-
-
-def _finish(row: _Row, reason: str | None) -> StreamEvent:
-    row.done = True
-    row.stats.finish_reason = reason
-    row.collector.end()
-    delta = row.collector.take()
-    row.text += delta
-    return StreamEvent(delta, row.text, list(row.token_ids), row.stats, finished=True)
+    return row.add(token, eos_ids)
 
 
 def _element_size(dtype_name: str) -> int:

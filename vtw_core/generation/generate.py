@@ -3,6 +3,8 @@
 `stream_generate` is what the app and the CLI use: it yields a `StreamEvent` per new token with the text
 delta and live stats. Timing starts when the request arrives, so time to first token includes image
 preprocessing, the vision tower and prefill; the device is synchronised before every clock reading.
+The values it passes around (`SamplingConfig`, `GenerationStats`, ...) are in `types`, the bookkeeping it
+shares with batched streaming in `streaming`.
 """
 
 from __future__ import annotations
@@ -10,16 +12,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 from PIL import Image
 from torch import nn
-from transformers import LogitsProcessorList, TextStreamer
+from transformers import LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from vtw_core import validation
 from vtw_core.engine import flops
 from vtw_core.engine.decoder import (
     DecodeState,
@@ -34,116 +34,22 @@ from vtw_core.engine.fast_decode import GraphedDecodeStep, fast_state_from_prefi
 from vtw_core.engine.fast_prefill import PrefillEngine, fast_prefill
 from vtw_core.engine.schedules import Schedule, ScheduleSelector
 from vtw_core.engine.shared_prefill import shared_prefill, why_not_shared
-from vtw_core.errors import InputError, ResourceError
+from vtw_core.errors import InputError
+from vtw_core.generation.streaming import (
+    TextStream,
+    end_reason,
+    out_of_memory_as_resource_error,
+    record_token_time,
+    request_stats,
+    synchronize,
+)
+from vtw_core.generation.types import GenerationResult, GenerationStats, SamplingConfig, StreamEvent
 from vtw_core.models.families import num_decoder_layers
 from vtw_core.models.prompts import Message, build_model_inputs, eos_token_ids_of, pad_token_id_of
 from vtw_core.models.videos import Video
 
 DecodeEngine = Literal["auto", "plain", "static", "graph"]
 PrefillChoice = PrefillEngine | Literal["shared"]
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Greedy by default, so baseline and VTW answers are comparable token for token."""
-
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Every field checked (finite, integral where needed, in range); integral floats become ints."""
-        checked = {
-            "max_new_tokens": validation.check_max_new_tokens(self.max_new_tokens),
-            "temperature": validation.check_float(self.temperature, "temperature", 0, 100),
-            "top_p": validation.check_float(self.top_p, "top_p", 0, 1, low_inclusive=False),
-            "top_k": validation.check_int(self.top_k, "top_k", 0, 1_000_000),
-            "seed": validation.check_seed(self.seed),
-        }
-        if not isinstance(self.do_sample, bool):
-            raise InputError(f"do_sample must be true or false, got {self.do_sample!r}")
-        if self.do_sample and checked["temperature"] == 0:
-            raise InputError("temperature must be > 0 when sampling (0 means greedy: turn sampling off)")
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)  # frozen: normalise once, at construction
-
-
-@dataclass
-class GenerationStats:
-    """Per-request measurements. FLOPs are analytic (vtw_core.engine.flops) for the tokens actually processed."""
-
-    k: int | None
-    num_layers: int
-    engine: str = "plain"
-    prefill_engine: str = "plain"
-    device: str = "cpu"
-    dtype: str = "float32"
-    attention: str = "sdpa"
-    prompt_tokens: int = 0
-    vision_tokens: int = 0  # image and video tokens
-    video_frames: int = 0  # frames sampled from the request's videos
-    video_tokens: int = 0
-    vision_tokens_per_frame: float | None = None  # video tokens / frames (None without video)
-    new_tokens: int = 0
-    ttft_s: float | None = None
-    total_s: float | None = None
-    decode_tokens_per_s: float | None = None
-    prefill_flops: int = 0
-    vision_flops: int = 0
-    decode_flops: int = 0
-    kv_cache_bytes: int = 0
-    peak_memory_bytes: int | None = None
-    finish_reason: str | None = None  # "eos", "length" or "stopped"
-    # Batches: each row's own share of the counts above (the sums), so callers can report per request.
-    prompt_tokens_per_row: list[int] = field(default_factory=list)
-    vision_tokens_per_row: list[int] = field(default_factory=list)
-    prefill_flops_per_row: list[int] = field(default_factory=list)
-    decode_flops_per_row: list[int] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class StreamEvent:
-    text_delta: str
-    text: str
-    token_ids: list[int]
-    stats: GenerationStats
-    finished: bool = False
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    stats: GenerationStats = field(repr=False)
-
-
-class _TextCollector(TextStreamer):
-    """transformers' streamer decides where words end; we collect its text instead of printing it."""
-
-    def __init__(self, tokenizer: Any):
-        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
-        self.pending = ""
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        self.pending += text
-
-    def take(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -158,20 +64,6 @@ def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torc
     return torch.multinomial(probabilities, 1, generator=generator)[:, 0]
 
 
-def _vision_flops(config: Any, model_inputs: dict[str, torch.Tensor]) -> int:
-    """FLOPs of the vision tower and projector for the images and videos in this request."""
-    return flops.request_vision_flops(config, model_inputs)
-
-
-def _check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if limit is not None and prompt_tokens + max_new_tokens > limit:
-        raise InputError(
-            f"the prompt has {prompt_tokens} tokens; with {max_new_tokens} new tokens it exceeds the model's "
-            f"context of {limit} tokens"
-        )
-
-
 def prompt_inputs_within_context(
     model: nn.Module,
     processor: Any,
@@ -183,16 +75,27 @@ def prompt_inputs_within_context(
     """The processor's batch on the model's device and dtype, refused early if the prompt and the new tokens
     do not fit the model's context."""
     model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype, videos=videos)
-    _check_context(model, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
+    prompt_tokens, max_new_tokens = model_inputs["input_ids"].shape[1], sampling.max_new_tokens
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise InputError(
+            f"the prompt has {prompt_tokens} tokens; with {max_new_tokens} new tokens it exceeds the model's "
+            f"context of {limit} tokens"
+        )
     return model_inputs
+
+
+def check_method(k: int | None, schedule: Schedule | None) -> None:
+    """A request names one method at most: VTW at K or a schedule."""
+    if k is not None and schedule is not None:
+        raise InputError("pass either K (VTW) or a schedule, not both")
 
 
 def method_selector(model: nn.Module, k: int | None, schedule: Schedule | None) -> TokenSelector | None:
     """The token selector of one request: VTW at K, or a per-layer schedule; None for the unchanged model."""
     num_layers = num_decoder_layers(model.config)
+    check_method(k, schedule)
     if schedule is not None:
-        if k is not None:
-            raise InputError("pass either K (VTW) or a schedule, not both")
         return ScheduleSelector(model, schedule, num_layers)  # per request: it holds ranking rows
     return withdrawal_selector(k, num_layers)
 
@@ -251,7 +154,7 @@ def generate_tokens(
         stats.vision_tokens = sum(stats.vision_tokens_per_row)
         stats.prefill_flops = sum(stats.prefill_flops_per_row)
         stats.decode_flops_per_row = [0] * rows
-        stats.vision_flops = _vision_flops(model.config, model_inputs)
+        stats.vision_flops = flops.request_vision_flops(model.config, model_inputs)
         stats.kv_cache_bytes = state.kv_cache_bytes()
 
     decode = _decoder_for(model, state, engine, sampling.max_new_tokens, stats)
@@ -282,6 +185,26 @@ def generate_tokens(
             ]
             stats.decode_flops = sum(stats.decode_flops_per_row)
             stats.kv_cache_bytes = decode.kv_cache_bytes()
+
+
+def conversation_tokens(
+    model: nn.Module,
+    processor: Any,
+    conversations: list[list[Message]],
+    images: list[list[Image.Image]],
+    *,
+    sampling: SamplingConfig,
+    videos: list[list[Video]] | None = None,
+    **options: Any,
+) -> tuple[dict[str, torch.Tensor], set[int], Iterator[torch.Tensor]]:
+    """The processor's batch of these conversations (refused early if it does not fit the context), the ids that
+    end a reply, and `generate_tokens` over the batch (not started yet) with the processor's padding;
+    `options` go to `generate_tokens`."""
+    model_inputs = prompt_inputs_within_context(model, processor, conversations, images, sampling, videos=videos)
+    eos_ids = eos_token_ids_of(model, processor)
+    pad = pad_token_id_of(processor)
+    steps = generate_tokens(model, model_inputs, sampling=sampling, eos_token_ids=eos_ids, pad_token_id=pad, **options)
+    return model_inputs, eos_ids, steps
 
 
 def _prefill(
@@ -414,75 +337,39 @@ def stream_generate(
     """
     start = time.perf_counter()
     device = model.device
-    dtype = model.dtype
     memory_before = 0
     if device.type == "cuda":
-        _synchronize(device)
+        synchronize(device)
         memory_before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    stats = GenerationStats(
-        k=k,
-        num_layers=num_decoder_layers(model.config),
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-        attention=model.config.get_text_config()._attn_implementation,
-    )
-    tokenizer = getattr(processor, "tokenizer", processor)
-    collector = _TextCollector(tokenizer)
-    token_ids: list[int] = []
-    text = ""
-    eos_ids = eos_token_ids_of(model, processor)
-    try:
-        model_inputs = prompt_inputs_within_context(
-            model, processor, [messages], [images], sampling, videos=[list(videos or [])]
-        )
-        _video_stats(model, model_inputs, list(videos or []), stats)
-        steps = generate_tokens(
+    stats = request_stats(model, k)
+    stream = TextStream(stats, getattr(processor, "tokenizer", processor))
+    with out_of_memory_as_resource_error(device, "try a smaller image, fewer new tokens or a lower K"):
+        model_inputs, eos_ids, steps = conversation_tokens(
             model,
-            model_inputs,
+            processor,
+            [messages],
+            [images],
+            sampling=sampling,
+            videos=[list(videos or [])],
             k=k,
             position_mode=position_mode,
-            sampling=sampling,
-            eos_token_ids=eos_ids,
             stop_event=stop_event,
             stats=stats,
             engine=engine,
             schedule=schedule,
         )
+        _video_stats(model, model_inputs, list(videos or []), stats)
         for tokens in steps:
-            token = int(tokens[0])
-            _synchronize(device)
-            now = time.perf_counter() - start
-            if stats.ttft_s is None:
-                stats.ttft_s = now
-            stats.total_s = now
-            if stats.new_tokens > 1 and now > stats.ttft_s:
-                stats.decode_tokens_per_s = (stats.new_tokens - 1) / (now - stats.ttft_s)
+            synchronize(device)
+            record_token_time(stats, time.perf_counter() - start)
             if device.type == "cuda":
                 stats.peak_memory_bytes = torch.cuda.max_memory_allocated(device) - memory_before
-            token_ids.append(token)
-            if token in eos_ids:
-                stats.finish_reason = "eos"
-            else:
-                collector.put(tokens[:1].cpu())
-            delta = collector.take()
-            text += delta
-            yield StreamEvent(delta, text, list(token_ids), stats)
-    except torch.OutOfMemoryError as error:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        raise ResourceError(
-            "the device ran out of memory; try a smaller image, fewer new tokens or a lower K"
-        ) from error
-    collector.end()
-    delta = collector.take()
-    text += delta
-    if stats.finish_reason is None:
-        stopped = stop_event is not None and stop_event.is_set()
-        stats.finish_reason = "stopped" if stopped else "length"
-    _synchronize(device)
+            yield stream.add(int(tokens[0]), eos_ids)
+    last = stream.finish(stats.finish_reason or end_reason(stop_event))
+    synchronize(device)
     stats.total_s = time.perf_counter() - start
-    yield StreamEvent(delta, text, list(token_ids), stats, finished=True)
+    yield last
 
 
 def generate(
@@ -522,29 +409,28 @@ def generate_batch(
     `prefill_engine` as in `generate_tokens` ("shared": rows about one image run its prefill once).
     """
     start = time.perf_counter()
-    model_inputs = prompt_inputs_within_context(model, processor, conversations, images, sampling, videos=videos)
-    eos_ids = eos_token_ids_of(model, processor)
-    pad = pad_token_id_of(processor)
-    columns = []
-    for column in generate_tokens(
+    _, eos_ids, steps = conversation_tokens(
         model,
-        model_inputs,
+        processor,
+        conversations,
+        images,
+        sampling=sampling,
+        videos=videos,
         k=k,
         position_mode=position_mode,
-        sampling=sampling,
-        eos_token_ids=eos_ids,
-        pad_token_id=pad,
         engine=engine,
         stats=stats,
         schedule=schedule,
         prefill_engine=prefill_engine,
-    ):
+    )
+    columns = []
+    for column in steps:
         columns.append(column)
         if stats is not None and stats.ttft_s is None:
-            _synchronize(model.device)
+            synchronize(model.device)
             stats.ttft_s = time.perf_counter() - start
     if stats is not None:
-        _synchronize(model.device)
+        synchronize(model.device)
         stats.total_s = time.perf_counter() - start
     outputs = []
     for row in range(len(conversations)):

@@ -22,7 +22,8 @@ from vtw_core.engine.decoder import decode_step, prefill
 from vtw_core.engine.embed import embed_prompt
 from vtw_core.engine.schedules import Schedule
 from vtw_core.errors import InputError
-from vtw_core.generation.generate import GenerationStats, method_selector
+from vtw_core.generation.generate import method_selector
+from vtw_core.generation.types import GenerationStats
 from vtw_core.models.prompts import Message, build_model_inputs
 
 

@@ -19,14 +19,9 @@ from vtw_core.engine.schedules import Schedule
 from vtw_core.errors import InputError, VTWError
 from vtw_core.generation.batch_stream import stream_generate_batch
 from vtw_core.generation.concurrent import interleave
-from vtw_core.generation.generate import (
-    DecodeEngine,
-    GenerationResult,
-    SamplingConfig,
-    StreamEvent,
-    generate,
-    stream_generate,
-)
+from vtw_core.generation.generate import DecodeEngine, check_method, generate, stream_generate
+from vtw_core.generation.streaming import model_placement
+from vtw_core.generation.types import GenerationResult, SamplingConfig, StreamEvent
 from vtw_core.models.configs import shipped_config_path
 from vtw_core.models.families import SUPPORTED_FAMILIES, model_family, num_decoder_layers
 from vtw_core.models.processors import load_processor
@@ -146,9 +141,7 @@ class ModelManager:
             source=source,
             family=model_family(model.config),
             num_layers=num_decoder_layers(model.config),
-            device=str(model.device),
-            dtype=str(model.dtype).removeprefix("torch."),
-            attention=model.config.get_text_config()._attn_implementation,
+            **model_placement(model),
             random_weights=random_weights,
         )
         self.info.searched_k = searched_k(source, self.info.num_layers)
@@ -209,8 +202,7 @@ class ModelManager:
         """Before waiting for the device: K, the method and the sampling parameters."""
         self._require_processor()
         check_k(k, self.info.num_layers)
-        if k is not None and schedule is not None:
-            raise InputError("pass either K (VTW) or a schedule, not both")
+        check_method(k, schedule)
         if not isinstance(sampling, SamplingConfig):
             raise InputError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
         sampling.validate()

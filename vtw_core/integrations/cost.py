@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vtw_core.engine import flops
-from vtw_core.generation.generate import GenerationStats
+from vtw_core.generation.types import GenerationStats
 
 
 @dataclass

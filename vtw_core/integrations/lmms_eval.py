@@ -32,9 +32,10 @@ from PIL import Image
 from vtw_core.analysis.k_search import DEFAULT_ETA, CalibrationSample, search_k
 from vtw_core.engine.methods import Method, parse_method
 from vtw_core.errors import InputError, VTWError
-from vtw_core.generation.generate import GenerationStats, SamplingConfig, generate_batch
+from vtw_core.generation.generate import generate_batch
 from vtw_core.generation.likelihood import continuation_logprobs
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import GenerationStats, SamplingConfig
 from vtw_core.integrations.cost import SampleCost, sample_costs, summarize
 from vtw_core.models.defaults import DEFAULT_MODEL_DIR, default_model
 from vtw_core.models.prompts import render_prompt, user_message

@@ -23,8 +23,8 @@ from typing import Any
 from PIL import Image
 
 from vtw_core.engine.methods import Method
-from vtw_core.generation.generate import SamplingConfig, StreamEvent
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import SamplingConfig, StreamEvent
 from vtw_core.models.prompts import Message
 from vtw_core.serve.errors import overloaded
 

@@ -24,8 +24,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vtw_core.engine.methods import Method, parse_method
-from vtw_core.generation.generate import StreamEvent
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import StreamEvent
 from vtw_core.serve.batching import Batcher, Job
 from vtw_core.serve.errors import APIError, bad_request, from_exception
 from vtw_core.serve.protocol import MAX_REQUEST_BYTES, ChatRequest, parse_chat_request

@@ -22,7 +22,7 @@ from PIL import Image
 from vtw_core import validation
 from vtw_core.engine.schedules import Schedule
 from vtw_core.errors import InputError
-from vtw_core.generation.generate import SamplingConfig
+from vtw_core.generation.types import SamplingConfig
 from vtw_core.models.images import MAX_IMAGE_BYTES, load_image
 from vtw_core.models.prompts import Message
 from vtw_core.serve.errors import bad_request
