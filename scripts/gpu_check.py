@@ -4,8 +4,9 @@
     python scripts/gpu_check.py --dry-run        # CPU: tiny random models, the same code paths, seconds
 
 Not yet run on a GPU. Estimated from the README's H100 figures: per shape 64 generations of 64 tokens (16
-settings x a warm-up and 3 repeats, ~90 s) plus the equivalence checks and loading (~30 s): about 4-5 minutes
-for both shapes. `--shapes LLaVA-1.5-7B` halves it; `--repeats 2` cuts the timing part by a quarter.
+settings x a warm-up and 3 repeats, ~90 s), the decode steps per engine (~20 s) plus the equivalence checks and
+loading (~30 s): about 5 minutes for both shapes. `--shapes LLaVA-1.5-7B` halves it; `--repeats 2` cuts the timing
+part by a quarter.
 
 What it prints:
 1. the device, library versions, and the memory bandwidth it measures (a large device-to-device copy);
@@ -14,7 +15,11 @@ What it prints:
    run): the largest |logit difference| over the prefill and the first teacher-forced decode steps, relative
    to the logits' scale, and how many of the first greedy tokens agree (random weights give flat
    distributions, so near-ties can flip a token in bf16; the logits are the firmer check);
-4. one table: for each shape (random weights from vtw_core/configs, one synthetic image: 576 + 62 and
+4. decode steps alone (`bench --decode-engines`): ms per step of the plain, static (eager) and graph engines
+   on the baseline and VTW at K = 16, after an untimed first step (it builds the buffers or captures the graph)
+   and without the generation loop's sampling and bookkeeping, and each engine's time over plain's per repeat
+   (the dry run: plain and static);
+5. one table: for each shape (random weights from vtw_core/configs, one synthetic image: 576 + 62 and
    2,928 + 62 tokens), each path (prefill engine x decode engine) and baseline / VTW at K = 8, 16, 24:
    TTFT median [min-max], its ratio to the path's baseline next to the prefill FLOPs ratio (the issue's
    target: TTFT ratio at most 1.1x the FLOPs ratio), decode ms/token, decode efficiency (the time to read
@@ -41,15 +46,18 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # vtw_core from this checkout, installed or not
 
-from vtw_core.benchmarks.bench import BenchRow, run_bench, synthetic_inputs, weight_bytes
-from vtw_core.engine.decoder import withdrawal_selector
-from vtw_core.engine.embed import embed_prompt
-from vtw_core.engine.fast_prefill import capture_failures, fast_prefill
-from vtw_core.generation.generate import SamplingConfig, _decoder_for, generate_tokens
-from vtw_core.generation.manager import ModelManager
-from vtw_core.testing.tiny import tiny_config
+from vtw_core.benchmarks.bench import BenchRow, run_bench, synthetic_inputs, weight_bytes  # noqa: E402
+from vtw_core.benchmarks.decode_engines import format_decode_engines, run_decode_engines  # noqa: E402
+from vtw_core.engine.decoder import withdrawal_selector  # noqa: E402
+from vtw_core.engine.embed import embed_prompt  # noqa: E402
+from vtw_core.engine.fast_prefill import capture_failures, fast_prefill  # noqa: E402
+from vtw_core.generation.generate import _decoder_for, generate_tokens  # noqa: E402
+from vtw_core.generation.manager import ModelManager  # noqa: E402
+from vtw_core.generation.types import SamplingConfig  # noqa: E402
+from vtw_core.testing.tiny import tiny_config  # noqa: E402
 
 PROBES = {  # what to import to know a kernel library is usable, by the name people install it under
     "flash-attn 2": "flash_attn",
@@ -204,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     # engine="auto" on CUDA), both. The dry run's fixed-shape stand-ins for graphs: bucketed prefill, static decode.
     fast_prefill_engine, fast_decode_engine = ("bucketed", "static") if dry else ("graph", "graph")
     paths = [(p, d) for d in ("plain", fast_decode_engine) for p in ("plain", fast_prefill_engine)]
+    decode_engines = ["plain", "static"] if dry else ["plain", "static", "graph"]  # timed step by step
     device = torch.device("cpu" if dry else "cuda")
     import transformers
 
@@ -223,10 +232,19 @@ def main(argv: list[str] | None = None) -> None:
         weights = weight_bytes(model)
         floor_ms = weights / (bandwidth * 1e9) * 1e3
         print(f"\n{manager.info.describe()}: weights {weights / 1e9:.2f} GB, decode floor {floor_ms:.3f} ms/token")
+        middle = ks[len(ks) // 2]
         try:  # one run on a lent machine: a failure in one part must not cost the rest of the table
             print("Equivalence:")
-            middle = ks[len(ks) // 2]
             print("\n".join(equivalence(model, inputs, [None, middle], paths, 4, args.equivalence_tokens)), flush=True)
+        except Exception:
+            traceback.print_exc()
+        try:
+            text = model.config.get_text_config()
+            results = run_decode_engines(model, inputs, [middle], decode_engines, new_tokens[0], repeats)
+            print(f"Decode steps alone (no sampling or bookkeeping), {new_tokens[0]} per run, median [min-max] of "
+                  f"{repeats} interleaved runs; each engine over plain per run:")  # fmt: skip
+            shape_name = f"{text.hidden_size} wide, {text.num_hidden_layers} layers"
+            print(format_decode_engines(results, shape_name), flush=True)
         except Exception:
             traceback.print_exc()
         try:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # vtw_core and app from this checkout, installed or not
+ASSETS = ROOT / "assets" / "examples"
 
 
 def percentile(values: list[float], share: float) -> float:

@@ -30,9 +30,11 @@ from pathlib import Path
 import httpx
 import yaml
 
-from vtw_core.serve.readiness import ServerNotReady, wait_until_ready
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # vtw_core from this checkout, installed or not
+
+from vtw_core.serve.readiness import ServerNotReady, wait_until_ready  # noqa: E402
+
 EXAMPLES = ROOT / "assets" / "examples"
 QUESTIONS = [
     ("easyvqa-0.png", "what is the red shape?"),

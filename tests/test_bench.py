@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import statistics
 
 import pytest
@@ -10,8 +12,8 @@ from test_cli import last_json, run_cli
 
 from vtw_core.benchmarks import bench
 from vtw_core.benchmarks.bench import DeviceClock, format_table, interleaved_order, run_bench
-from vtw_core.generation.generate import GenerationStats
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import GenerationStats
 
 
 def test_interleaved_order():
@@ -130,3 +132,104 @@ def test_bench_on_the_default_model_times_an_easy_vqa_question_at_the_shipped_k(
         rows[0]["vision_flops"] + rows[0]["prefill_flops"]
     )
     assert f"| {end_to_end:.2f} |" in vtw_line
+
+
+def test_time_interleaved_sets_up_untimed_and_drops_the_warm_up():
+    calls = []
+
+    def run(name):
+        def set_up():
+            calls.append(f"set up {name}")
+            return lambda: calls.append(name)
+
+        return set_up
+
+    seconds = bench.time_interleaved(torch.device("cpu"), [run("a"), run("b")], repeats=2)
+    assert calls == ["set up a", "a", "set up b", "b"] * 3  # a warm-up cycle, then two timed ones
+    assert [len(values) for values in seconds] == [2, 2] and all(value >= 0 for row in seconds for value in row)
+    with pytest.raises(Exception, match="repeats"):
+        bench.time_interleaved(torch.device("cpu"), [run("a")], repeats=0)
+
+
+def markdown_table(out: str, title: str) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the first Markdown table after the line starting with `title`."""
+    lines = out.splitlines()
+    start = next(index for index, line in enumerate(lines) if line.startswith(title)) + 1
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    header, separator, *rows = table
+    assert set(separator) == {"---"} and rows and all(len(row) == len(header) for row in rows)
+    return header, rows
+
+
+def numbers(cell: str) -> list[float]:
+    """Every number in a cell such as '1.25 [1.20-1.31]' or '5.5%'."""
+    return [float(value) for value in re.findall(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?", cell)]
+
+
+def positive_finite(cell: str) -> bool:
+    values = numbers(cell)
+    return bool(values) and all(math.isfinite(value) and value > 0 for value in values)
+
+
+def test_bench_cli_layers(capsys, tiny_model_path):
+    code, out, _ = run_cli(
+        capsys, "bench", "--model", str(tiny_model_path("llava")), "--k", "2", "--new-tokens", "2", "--repeats", "2",
+        "--threads", "1", "--layers", "--json",
+    )  # fmt: skip
+    assert code == 0
+    header, rows = markdown_table(out, "One decoder layer (layer 0; 64 wide, 4 layers) per call")
+    assert header == ["input", "tokens", "ms", "share of the prompt call"]
+    assert [row[0] for row in rows] == ["prompt", "text only", "one token"]
+    prompt, text, one = (int(row[1]) for row in rows)
+    assert prompt > text > one == 1
+    assert all(positive_finite(row[2]) and positive_finite(row[3]) for row in rows) and rows[0][3] == "100.0%"
+    assert re.search(r"fixed cost per layer call: [\d.]+ ms = [\d.]+% of a layer's prefill time", out)
+    layers = last_json(out)["layers"]
+    assert [(call["input"], call["tokens"], len(call["seconds"])) for call in layers] == [
+        ("prompt", prompt, 2), ("text only", text, 2), ("one token", 1, 2),
+    ]  # fmt: skip
+    assert "decode_engines" not in last_json(out) and "Decode steps alone" not in out
+
+
+def test_bench_cli_decode_engines(capsys, tiny_model_path):
+    code, out, _ = run_cli(
+        capsys, "bench", "--model", str(tiny_model_path("llava")), "--k", "1", "3", "--new-tokens", "3",
+        "--repeats", "2", "--threads", "1", "--decode-engines", "--json",
+    )  # fmt: skip
+    assert code == 0
+    header, rows = markdown_table(out, "Decode steps alone, 3 per run")
+    assert header == [
+        "shape", "prompt tokens", "max new tokens", "setting", "plain ms/step", "static ms/step", "static / plain",
+    ]  # fmt: skip
+    assert [row[3] for row in rows] == ["baseline", "VTW K=1", "VTW K=3"]
+    assert all(row[0] == "64 wide, 4 layers" and row[2] == "5" and int(row[1]) > 0 for row in rows)
+    assert all(positive_finite(cell) for row in rows for cell in row[4:])
+    results = last_json(out)["decode_engines"]
+    assert [result["k"] for result in results] == [None, 1, 3]
+    assert all(len(result["ms_per_step"]["static"]) == 2 for result in results)
+    code, out, _ = run_cli(
+        capsys, "bench", "--model", str(tiny_model_path("llava")), "--k", "1", "--new-tokens", "2", "--repeats", "1",
+        "--engine", "static", "auto", "plain", "--decode-engines",
+    )  # fmt: skip
+    header, _ = markdown_table(out, "Decode steps alone, 2 per run")  # auto is static on CPU: listed once
+    assert header[4:] == ["static ms/step", "plain ms/step", "plain / static"]
+
+
+def test_bench_cli_search_cost(capsys, tiny_model_path):
+    code, out, _ = run_cli(
+        capsys, "bench", "--model", str(tiny_model_path("llava", 8)), "--k", "2", "--new-tokens", "2",
+        "--repeats", "2", "--threads", "1", "--search-cost", "--json",
+    )  # fmt: skip
+    assert code == 0
+    header, rows = markdown_table(out, "K search cost on the")
+    assert "(K in 5..7, 3 branches)" in out
+    assert header == ["variant", "ms per sample", "baseline passes"]
+    assert [row[0] for row in rows] == ["baseline pass", "K search", "naive K search"]
+    assert all(positive_finite(row[1]) and positive_finite(row[2]) for row in rows)
+    assert rows[0][2] == "1.00 [1.00-1.00]"
+    cost = last_json(out)["search_cost"]
+    assert cost["ks"] == [5, 6, 7] and all(len(values) == 2 for values in cost["seconds"].values())

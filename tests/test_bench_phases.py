@@ -10,8 +10,9 @@ from vtw_core.benchmarks import stages as bench_phases
 from vtw_core.benchmarks.bench import synthetic_inputs
 from vtw_core.benchmarks.stages import STAGES, StageTimes, format_stages, run_stages
 from vtw_core.errors import InputError
-from vtw_core.generation.generate import GenerationStats, SamplingConfig, generate_tokens
+from vtw_core.generation.generate import generate_tokens
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import GenerationStats, SamplingConfig
 
 
 @pytest.fixture(scope="module")

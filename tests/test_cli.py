@@ -177,6 +177,16 @@ def test_module_entry_point():
     assert last_json(result.stdout)["k"] == 16
 
 
+def test_help_needs_neither_torch_nor_transformers():
+    """The parser of every subcommand builds without the heavy libraries: they load inside each command's run."""
+    code = (
+        "import sys; from vtw_core.cli import build_parser; build_parser(); "
+        "print(sorted(name for name in ('torch', 'transformers', 'tqdm', 'matplotlib') if name in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_search_k_json_and_plot(capsys, tiny_model_path, tmp_path):
     plot = tmp_path / "kl.png"
     code, out, _ = run_cli(

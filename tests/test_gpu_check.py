@@ -1,4 +1,5 @@
-"""scripts/gpu_check.py in its CPU dry run: the table has a row per shape, path and setting; the fast paths agree."""
+"""scripts/gpu_check.py in its CPU dry run: the table has a row per shape, path and setting; the fast paths agree;
+the decode steps are timed per engine."""
 
 from __future__ import annotations
 
@@ -34,5 +35,13 @@ def test_gpu_check_dry_run(capsys):
     checks = re.findall(r"vs plain/plain, (baseline|VTW K=\d): max \|logit diff\| (\S+) .*greedy tokens (\d+)/6", out)
     assert len(checks) == 2 * 2 * 3
     assert all(float(diff) < 1e-4 and same == "6" for _, diff, same in checks)
+    # Decode steps alone, per shape: plain and static (the dry run has no CUDA graph), baseline and the middle K.
+    decode_header = (
+        "| shape | prompt tokens | max new tokens | setting | plain ms/step | static ms/step | static / plain |"
+    )
+    assert out.count(decode_header) == 2
+    decode_rows = [line for line in out.splitlines() if re.match(r"\| 64 wide, 4 layers \| \d+ \| 5 \| ", line)]
+    assert [row.split("|")[4].strip() for row in decode_rows] == ["baseline", "VTW K=2"] * 2
+    assert all(re.fullmatch(r"(?: [\d.]+ \[[\d.]+-[\d.]+\] \|){3}", row.split("|", 5)[5]) for row in decode_rows)
     for library in ("flash-attn 2", "flash-attn 4 (CUTE DSL)", "liger-kernel", "flashinfer"):
         assert re.search(rf"  {re.escape(library)}: (ok|missing \()", out)

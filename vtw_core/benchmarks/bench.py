@@ -14,6 +14,7 @@ import inspect
 import math
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +25,9 @@ from transformers.image_processing_utils import select_best_resolution
 from vtw_core.engine.methods import Method
 from vtw_core.engine.schedules import Schedule
 from vtw_core.errors import InputError
-from vtw_core.generation.generate import GenerationStats, SamplingConfig, generate_tokens
+from vtw_core.generation.generate import generate_tokens
 from vtw_core.generation.manager import ModelManager
+from vtw_core.generation.types import GenerationStats, SamplingConfig
 
 
 def llava_next_image_tokens(config: Any, height: int, width: int) -> int:
@@ -243,6 +245,33 @@ def interleaved_order(settings: int, repeats: int) -> list[int]:
     instead of charging them to whichever setting ran during them.
     """
     return list(range(settings)) * (1 + repeats)
+
+
+def time_interleaved(
+    device: torch.device, runs: Sequence[Callable[[], Callable[[], object]]], repeats: int
+) -> list[list[float]]:
+    """Seconds of every run, `repeats` times each, in `interleaved_order` after an untimed warm-up of each.
+
+    `runs[i]()` sets run i up untimed (copies, buffers) and returns the call to time; sample j of every run comes
+    from the same cycle, so runs can be compared pairwise per cycle.
+    """
+    if repeats < 1:
+        raise InputError(f"repeats must be at least 1, got {repeats}")
+    seconds: list[list[float]] = [[] for _ in runs]
+    for position, index in enumerate(interleaved_order(len(runs), repeats)):
+        timed = runs[index]()
+        clock = DeviceClock(device)
+        clock.mark()
+        timed()
+        clock.mark()
+        if position >= len(runs):  # the first pass is the warm-up
+            seconds[index].extend(clock.seconds_since_first())
+    return seconds
+
+
+def no_setup(call: Callable[[], object]) -> Callable[[], Callable[[], object]]:
+    """A run for `time_interleaved` with nothing to set up: `call` is timed whole."""
+    return lambda: call
 
 
 def run_bench(
