@@ -112,7 +112,7 @@ def run_load(url: str, clients: int, requests: int, duration: float, method: str
 
 
 def start_server(args: argparse.Namespace, port: int) -> tuple[subprocess.Popen, Path | None]:
-    """`python -m vtw_core serve` or `serve run <config>` on 127.0.0.1, as the README documents them."""
+    """`python -m vtw_core serve` or `serve run <config>` on 127.0.0.1, as docs/serving.md documents them."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if args.start == "local":
         command = [sys.executable, "-m", "vtw_core", "serve", "--host", "127.0.0.1", "--port", str(port),

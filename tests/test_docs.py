@@ -41,13 +41,6 @@ TREE_ROOT = re.compile(r"^([\w.-]+)/\s*$")
 TREE_ENTRY = re.compile(r"^((?:│   |    )*)[├└]── ([\w.-]+/?(?:, [\w.-]+/?)*)")
 # One-off scripts being folded into `bench` options; the pages that name them are rewritten separately. Empty this
 # set when they are: every other path must exist.
-FOLDED_SCRIPTS = {
-    "scripts/cpu_decode_engines.py",
-    "scripts/cpu_search_cost.py",
-    "scripts/gpu_decode_profile.py",
-    "scripts/gpu_equivalence.py",
-    "scripts/layer_overhead.py",
-}
 SHELL_SYNTAX = {"&&", "||", "|", ";", "&", ">", ">>", "<", "2>&1"}
 
 
@@ -174,7 +167,7 @@ def missing_names(path: Path) -> list[str]:
     for number, text in code_texts(path):
         for match in (*REPO_PATH.finditer(text), *TOP_FILE.finditer(text)):
             name = match.group(1).rstrip(".,:;")
-            if not (ROOT / name).exists() and name not in FOLDED_SCRIPTS:
+            if not (ROOT / name).exists():
                 missing.append(f"{path.name}:{number}: {name}")
         for match in MODULE.finditer(text):
             if not module_exists(match.group(1)):

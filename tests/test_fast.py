@@ -73,7 +73,7 @@ def test_static_left_padded_batch_and_sampling():
 def test_engine_choice():
     model = build_model("llava")
     inputs = prompt_inputs(model, "llava")
-    assert tokens(model, inputs, 2, "auto")[1].engine == "static"  # CPU: measured faster than plain (README)
+    assert tokens(model, inputs, 2, "auto")[1].engine == "static"  # CPU: measured faster than plain (docs/engines.md)
     assert (
         auto_engine(torch.device("cuda"), "sdpa") == "graph" and auto_engine(torch.device("cpu"), "eager") == "static"
     )

@@ -279,7 +279,7 @@ class _Decoder:
 
 
 def auto_engine(device: torch.device, attention: str) -> str:
-    """The decode engine `engine="auto"` picks, per device, from measurements (README, "Decode engines").
+    """The decode engine `engine="auto"` picks, per device, from measurements (docs/engines.md, "Decode engines").
 
     CUDA: the graph (launch overhead dominates a plain step: 26 -> 9.6 ms/token at 7B on an H100). CPU: the
     static buffers (no torch.cat of every layer's cache per step: 0.67-0.92x plain from 638 tokens up, equal

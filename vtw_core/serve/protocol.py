@@ -1,6 +1,6 @@
 """An OpenAI chat-completions request body -> what the model manager takes, with every limit of the app.
 
-Choices where the OpenAI API leaves room (documented in the README):
+Choices where the OpenAI API leaves room (documented in docs/serving.md):
 - `temperature` 0 or absent means greedy decoding (like the CLI and the app; OpenAI's own default is 1);
   above 0 the reply is sampled with `temperature`, `top_p`, `top_k` (an extension, as in vLLM) and `seed`.
 - `max_completion_tokens` (or the older `max_tokens`) defaults to 128 new tokens, the CLI's default.

@@ -1,4 +1,4 @@
-"""lmms-eval tasks shipped with vtw_core: pass this folder to `lmms-eval --include_path` (see README)."""
+"""lmms-eval tasks shipped with vtw_core: pass this folder to `lmms-eval --include_path` (see docs/evaluation.md)."""
 
 from pathlib import Path
 
