@@ -1,0 +1,39 @@
+"""An API key for the server, as vLLM's `--api-key`: `Authorization: Bearer KEY` on every route but the health check.
+
+The key comes from `--api-key` (or the Ray config's `api_key`), else from the environment variable `VTW_API_KEY`;
+none of them set means no key (the server then listens on 127.0.0.1 by default). Keys are compared in constant
+time, and the answer to a wrong or missing key never says which it was.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Mapping
+
+from vtw_core.serve.errors import APIError
+
+API_KEY_ENV = "VTW_API_KEY"
+OPEN_PATHS = frozenset({"/health"})  # load balancers and readiness checks carry no key
+
+
+def api_key_from(value: str | None) -> str | None:
+    """The key to require: the explicit value, else $VTW_API_KEY, else None (no key). Blank counts as unset."""
+    key = value if value is not None else os.environ.get(API_KEY_ENV)
+    key = key.strip() if key is not None else None
+    return key or None
+
+
+def unauthorized() -> APIError:
+    """401 with OpenAI's error body (`invalid_api_key`), whatever was wrong with the key."""
+    return APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                    type="invalid_request_error", code="invalid_api_key")  # fmt: skip
+
+
+def check_api_key(key: str | None, path: str, headers: Mapping[str, str]) -> None:
+    """Raise a 401 unless `key` is None, `path` is open, or the headers carry `Authorization: Bearer <key>`."""
+    if key is None or path in OPEN_PATHS:
+        return
+    scheme, _, sent = (headers.get("authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), key.encode()):
+        raise unauthorized()
