@@ -82,6 +82,32 @@ def test_batched_greedy_answers_equal_unbatched(manager, method):
             assert getattr(final.stats, key) == getattr(alone.stats, key), key
 
 
+def test_a_shrinking_batch_keeps_every_remaining_row_unbatched(manager):
+    """Rows with their own max_tokens share one batch, and one client leaves after 2 tokens: the rows that go
+    on give the tokens they give alone, each up to its own limit (the batch shrinks as they end)."""
+    limits = [10, 4, 8, 6]
+    jobs = [make_job(manager, image, text, sampling=SamplingConfig(max_new_tokens=limit))
+            for (image, text), limit in zip(REQUESTS, limits, strict=True)]  # fmt: skip
+    leaving, collector = jobs[2]
+
+    def leave_after_two_tokens(item) -> None:
+        collector.deliver(item)
+        if isinstance(item, StreamEvent) and len(item.token_ids) == 2 and not item.finished:
+            leaving.stop.set()
+
+    leaving.deliver = leave_after_two_tokens
+    run_jobs(manager, jobs, max_batch_size=8, batch_wait_ms=200)
+    assert [job.batch_size for job, _ in jobs] == [4, 4, 4, 4]
+    final = collector.events[-1]
+    assert final.finished and final.stats.finish_reason == "stopped" and len(final.token_ids) == 2
+    for index in (0, 1, 3):
+        (job, collector), (image, text) = jobs[index], REQUESTS[index]
+        alone = manager.generate([user_message(text)], [Image.open(EXAMPLES / image)], k=9, sampling=job.sampling)
+        final = collector.events[-1]
+        assert final.finished and final.token_ids == alone.token_ids and final.text == alone.text
+        assert final.stats.finish_reason == alone.stats.finish_reason
+
+
 def test_batches_hold_at_most_max_batch_size(manager):
     jobs = [make_job(manager, image, text) for image, text in REQUESTS]
     run_jobs(manager, jobs, max_batch_size=3, batch_wait_ms=200)

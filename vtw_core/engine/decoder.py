@@ -108,6 +108,34 @@ class DecodeState:
         """Cached tokens per layer (including left padding)."""
         return [layer.get_seq_length() for layer in self.cache.layers] if self.cache is not None else []
 
+    def select_rows(self, rows: torch.Tensor) -> list[int]:
+        """Keep only the batch rows `rows` (long indices, in that order) in every group and every layer's cache;
+        the columns of left padding that no kept row uses leave too. Returns each group's dropped leading columns.
+
+        What a decode step rebuilds from these (masks, rotary embeddings) is cleared rather than sliced.
+        """
+        starts = [select_group_rows(group, rows) for group in self.groups]
+        layers = self.cache.layers if self.cache is not None else []
+        for layer, group_idx in zip(layers, self.group_of_layer[: len(layers)], strict=True):
+            if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+                layer.keys = layer.keys[:, :, starts[group_idx] :].index_select(0, rows)
+                layer.values = layer.values[:, :, starts[group_idx] :].index_select(0, rows)
+        self.prompt_tokens_per_layer = [count.index_select(0, rows) for count in self.prompt_tokens_per_layer]
+        return starts
+
+
+def select_group_rows(group: LayerGroup, rows: torch.Tensor) -> int:
+    """`DecodeState.select_rows` for one layer group: its rows `rows`, without the leading columns of padding
+    that none of them uses (their number is returned). Its mask and rotary embeddings are cleared."""
+    valid = group.valid.index_select(0, rows)
+    start = int(valid.any(0).int().argmax())  # every row has a real token (its last prompt token), so one exists
+    group.valid = valid[:, start:].contiguous()
+    group.next_position = group.next_position.index_select(-1, rows)
+    if group.prompt_index is not None:
+        group.prompt_index = group.prompt_index[:, start:].index_select(0, rows)
+    group.attention_mask = group.rotary = None
+    return start
+
 
 def attention_mask_for(
     valid: torch.Tensor, query_length: int, implementation: str, dtype: torch.dtype

@@ -8,7 +8,9 @@ has a fixed shape and address:
   layer cached at prefill (all of them below K, only the text from K on under VTW) + max new tokens;
 - a step writes its key/value at a device-side index (`index_copy_`), marks that slot valid, and attends
   over the whole buffer with the unused slots masked out (they get exactly zero weight);
-- the step's position ids and write index live in device tensors advanced in place.
+- the step's position ids and write index live in device tensors advanced in place;
+- a batch row that ends leaves every buffer (`FastDecodeState.select_rows`, with the leading slots of padding no
+  remaining row uses), so the rows that remain decode alone; a graph is then captured again for the smaller batch.
 
 So one step can be captured once with `torch.cuda.graph` and replayed for every token. Prefill stays on the
 plain path (it runs once) and its caches are copied into the buffers. The math is the plain path's: on CPU
@@ -23,7 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtw_core.engine.decoder import DecodeState, LayerGroup, _logits, _run_layer, attention_mask_for
+from vtw_core.engine.decoder import (
+    DecodeState,
+    LayerGroup,
+    _logits,
+    _run_layer,
+    attention_mask_for,
+    select_group_rows,
+)
 from vtw_core.models.families import language_model
 
 
@@ -73,6 +82,23 @@ class FastDecodeState:
         for tensor, value in zip(self._step_tensors(), tensors, strict=True):
             tensor.copy_(value)
         self.next_slot = list(next_slot)
+
+    def select_rows(self, rows: torch.Tensor) -> list[int]:
+        """Keep only the batch rows `rows` (long indices, in that order) in every buffer, mask and position; the
+        leading slots of left padding that no kept row uses leave the buffers too (the write indexes move back by
+        as many). Returns each group's dropped leading slots. New tensors replace the old ones, so a CUDA graph
+        captured on this state no longer applies: capture again."""
+        starts = [select_group_rows(group, rows) for group in self.groups]
+        for write_index, start in zip(self.write_index, starts, strict=True):
+            write_index.sub_(start)  # in place: the group's layers share this tensor
+        self.next_slot = [slot - start for slot, start in zip(self.next_slot, starts, strict=True)]
+        for layer_idx, group_idx in enumerate(self.group_of_layer):
+            start = starts[group_idx]
+            self.cache.keys[layer_idx] = self.cache.keys[layer_idx][:, :, start:].index_select(0, rows)
+            self.cache.values[layer_idx] = self.cache.values[layer_idx][:, :, start:].index_select(0, rows)
+        self.input_ids = self.input_ids.index_select(0, rows)
+        self.logits = None
+        return starts
 
 
 def fast_state_from_prefill(state: DecodeState, max_new_tokens: int) -> FastDecodeState:

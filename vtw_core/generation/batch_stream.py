@@ -1,8 +1,10 @@
 """Several conversations answered in one left-padded engine call, each streamed and accounted on its own.
 
 `stream_generate` answers one conversation; this is its batched sibling for servers that group concurrent
-requests (vtw_core.serve.batching). The tokens come from the same `generate_tokens` loop, and each row's text
-from the same streamer, so a greedy row gives the tokens and text that `stream_generate` gives alone.
+requests (vtw_core.serve.batching). The tokens come from the same loop (`generate_rows`, under `generate_tokens`),
+and each row's text from the same streamer, so a greedy row gives the tokens and text that `stream_generate` gives
+alone. Rows need not end together: each has its own new-token limit and stop event, and a row that ends leaves
+the batch (its keys and values are sliced out), so the others go on at the cost of the rows that remain.
 
 Per-row stats are the row's own: its prompt and vision tokens, the FLOPs of the tokens it had in each layer,
 and the KV-cache bytes of those tokens (left padding excluded). Time runs from the start of the batch, like
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,7 +27,13 @@ from torch import nn
 from vtw_core.engine import flops
 from vtw_core.engine.decoder import PositionMode
 from vtw_core.engine.schedules import Schedule
-from vtw_core.generation.generate import DecodeEngine, conversation_tokens
+from vtw_core.generation.generate import (
+    DecodeEngine,
+    generate_rows,
+    prompt_inputs_within_context,
+    row_limits,
+    row_stops,
+)
 from vtw_core.generation.streaming import (
     TextStream,
     end_reason,
@@ -35,7 +44,7 @@ from vtw_core.generation.streaming import (
 )
 from vtw_core.generation.types import GenerationStats, SamplingConfig, StreamEvent
 from vtw_core.models.families import num_decoder_layers, vision_token_ids
-from vtw_core.models.prompts import Message
+from vtw_core.models.prompts import Message, eos_token_ids_of
 
 
 def _row_vision_flops(config: Any, model_inputs: dict[str, torch.Tensor], first: int, count: int) -> int:
@@ -60,10 +69,18 @@ def stream_generate_batch(
     position_mode: PositionMode = "original",
     sampling: SamplingConfig = SamplingConfig(),
     stop_event: threading.Event | None = None,
+    stop_events: Sequence[threading.Event | None] | None = None,
+    max_new_tokens: Sequence[int] | None = None,
     engine: DecodeEngine = "auto",
     schedule: Schedule | None = None,
 ) -> Iterator[tuple[int, StreamEvent]]:
     """Yield (row, event) as the rows' tokens come; each row ends with one event that has finished=True.
+
+    `stop_events` (one per row, or None) give up single rows: a row whose event is set leaves the batch before
+    the next decode step (finish reason "stopped"), and the other rows go on without it; `stop_event` ends every
+    row. `max_new_tokens` (one per row) gives each row its own limit (finish reason "length"); without it every
+    row has `sampling.max_new_tokens`. A row that ends (end token, its limit, its stop event) costs no more
+    compute: its keys and values leave the batch (vtw_core.generation.generate.generate_rows).
 
     Sampling draws every row from one generator, so seeded sampled rows differ from the same requests run
     alone: callers that promise reproducible seeds run sampled requests one at a time.
@@ -71,19 +88,25 @@ def stream_generate_batch(
     start = time.perf_counter()
     device = model.device
     tokenizer = getattr(processor, "tokenizer", processor)
+    limits = row_limits(max_new_tokens, len(conversations), sampling)
+    stops = row_stops(stop_events, len(conversations))
     batch_stats = GenerationStats(k=k, num_layers=num_decoder_layers(model.config))
     tokens_per_row: list[list[int]] = []
     advice = "try fewer concurrent requests, a smaller image or fewer new tokens"
     with out_of_memory_as_resource_error(device, advice):
-        model_inputs, eos_ids, steps = conversation_tokens(
+        longest = replace(sampling, max_new_tokens=max(limits))  # the context check and the buffers: the longest
+        model_inputs = prompt_inputs_within_context(model, processor, conversations, images, longest)
+        eos_ids = eos_token_ids_of(model, processor)
+        steps = generate_rows(
             model,
-            processor,
-            conversations,
-            images,
-            sampling=sampling,
+            model_inputs,
             k=k,
             position_mode=position_mode,
+            sampling=longest,
+            eos_token_ids=eos_ids,
             stop_event=stop_event,
+            stop_events=stops,
+            max_new_tokens=limits,
             stats=batch_stats,
             engine=engine,
             schedule=schedule,
@@ -91,22 +114,31 @@ def stream_generate_batch(
         )
         rows = _new_rows(model, tokenizer, model_inputs, images, k)
         dims = flops.DecoderDims.from_config(model.config)
-        for tokens in steps:
+        for present, tokens in steps:
             synchronize(device)
             now = time.perf_counter() - start
-            for index, row in enumerate(rows):
-                if row.done:
-                    continue
-                event = _advance(row, int(tokens[index]), now, eos_ids, dims, tokens_per_row[index], batch_stats)
+            for index in sorted(set(range(len(rows))) - set(present)):  # rows that left the batch unfinished
+                if not rows[index].done:
+                    yield index, _end(rows[index], stop_event, stops[index], now)
+            for index, token in zip(present, tokens.tolist(), strict=True):
+                row = rows[index]
+                event = _advance(row, token, now, eos_ids, dims, tokens_per_row[index], batch_stats)
                 yield index, event
                 if row.done:
                     yield index, row.finish(row.stats.finish_reason)
-    reason = end_reason(stop_event)
+                elif len(row.token_ids) >= limits[index]:
+                    yield index, row.finish("length")
     synchronize(device)
     for index, row in enumerate(rows):
         if not row.done:
-            row.stats.total_s = time.perf_counter() - start
-            yield index, row.finish(reason)
+            yield index, _end(row, stop_event, stops[index], time.perf_counter() - start)
+
+
+def _end(row: TextStream, stop_event: threading.Event | None, own: threading.Event | None, now: float) -> StreamEvent:
+    """The last event of a row that met neither an end token nor its limit: it was stopped (or the batch was)."""
+    row.stats.total_s = now
+    stopped = own if own is not None and own.is_set() else stop_event
+    return row.finish(end_reason(stopped))
 
 
 def _new_rows(

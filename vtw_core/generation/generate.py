@@ -9,9 +9,10 @@ shares with batched streaming in `streaming`.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from transformers import LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from vtw_core import validation
 from vtw_core.engine import flops
 from vtw_core.engine.decoder import (
     DecodeState,
@@ -101,6 +103,24 @@ def method_selector(model: nn.Module, k: int | None, schedule: Schedule | None) 
 
 
 def generate_tokens(
+    model: nn.Module, model_inputs: dict[str, torch.Tensor], *, pad_token_id: int = 0, **options: Any
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (batch,) until every row has ended or the stop event is set.
+
+    Rows that already ended receive `pad_token_id`, as stock `generate()` does (in the engine they have left the
+    batch: `generate_rows`, which takes the `options`).
+    """
+    batch = model_inputs["input_ids"].shape[0]
+    for rows, tokens in generate_rows(model, model_inputs, **options):
+        if len(rows) == batch:
+            yield tokens
+            continue
+        column = tokens.new_full((batch,), pad_token_id)
+        column[torch.tensor(rows, device=tokens.device)] = tokens
+        yield column
+
+
+def generate_rows(
     model: nn.Module,
     model_inputs: dict[str, torch.Tensor],
     *,
@@ -108,21 +128,27 @@ def generate_tokens(
     position_mode: PositionMode = "original",
     sampling: SamplingConfig = SamplingConfig(),
     eos_token_ids: set[int] = frozenset(),
-    pad_token_id: int = 0,
     stop_event: threading.Event | None = None,
+    stop_events: Sequence[threading.Event | None] | None = None,
+    max_new_tokens: Sequence[int] | None = None,
     stats: GenerationStats | None = None,
     engine: DecodeEngine = "auto",
     schedule: Schedule | None = None,
     tokens_per_row: list[list[int]] | None = None,
     prefill_engine: PrefillChoice = "plain",
-) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (batch,) until every row has ended or the stop event is set.
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (rows, tokens) per step: the rows still in the batch (indices into `model_inputs`, ascending) and
+    their next tokens (len(rows),), until no row is left or `stop_event` is set.
 
-    Rows that already ended receive `pad_token_id`, as stock `generate()` does. When `stats` is given, the
-    token counts, FLOPs and KV-cache size are filled in as generation proceeds. `engine`: "plain" (growing
-    caches), "static" (preallocated buffers, vtw_core.engine.fast_decode), "graph" (static + the step as a CUDA graph),
-    or "auto" (`auto_engine`: graph on CUDA, static on CPU, plain with flash attention); `stats.engine` says
-    which one ran.
+    A row leaves the batch after its end token, after its own `max_new_tokens[row]` tokens (default: every row
+    `sampling.max_new_tokens`) or once its `stop_events[row]` is set (checked before each decode step); its keys,
+    values, masks and positions are sliced out of the decode state (`_Decoder.select_rows`), so later steps cost
+    only the rows that remain, and a greedy row's tokens do not depend on when the others leave.
+    When `stats` is given, the token counts, FLOPs and KV-cache size (its peak) are filled in as generation
+    proceeds. `engine`: "plain" (growing caches), "static" (preallocated buffers, vtw_core.engine.fast_decode,
+    sized by the largest `max_new_tokens`), "graph" (static + the step as a CUDA graph, captured again when the
+    batch shrinks), or "auto" (`auto_engine`: graph on CUDA, static on CPU, plain with flash attention);
+    `stats.engine` says which one ran.
     `schedule` (vtw_core.engine.schedules) replaces K with a per-layer vision-token schedule (FastV, G-Search, ...).
     `tokens_per_row`, when given, receives each row's real prompt tokens per layer after prefill, so batched
     callers can account every row on its own (vtw_core.generation.batch_stream).
@@ -131,6 +157,9 @@ def generate_tokens(
     which ran, with the reason when it fell back to plain.
     """
     sampling.validate()
+    batch = model_inputs["input_ids"].shape[0]
+    limits = row_limits(max_new_tokens, batch, sampling)
+    stops = row_stops(stop_events, batch)
     selector = method_selector(model, k, schedule)
     device = model_inputs["input_ids"].device
     generator = None
@@ -141,8 +170,7 @@ def generate_tokens(
     logits, state, ran = _prefill(model, model_inputs, selector, position_mode, prefill_engine)
     attention_mask, vision_mask = prompt_masks(model, model_inputs)
     dims = flops.DecoderDims.from_config(model.config)
-    rows = attention_mask.shape[0]
-    per_row_layers = [[int(count[row]) for count in state.prompt_tokens_per_layer] for row in range(rows)]
+    per_row_layers = [[int(count[row]) for count in state.prompt_tokens_per_layer] for row in range(batch)]
     if tokens_per_row is not None:
         tokens_per_row.extend(per_row_layers)
     if stats is not None:
@@ -153,30 +181,39 @@ def generate_tokens(
         stats.prompt_tokens = sum(stats.prompt_tokens_per_row)
         stats.vision_tokens = sum(stats.vision_tokens_per_row)
         stats.prefill_flops = sum(stats.prefill_flops_per_row)
-        stats.decode_flops_per_row = [0] * rows
+        stats.decode_flops_per_row = [0] * batch
         stats.vision_flops = flops.request_vision_flops(model.config, model_inputs)
         stats.kv_cache_bytes = state.kv_cache_bytes()
 
-    decode = _decoder_for(model, state, engine, sampling.max_new_tokens, stats)
+    decode = _decoder_for(model, state, engine, max(limits), stats)
     if stats is not None:
         stats.kv_cache_bytes = decode.kv_cache_bytes()
 
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    decode_steps = [0] * rows
+    rows = list(range(batch))  # the rows in the decode state, in its order
+    decode_steps = [0] * batch
     eos = torch.tensor(sorted(eos_token_ids), device=device, dtype=torch.long)
-    for step in range(sampling.max_new_tokens):
-        active = ~finished
-        tokens = _next_tokens(logits, sampling, generator).masked_fill(finished, pad_token_id)
-        finished = finished | torch.isin(tokens, eos)
+    for step in itertools.count():
+        tokens = _next_tokens(logits, sampling, generator)
+        ended = torch.isin(tokens, eos).tolist()
         if stats is not None:
-            stats.new_tokens += int(active.sum())
-        yield tokens
-        if bool(finished.all()) or step + 1 == sampling.max_new_tokens:
-            break
+            stats.new_tokens += len(rows)
+        yield list(rows), tokens
         if stop_event is not None and stop_event.is_set():
             break
-        for row in range(rows):
-            decode_steps[row] += int(not finished[row])
+        stay = [
+            place
+            for place, row in enumerate(rows)
+            if not ended[place] and step + 1 < limits[row] and not (stops[row] is not None and stops[row].is_set())
+        ]
+        if not stay:
+            break
+        if len(stay) < len(rows):
+            index = torch.tensor(stay, device=device)
+            decode.select_rows(index)
+            tokens = tokens.index_select(0, index)
+            rows = [rows[place] for place in stay]
+        for row in rows:
+            decode_steps[row] += 1
         logits = decode(tokens)
         if stats is not None:
             stats.decode_flops_per_row = [
@@ -184,7 +221,27 @@ def generate_tokens(
                 for layers, steps in zip(per_row_layers, decode_steps, strict=True)
             ]
             stats.decode_flops = sum(stats.decode_flops_per_row)
-            stats.kv_cache_bytes = decode.kv_cache_bytes()
+            stats.kv_cache_bytes = max(stats.kv_cache_bytes, decode.kv_cache_bytes())
+
+
+def row_stops(stop_events: Sequence[threading.Event | None] | None, rows: int) -> list[threading.Event | None]:
+    """Each row's stop event: `stop_events` (one per row, None for a row nobody stops), or none at all."""
+    if stop_events is None:
+        return [None] * rows
+    stops = list(stop_events)
+    if len(stops) != rows:
+        raise InputError(f"stop_events has {len(stops)} events for {rows} rows")
+    return stops
+
+
+def row_limits(max_new_tokens: Sequence[int] | None, rows: int, sampling: SamplingConfig) -> list[int]:
+    """Each row's new-token limit: `max_new_tokens` (one per row, each checked), or the sampling's for all."""
+    if max_new_tokens is None:
+        return [sampling.max_new_tokens] * rows
+    limits = [validation.check_max_new_tokens(value) for value in max_new_tokens]
+    if len(limits) != rows:
+        raise InputError(f"max_new_tokens has {len(limits)} limits for {rows} rows")
+    return limits
 
 
 def conversation_tokens(
@@ -262,6 +319,17 @@ class _Decoder:
                     return static_decode_step(self.model, self.fast, trim=True)
             return self.graphed()
         return static_decode_step(self.model, self.fast, trim=True)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (long indices into the current batch), in the prefill's cache or the
+        static buffers; a captured CUDA graph is dropped and captured again, for the smaller batch, at the next
+        step."""
+        if self.fast is None:
+            self.state.select_rows(rows)
+            return
+        starts = self.fast.select_rows(rows)
+        self.prefill_slots = [slots - start for slots, start in zip(self.prefill_slots, starts, strict=True)]
+        self.graphed = None
 
     def kv_cache_bytes(self) -> int:
         """Bytes of keys and values held for the tokens so far, whatever the engine (the plain cache's size);

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,11 +248,15 @@ class ModelManager:
         k: int | None = None,
         sampling: SamplingConfig = SamplingConfig(),
         stop_event: threading.Event | None = None,
+        stop_events: Sequence[threading.Event | None] | None = None,
+        max_new_tokens: Sequence[int] | None = None,
         schedule: Schedule | None = None,
     ) -> Iterator[tuple[int, StreamEvent]]:
         """Answer several conversations in one left-padded engine call (same method and sampling for all).
 
         Yields (row, event); each row's events and stats are its own (vtw_core.generation.batch_stream).
+        `stop_events` (one per row) stop single rows, which then leave the batch; `stop_event` stops them all.
+        `max_new_tokens` (one per row) overrides `sampling.max_new_tokens` row by row.
         """
         self._require_processor()
         with self.lock:
@@ -264,6 +268,8 @@ class ModelManager:
                 k=k,
                 sampling=sampling,
                 stop_event=stop_event,
+                stop_events=stop_events,
+                max_new_tokens=max_new_tokens,
                 schedule=schedule,
             )
 

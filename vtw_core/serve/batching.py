@@ -2,9 +2,12 @@
 
 One worker thread owns the model manager. It takes the oldest waiting request, then for up to
 `batch_wait_ms` gathers later requests with the same method and sampling settings (up to
-`max_batch_size`) and answers them together with `ModelManager.stream_batch` (left-padded). Greedy rows give
-the tokens they would give alone. Sampled requests run one at a time, so a seed gives the same reply as the
-CLI. A request that arrives while a batch runs waits for the next one: batches never grow mid-way.
+`max_batch_size`; `max_tokens` may differ, each row stops at its own) and answers them together with
+`ModelManager.stream_batch` (left-padded). Greedy rows give the tokens they would give alone. Sampled requests
+run one at a time, so a seed gives the same reply as the CLI. A request that arrives while a batch runs waits
+for the next one: batches never grow mid-way, but they shrink: a row that ends (end token, its own limit) or
+whose `Job.stop` is set (its client left) leaves the batch at the next decode step and costs nothing more. A
+request given up while it waits never starts.
 
 If a batch fails before its first token (say one prompt is beyond the context), each of its requests is run
 alone, so only the bad one fails. Requests are delivered their events through `Job.deliver`, which must not
@@ -17,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from PIL import Image
@@ -46,23 +49,19 @@ class Job:
     batch_size: int = 1
 
     @property
-    def batch_key(self) -> tuple[Method, SamplingConfig] | None:
-        """Requests with equal keys can share an engine call; sampled ones never do (one generator per call)."""
-        return None if self.sampling.do_sample else (self.method, self.sampling)
+    def batch_key(self) -> tuple[Any, ...] | None:
+        """Requests with equal keys can share an engine call; sampled ones never do (one generator per call).
+        `max_new_tokens` is not part of it: every row of a batch has its own limit."""
+        if self.sampling.do_sample:
+            return None
+        return (
+            self.method,
+            *(getattr(self.sampling, f.name) for f in fields(SamplingConfig) if f.name != "max_new_tokens"),
+        )
 
     @property
     def queue_s(self) -> float | None:
         return None if self.started_at is None else self.started_at - self.submitted_at
-
-
-class _AllSet:
-    """Set once every request of a batch has been given up: the engine reads only `is_set()`."""
-
-    def __init__(self, events: list[threading.Event]):
-        self.events = events
-
-    def is_set(self) -> bool:
-        return all(event.is_set() for event in self.events)
 
 
 class Batcher:
@@ -157,7 +156,8 @@ class Batcher:
                 k=first.method.k,
                 schedule=first.method.schedule,
                 sampling=first.sampling,
-                stop_event=_AllSet([job.stop for job in batch]),
+                stop_events=[job.stop for job in batch],
+                max_new_tokens=[job.sampling.max_new_tokens for job in batch],
             )
             for row, event in events:
                 delivered = True
@@ -169,7 +169,8 @@ class Batcher:
                 return
             for job in batch:  # nothing was answered yet: find the culprit by running each alone
                 job.batch_size = 1
-                self._run_alone(job)
+                if not job.stop.is_set():  # a client that left meanwhile costs nothing
+                    self._run_alone(job)
 
     def _run_alone(self, job: Job) -> None:
         """The same call the app and the CLI make for one request."""
