@@ -25,6 +25,7 @@ from vtw_core.errors import InputError, ResourceError, VTWError
 from vtw_core.generation.concurrent import interleave
 from vtw_core.generation.manager import ModelInfo
 from vtw_core.generation.types import GenerationResult, GenerationStats, SamplingConfig, StreamEvent
+from vtw_core.models.defaults import default_model
 from vtw_core.models.prompts import Message
 
 STATS_FIELDS = {field.name for field in fields(GenerationStats)}
@@ -36,15 +37,20 @@ class RemoteManager:
 
     takes_video = False  # the chat completions API carries images only: the app hides its video input
 
-    def __init__(self, base_url: str, timeout_s: float = 600.0):
+    def __init__(self, base_url: str, timeout_s: float = 600.0, api_key: str | None = None):
+        """`api_key`: sent as `Authorization: Bearer KEY`, for servers started with --api-key."""
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.timeout_s = timeout_s
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.lock = threading.Lock()  # held by nobody: the server orders the work on its devices
         entry = self._get("/v1/models")["data"][0]
         meta = entry.get("vtw") or {}
         self.model_id = entry["id"]
+        source = meta.get("source", entry["id"])
+        if source == "default-model" and default_model() is not None:  # the server names no paths: this one's copy
+            source = default_model()
         self.info = ModelInfo(
-            source=meta.get("source", entry["id"]),
+            source=source,
             family=meta.get("family", "llava"),
             num_layers=int(meta["num_layers"]),
             device=f"{meta.get('device', '?')} at {self.base_url}",
@@ -64,7 +70,7 @@ class RemoteManager:
 
     def _get(self, path: str) -> dict[str, Any]:
         try:
-            response = httpx.get(self.base_url + path, timeout=30)
+            response = httpx.get(self.base_url + path, headers=self.headers, timeout=30)
         except httpx.HTTPError as error:
             raise VTWError(f"cannot reach the server at {self.base_url} ({type(error).__name__})") from error
         _raise_for_error(response.status_code, response.text)
@@ -89,7 +95,7 @@ class RemoteManager:
         stats = GenerationStats(k=k, num_layers=self.info.num_layers)
         text, token_ids = "", []
         try:
-            with httpx.stream("POST", f"{self.base_url}/v1/chat/completions", json=body,
+            with httpx.stream("POST", f"{self.base_url}/v1/chat/completions", json=body, headers=self.headers,
                               timeout=self.timeout_s) as response:  # fmt: skip
                 if response.status_code != 200:
                     _raise_for_error(response.status_code, response.read().decode("utf-8", "replace"))
@@ -199,6 +205,8 @@ def _raise_for_error(status: int, text: str) -> None:
         message = json.loads(text)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = text[:200]
+    if status == 401:
+        raise InputError(f"the server refused the API key: {message}; pass --backend-api-key or set VTW_API_KEY")
     if 400 <= status < 500:
         raise InputError(message)
     if status == 503:

@@ -269,6 +269,95 @@ def test_app_on_a_port_in_use_exits_with_status_2(tiny_model_path):
     assert "Traceback" not in result.stderr
 
 
+def run_serve(*options: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vtw_core", "serve", *options], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--port", "99999"], "argument --port: port must be between 1 and 65535, got 99999"),
+        (["--port", "0"], "argument --port: port must be between 1 and 65535, got 0"),
+        (["--port", "http"], "argument --port: 'http' is not a port number"),
+        (["--max-batch-size", "0"], "argument --max-batch-size: must be 1 or more, got 0"),
+        (["--batch-wait-ms", "-1"], "argument --batch-wait-ms: must be a finite number >= 0, got -1"),
+        (["--batch-wait-ms", "nan"], "argument --batch-wait-ms: must be a finite number >= 0, got nan"),
+        (["--batch-wait-ms", "inf"], "argument --batch-wait-ms: must be a finite number >= 0, got inf"),
+        (["--max-queue", "0"], "argument --max-queue: must be 1 or more, got 0"),
+        (["--threads", "0"], "argument --threads: must be 1 or more, got 0"),
+        (["--max-images-per-request", "-1"], "argument --max-images-per-request: must be 0 or more, got -1"),
+        (["--max-image-bytes", "0"], "argument --max-image-bytes: must be a number of MB > 0, got 0"),
+        (["--max-pixels-per-request", "0"], "argument --max-pixels-per-request: must be 1 or more, got 0"),
+        (["--max-decoding", "0"], "argument --max-decoding: must be 1 or more, got 0"),
+        (["--allowed-origins", "example.com"], "'example.com' is not an origin such as https://app.example.com"),
+        (["--allowed-media-domains", "https://a.example/x"], "'https://a.example/x' is not a domain name"),
+        (["--allowed-media-domains", "a.example"], "error: --allowed-media-domains needs --allow-remote-images"),
+        (["--max-image-memory", "10"], "error: --max-image-memory must hold one request at the image limits"),
+    ],
+)
+def test_serve_refuses_bad_options_with_status_2_before_loading(capsys, options, message):
+    try:
+        code = cli_main(["serve", *options])
+    except SystemExit as exit:  # argparse's own refusals
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "error: " in err and "Traceback" not in err, err
+
+
+def test_serve_with_a_port_out_of_range_exits_with_status_2():
+    result = run_serve("--port", "99999", timeout=60)
+    assert result.returncode == 2 and "port must be between 1 and 65535, got 99999" in result.stderr
+    assert "Traceback" not in result.stderr and ":99999" not in result.stdout
+
+
+def test_serve_on_a_port_in_use_exits_with_status_2_before_loading_the_model():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_serve("--port", str(port), timeout=60)
+    assert result.returncode == 2 and f"error: cannot serve on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "Loading weights" not in result.stderr
+
+
+def test_serve_reads_the_api_key_from_the_environment_and_sets_the_threads(monkeypatch):
+    """--api-key, else $VTW_API_KEY (vtw_core.serve.auth.api_key_from); --threads N sets torch's threads."""
+    import torch
+
+    import vtw_core.serve.standalone as standalone
+
+    calls = []
+
+    def serve(manager, **options) -> None:
+        calls.append(options)
+        options["sock"].close()
+
+    monkeypatch.setattr(standalone, "serve", serve)
+    monkeypatch.setattr("vtw_core.cli.serve.load_model", lambda args: None)
+    threads = torch.get_num_threads()
+    port = str(_free_port())
+    monkeypatch.setenv("VTW_API_KEY", "from-env")
+    try:
+        assert cli_main(["serve", "--port", port, "--threads", "1"]) == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert cli_main(["serve", "--port", port, "--api-key", "from-flag"]) == 0
+    monkeypatch.setenv("VTW_API_KEY", "  ")
+    assert cli_main(["serve", "--port", port]) == 0
+    assert [call["api_key"] for call in calls] == ["from-env", "from-flag", None]  # blank: no key
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def print_table() -> None:
     """The handler cases as a Markdown table: what is sent, the message, and the time it took."""
     import tempfile

@@ -214,7 +214,7 @@ def test_a_decompression_bomb_is_refused_before_decoding(server):
         ({"messages": [{"role": "user", "content": "   "}]}, "messages[0].content[0]"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
         ({"messages": [{"role": "user", "content": question("easyvqa-0.png")[0]["content"][:1] * 5 + [
-            {"type": "text", "text": "hi"}]}]}, "messages[0].content"),
+            {"type": "text", "text": "hi"}]}]}, "messages"),
     ],
 )  # fmt: skip
 def test_the_app_limits_apply(server, change, param):
@@ -285,38 +285,47 @@ def test_the_app_answers_through_the_server_as_it_does_in_process(server, manage
 
 
 def test_remote_image_urls_work_only_when_allowed(manager, tmp_path):
-    """--allow-remote-images: the server reads http(s) URLs (here a file server on 127.0.0.1)."""
+    """--allow-remote-images: the server reads http(s) URLs (here a file server on 127.0.0.1, which the public
+    policy refuses: the test's policy lets loopback through)."""
     import functools
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     from fastapi.testclient import TestClient
 
     from vtw_core.serve.openai_api import ChatService, build_app
+    from vtw_core.serve.remote_images import READ_ERROR, RemoteImagePolicy
 
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(EXAMPLES))
     files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{files.server_address[1]}"
-    service = ChatService(manager, model_id="default-model", allow_remote_images=True)
+    loopback = RemoteImagePolicy(allow_address=lambda address: address.is_loopback)
+    services = {
+        "public": ChatService(manager, model_id="default-model", allow_remote_images=True),
+        "loopback": ChatService(manager, model_id="default-model", remote_policy=loopback),
+    }
     try:
-        with TestClient(build_app(service)) as http:
+        with TestClient(build_app(services["loopback"])) as http, TestClient(build_app(services["public"])) as public:
 
-            def ask_url(url: str):
+            def ask_url(client, url: str):
                 content = [{"type": "image_url", "image_url": {"url": url}},
                            {"type": "text", "text": QUESTIONS["easyvqa-0.png"]}]  # fmt: skip
                 body = {"messages": [{"role": "user", "content": content}], "max_tokens": TOKENS,
                         "vtw": {"method": "vtw:9", "return_token_ids": True}}  # fmt: skip
-                return http.post("/v1/chat/completions", json=body)
+                return client.post("/v1/chat/completions", json=body)
 
-            fetched = ask_url(f"{base}/easyvqa-0.png")
-            inline = ask_url(data_url(EXAMPLES / "easyvqa-0.png"))
+            fetched = ask_url(http, f"{base}/easyvqa-0.png")
+            inline = ask_url(http, data_url(EXAMPLES / "easyvqa-0.png"))
             assert fetched.status_code == inline.status_code == 200
             assert fetched.json()["choices"][0]["token_ids"] == inline.json()["choices"][0]["token_ids"]
-            missing = ask_url(f"{base}/missing.png")
-            assert missing.status_code == 400 and missing.json()["error"]["code"] == "invalid_image"
+            for client, url in ((http, f"{base}/missing.png"), (public, f"{base}/easyvqa-0.png")):
+                refused = ask_url(client, url)  # a 404, and 127.0.0.1 for the public policy: the same answer
+                assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_image"
+                assert refused.json()["error"]["message"] == READ_ERROR
     finally:
         files.shutdown()
-        service.close()
+        for service in services.values():
+            service.close()
 
 
 def test_without_temperature_the_answer_is_greedy(client, server):

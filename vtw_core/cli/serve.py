@@ -1,33 +1,158 @@
-"""`serve`: an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models) in front of one loaded model."""
+"""`serve`: an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models) in front of one loaded model.
+
+Every option is checked before the model loads (`error: ...` and exit status 2, as the app's), and the address
+is bound then too, so a port in use fails in a second, not after the model has loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 from typing import Any
 
 from vtw_core.cli.args import add_model_options, load_model
+from vtw_core.errors import VTWError
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 1..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, got {port}")
+    return port
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """A whole number >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        return value
+
+    return parse
+
+
+def milliseconds(text: str) -> float:
+    """A finite number of milliseconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def megabytes(text: str) -> int:
+    """A size in MB (2**20 bytes), > 0, as bytes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MB") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of MB > 0, got {text}")
+    return int(value * 2**20)
+
+
+def domains(text: str) -> frozenset[str]:
+    from vtw_core.serve.remote_images import parse_domains
+
+    try:
+        return parse_domains(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def origins(text: str) -> list[str]:
+    """`https://a.example,http://localhost:3000` -> the origins (scheme://host[:port], no path), as browsers send."""
+    found = [origin.strip().rstrip("/") for origin in text.split(",") if origin.strip()]
+    for origin in found:
+        scheme, separator, rest = origin.partition("://")
+        if origin != "*" and (scheme not in ("http", "https") or not separator or not rest or "/" in rest):
+            raise argparse.ArgumentTypeError(f"{origin!r} is not an origin such as https://app.example.com")
+    return found
 
 
 def add_parser(subparsers: Any) -> None:
+    from vtw_core.serve.limits import DEFAULT_LIMITS, MAX_IMAGES_PER_REQUEST
+
+    limits = DEFAULT_LIMITS
     parser = subparsers.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions, /v1/models)")
     add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port, 1 to 65535 (default 8000)")
     parser.add_argument("--served-model-name", help="the id clients pass as `model` (default: from --model)")
     parser.add_argument("--method", default="default",
                         help="method when a request names none: default (vtw:auto where the checkpoint ships a K, "
                              "else baseline), baseline, vtw:K, fastv:K:R, schedule:NAME")  # fmt: skip
-    parser.add_argument("--max-batch-size", type=int, default=8, help="requests per engine call (1: no batching)")
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
-    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
+    parser.add_argument("--threads", type=at_least(1),
+                        help="CPU threads for torch here (default: torch's choice, printed at start)")  # fmt: skip
+    parser.add_argument("--max-batch-size", type=at_least(1), default=8,
+                        help="requests per engine call (1: no batching)")  # fmt: skip
+    parser.add_argument("--batch-wait-ms", type=milliseconds, default=5.0,
+                        help="how long a batch waits for more requests (default 5)")  # fmt: skip
+    parser.add_argument("--max-queue", type=at_least(1), default=64,
+                        help="requests waiting (reading and decoding images too) before answering 503")  # fmt: skip
+    parser.add_argument("--max-images-per-request", type=at_least(0), default=MAX_IMAGES_PER_REQUEST,
+                        help=f"images in one request, all its messages together (default {MAX_IMAGES_PER_REQUEST},"
+                             " the app's per-turn limit)")  # fmt: skip
+    parser.add_argument("--max-image-bytes", type=megabytes, default=limits.max_image_bytes,
+                        help=f"MB per image as sent (default {limits.max_image_bytes / 2**20:g}); the body limit "
+                             "follows from it")  # fmt: skip
+    parser.add_argument("--max-pixels-per-request", type=at_least(1), default=limits.max_pixels,
+                        help=f"decoded pixels of a request's images together, read from their headers before "
+                             f"decoding (default {limits.max_pixels:,}); each image also at most "
+                             f"{limits.max_image_pixels:,}")  # fmt: skip
+    parser.add_argument("--max-decoding", type=at_least(1), default=2,
+                        help="requests decoding images at the same time (default 2)")  # fmt: skip
+    parser.add_argument("--max-image-memory", type=megabytes,
+                        help="MB that the images of all admitted requests may hold (encoded + 3 bytes per pixel; "
+                             "default: --max-batch-size requests at the image limits)")  # fmt: skip
+    parser.add_argument("--api-key",
+                        help="require `Authorization: Bearer KEY` on every route but /health (default: $VTW_API_KEY "
+                             "if set, else no key)")  # fmt: skip
+    parser.add_argument("--allowed-origins", type=origins, default=[],
+                        help="comma-separated web origins whose pages may call the API from a browser (CORS); "
+                             "default none")  # fmt: skip
+    parser.add_argument("--docs", action="store_true", help="serve the API's /docs, /redoc and /openapi.json pages")
     parser.add_argument("--allow-remote-images", action="store_true",
-                        help="also read http(s) image URLs (the server then fetches what clients name)")  # fmt: skip
+                        help="also read http(s) image URLs (public addresses only; the server fetches what "
+                             "clients name)")  # fmt: skip
+    parser.add_argument("--allowed-media-domains", type=domains, default=frozenset(),
+                        help="with --allow-remote-images: the only hosts image URLs may name, comma-separated "
+                             "(default: any host with public addresses)")  # fmt: skip
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from vtw_core.serve.standalone import serve
+    from vtw_core.serve.auth import api_key_from
+    from vtw_core.serve.limits import RequestLimits
+    from vtw_core.serve.standalone import bind_socket, serve
 
+    if args.allowed_media_domains and not args.allow_remote_images:
+        raise VTWError("--allowed-media-domains needs --allow-remote-images")
+    limits = RequestLimits(max_images=args.max_images_per_request, max_image_bytes=args.max_image_bytes,
+                           max_pixels=args.max_pixels_per_request)  # fmt: skip
+    if args.max_image_memory is not None and args.max_image_memory < limits.max_image_memory:
+        raise VTWError(f"--max-image-memory must hold one request at the image limits: at least "
+                       f"{-(-limits.max_image_memory // 2**20)} MB")  # fmt: skip
+    sock = bind_socket(args.host, args.port)  # before the model loads: a port in use fails now
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     serve(load_model(args), host=args.host, port=args.port, model_id=args.served_model_name, method=args.method,
           max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
-          allow_remote_images=args.allow_remote_images)  # fmt: skip
+          allow_remote_images=args.allow_remote_images, allowed_media_domains=args.allowed_media_domains,
+          limits=limits, max_decoding=args.max_decoding, max_image_memory=args.max_image_memory,
+          api_key=api_key_from(args.api_key), allowed_origins=args.allowed_origins, docs=args.docs,
+          sock=sock)  # fmt: skip

@@ -50,10 +50,49 @@ def load_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> Image
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         raise InputError(f"{name} is too large to decode safely ({error})") from error
     except UnidentifiedImageError as error:
-        raise InputError(f"{name} is not an image PIL can read") from error
+        raise InputError(f"{name} is not an image (PNG, JPEG, WebP, ...)") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise InputError(f"{name} is corrupt or truncated ({error})") from error
     return to_rgb(image)
+
+
+def image_header_size(
+    data: bytes,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    *,
+    name: str = "uploaded image",
+    formats: tuple[str, ...] | None = None,
+    max_aspect_ratio: float | None = None,
+) -> tuple[int, int]:
+    """(width, height) of encoded image bytes, read from the header only: no pixel is decoded.
+
+    The same checks as `load_image` runs before decoding (an image PIL can read, at most `max_pixels`), plus
+    optional ones for servers: the container `formats` accepted (PIL's names, e.g. "PNG") and the longest side
+    at most `max_aspect_ratio` times the shortest (a processor that resizes the shortest side to a fixed size
+    would otherwise blow a 1-pixel-high strip up to gigapixels). InputError with a readable reason otherwise.
+    """
+    if formats is not None:
+        Image.init()  # every plugin registered: PIL looks the named formats up
+        formats = tuple(kind for kind in formats if kind in Image.OPEN)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=formats) as image:
+                size = image.size
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise InputError(f"{name} is too large to decode safely ({error})") from error
+    except UnidentifiedImageError as error:
+        if formats:
+            kinds = " or ".join([", ".join(formats[:-1]), formats[-1]] if len(formats) > 1 else formats)
+            raise InputError(f"{name} is not a {kinds} image") from error
+        raise InputError(f"{name} is not an image PIL can read") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InputError(f"{name} is corrupt or truncated ({error})") from error
+    _check_size(size, max_pixels, name)
+    width, height = size
+    if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
+        raise InputError(f"{name} is {width}x{height} pixels; its sides may differ by at most {max_aspect_ratio:g}x")
+    return size
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,9 +1,15 @@
 """The OpenAI chat-completions API over one ModelManager: `/v1/chat/completions` and `/v1/models`.
 
-`ChatService` does the work (parse, choose the method, queue in the batcher, answer as JSON or SSE);
-`build_app` exposes it as a FastAPI app for uvicorn, and `vtw_core.serve.ray_app` exposes the same service
-in every Ray Serve replica. `usage` carries OpenAI's token counts plus a `vtw` object: the method, K, the
-request's stats (TTFT, prefill/decode FLOPs, KV-cache bytes, ...), the time it waited and its batch size.
+`ChatService` does the work (parse, choose the method, admit, decode the images, queue in the batcher, answer
+as JSON or SSE); `build_app` exposes it as a FastAPI app for uvicorn, with the API key, CORS and the docs
+pages as options, and `vtw_core.serve.ray_app` exposes the same service in every Ray Serve replica. `usage`
+carries OpenAI's token counts plus a `vtw` object: the method, K, the request's stats (TTFT, prefill/decode
+FLOPs, KV-cache bytes, ...), the time it waited and its batch size.
+
+A request goes through, in order: the body's size (`read_json`, before parsing), its structure, texts and
+image headers (no pixel decoded), admission (`vtw_core.serve.admission`: a queue slot and an image-memory
+budget, or 503 at once), the image decoders (a few at a time), then the batcher. A client that disconnects
+stops its request: at once while it waits, at the next decode step while it runs.
 """
 
 from __future__ import annotations
@@ -11,27 +17,63 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vtw_core.engine.methods import Method, parse_method
 from vtw_core.generation.manager import ModelManager
 from vtw_core.generation.types import StreamEvent
+from vtw_core.models.defaults import default_model
+from vtw_core.serve.admission import Admission, BodyBudget
+from vtw_core.serve.auth import check_api_key
 from vtw_core.serve.batching import Batcher, Job
-from vtw_core.serve.errors import APIError, bad_request, from_exception
-from vtw_core.serve.protocol import MAX_REQUEST_BYTES, ChatRequest, parse_chat_request
-from vtw_core.serve.remote_images import fetch_image
+from vtw_core.serve.errors import APIError, bad_request, from_exception, log_refusal, logger
+from vtw_core.serve.protocol import (
+    DEFAULT_LIMITS,
+    MAX_REQUEST_BYTES,
+    ChatRequest,
+    RequestLimits,
+    accept_image_bytes,
+    decode_images,
+    plan_chat_request,
+)
+from vtw_core.serve.remote_images import RemoteImagePolicy, fetch_image
 
 FINISH_REASONS = {"eos": "stop", "length": "length", "stopped": "stop"}
+DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
+MAX_DECODING = 2  # requests decoding images at a time
+THREADPOOL_JSON_BYTES = 2**20  # bigger bodies are parsed off the event loop
+BODIES_RECEIVED_AT_ONCE = 4  # the largest legal bodies one process receives at a time (smaller ones: more)
+BODY_BUDGET = BodyBudget(BODIES_RECEIVED_AT_ONCE * MAX_REQUEST_BYTES)  # the process's, unless an app has its own
+
+
+def source_name(source: str) -> str:
+    """The model's source as clients may see it: "default-model", a hub id, or a local folder's name (no path)."""
+    if source == default_model():
+        return "default-model"
+    path = Path(source)
+    return path.name if path.is_absolute() or path.is_dir() else source.rstrip("/")
+
+
+def client_gone() -> APIError:
+    """The request of a client that closed its connection (nginx's 499): nobody reads the answer."""
+    return APIError(499, "the client closed the connection; the request was stopped", code="client_closed_request")
 
 
 class Ticket:
@@ -70,7 +112,7 @@ class StopText:
 
 
 class ChatService:
-    """One model behind the OpenAI API: requests queue in one batcher, which owns the device."""
+    """One model behind the OpenAI API: requests are admitted, decoded and queued in one batcher (the device's)."""
 
     def __init__(
         self,
@@ -82,14 +124,30 @@ class ChatService:
         batch_wait_ms: float = 5.0,
         max_queue: int = 64,
         allow_remote_images: bool = False,
+        limits: RequestLimits = DEFAULT_LIMITS,
+        max_decoding: int = MAX_DECODING,
+        max_image_memory: int | None = None,
+        remote_policy: RemoteImagePolicy | None = None,
     ):
+        """`max_image_memory`: bytes the images of all admitted requests may hold (default: a full batch of
+        the largest requests); `remote_policy`: what http(s) image URLs may reach (with allow_remote_images)."""
         self.manager = manager
         self.model_id = model_id
+        self.limits = limits
         self.default_method = self._default_spec(default_method)
         self.resolve_method(self.default_method)  # a bad default fails at start, not at the first request
+        if max_image_memory is None:
+            max_image_memory = max_batch_size * limits.max_image_memory
+        if max_image_memory < limits.max_image_memory:
+            raise ValueError(f"the image memory budget ({max_image_memory / 2**20:.0f} MB) must hold one request "
+                             f"with the largest images ({limits.max_image_memory / 2**20:.0f} MB)")  # fmt: skip
+        self.admission = Admission(max_waiting=max_queue, max_decoding=max_decoding,
+                                   max_image_memory=max_image_memory)  # fmt: skip
         self.batcher = Batcher(manager, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                                max_queue=max_queue)  # fmt: skip
-        self.fetch = fetch_image if allow_remote_images else None
+        if remote_policy is None and allow_remote_images:
+            remote_policy = RemoteImagePolicy(max_bytes=limits.max_image_bytes)
+        self.remote_policy = remote_policy  # None: http(s) image URLs are refused
 
     def _default_spec(self, spec: str) -> str:
         """ "default": VTW at the K saved beside the checkpoint (the embedded model ships one), else the baseline."""
@@ -124,7 +182,7 @@ class ChatService:
                     "created": 0,
                     "owned_by": "vtw-chat",
                     "vtw": {
-                        "source": info.source,
+                        "source": source_name(info.source),
                         "family": info.family,
                         "num_layers": info.num_layers,
                         "device": info.device,
@@ -138,47 +196,123 @@ class ChatService:
             ],
         }
 
-    async def chat_completions(self, body: Any) -> Response:
-        request = await run_in_threadpool(parse_chat_request, body, fetch=self.fetch)
-        if request.model not in (None, self.model_id):
-            raise APIError(404, f"the model {request.model!r} does not exist; this server serves {self.model_id!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+    def _method(self, request: ChatRequest) -> tuple[str, Method]:
         if request.schedule is not None:
-            spec, method = f"schedule:{request.schedule.name}", Method(request.schedule.name, schedule=request.schedule)
-        else:
-            spec = request.method or self.default_method
-            method = self.resolve_method(spec)
-        ticket = Ticket(asyncio.get_running_loop())
-        job = Job(request.messages, request.images, method, request.sampling, ticket.deliver)
-        self.batcher.submit(job)
-        reply = _Reply(self.model_id, spec, method, request, job)
+            if len(request.schedule.keep) != self.manager.info.num_layers:
+                raise bad_request(f"vtw.schedule has {len(request.schedule.keep)} keep shares; the model has "
+                                  f"{self.manager.info.num_layers} layers", param="vtw.schedule")  # fmt: skip
+            return f"schedule:{request.schedule.name}", Method(request.schedule.name, schedule=request.schedule)
+        spec = request.method or self.default_method
+        return spec, self.resolve_method(spec)
+
+    async def chat_completions(self, body: Any, http_request: Request | None = None) -> Response:
+        """Answer one request body. With `http_request`, a client that disconnects stops its request.
+
+        Every failure leaves as an APIError (a 4xx for the client's mistakes, engine refusals included).
+        """
         try:
-            first = await ticket.next()  # errors before the first token still get their HTTP status
-        except BaseException:
-            job.stop.set()
+            request = await run_in_threadpool(plan_chat_request, body, self.limits,
+                                              remote_images=self.remote_policy is not None)  # fmt: skip
+            body = None  # the parsed body (its base64 strings) is not needed any more
+            return await self._answer(request, http_request)
+        except APIError:
             raise
-        if request.stream:
-            return StreamingResponse(reply.sse(ticket, first), media_type="text/event-stream")
+        except Exception as error:  # the engine's refusals (InputError), out of memory, and bugs
+            api_error = from_exception(error)
+            if api_error.code == "internal_error":
+                logger.error("internal error in /v1/chat/completions", exc_info=error)
+            raise api_error from None
+
+    async def _answer(self, request: ChatRequest, http_request: Request | None) -> Response:
+        if request.model not in (None, self.model_id):
+            raise APIError(404, f"the model {request.model[:100]!r} does not exist; this server serves "
+                           f"{self.model_id!r}", param="model", code="model_not_found")  # fmt: skip
+        spec, method = self._method(request)
+        slot = self.admission.admit(request.image_memory(self.limits))  # or 503 now, before any pixel is decoded
+        stop = threading.Event()
+        ticket = Ticket(asyncio.get_running_loop())
+        watcher = None
+        if http_request is not None:
+            watcher = asyncio.create_task(self._watch_disconnect(http_request, stop, ticket))
+        streaming = False
         try:
+            await self._read_images(request, stop)
+            job = Job(request.messages, request.images, method, request.sampling, ticket.deliver, stop=stop)
+            slot.job = job
+            self.batcher.submit(job)
+            reply = _Reply(self.model_id, spec, method, request, job, on_close=slot.release)
+            weakref.finalize(reply, _abandon, stop, slot)  # a stream dropped before it started still ends
+            first = await ticket.next()  # errors before the first token still get their HTTP status
+            if request.stream:
+                streaming = True  # the stream stops the job and releases the slot when it ends
+                return StreamingResponse(reply.sse(ticket, first), media_type="text/event-stream")
             event, hit = first, False
             while True:
                 text, hit = reply.stop_text.visible(event.text, event.finished)
                 if hit or event.finished:
                     break
                 event = await ticket.next()
+            return JSONResponse(reply.completion(text, event, hit))
         finally:
-            job.stop.set()
-        return JSONResponse(reply.completion(text, event, hit))
+            if watcher is not None:
+                watcher.cancel()
+            if not streaming:
+                stop.set()  # the answer is complete, or nobody waits for it: the engine may drop the row
+                slot.release()
+
+    async def _read_images(self, request: ChatRequest, stop: threading.Event) -> None:
+        """Fetch the http(s) images (allowed servers only), then decode every image, a few requests at a time."""
+        for image in request.image_inputs:
+            if image.remote and image.data is None:
+                data = await fetch_image(image.url, self.remote_policy, param=image.param)
+                accept_image_bytes(request, image, data, self.limits)
+            if stop.is_set():
+                raise client_gone()
+        if request.image_inputs:
+            async with self.admission.decoding:
+                if stop.is_set():  # the client left while the request waited for a decoder
+                    raise client_gone()
+                await run_in_threadpool(decode_images, request, self.limits)
+        if stop.is_set():
+            raise client_gone()
+
+    @staticmethod
+    async def _watch_disconnect(http_request: Request, stop: threading.Event, ticket: Ticket) -> None:
+        """Stop the request when its client disconnects: a queued job is then skipped, a running one ends."""
+        while not stop.is_set():
+            try:
+                gone = await http_request.is_disconnected()
+            except Exception:  # a server that cannot tell: the request runs to its end
+                return
+            if gone:
+                stop.set()
+                ticket.queue.put_nowait(client_gone())  # wakes the handler, whether or not the engine answers
+                return
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+def _abandon(stop: threading.Event, slot: Any) -> None:
+    stop.set()
+    slot.release()
 
 
 class _Reply:
     """The response's fixed parts and its JSON / SSE shapes."""
 
-    def __init__(self, model_id: str, spec: str, method: Method, request: ChatRequest, job: Job):
+    def __init__(
+        self,
+        model_id: str,
+        spec: str,
+        method: Method,
+        request: ChatRequest,
+        job: Job,
+        on_close: Callable[[], None] | None = None,
+    ):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model_id, self.spec, self.method, self.request, self.job = model_id, spec, method, request, job
         self.stop_text = StopText(request.stop)
+        self.on_close = on_close
 
     def usage(self, event: StreamEvent) -> dict[str, Any]:
         stats = event.stats.to_dict()
@@ -238,64 +372,176 @@ class _Reply:
             if self.request.include_usage:
                 yield self._sse_line({"choices": [], "usage": self.usage(event)})
         except Exception as error:  # the status line has gone out: report the error in the stream
-            yield f"data: {json.dumps(from_exception(error).body())}\n\n"
+            api_error = from_exception(error)
+            log_refusal(api_error, "POST", "/v1/chat/completions (stream)")
+            yield f"data: {json.dumps(api_error.body())}\n\n"
         finally:
             self.job.stop.set()  # the client left, or the reply is complete: the engine may stop this row
+            if self.on_close is not None:
+                self.on_close()
         yield "data: [DONE]\n\n"
 
 
-async def read_json(request: Request) -> Any:
-    """The JSON body, read with a size limit (bodies may come chunked, without a length)."""
+def _media_type(headers: Headers) -> str:
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_json(request: Request, max_bytes: int = MAX_REQUEST_BYTES, budget: BodyBudget | None = None) -> Any:
+    """The JSON body, read with a size limit (bodies may come chunked, without a length) within the bytes that
+    the process may be receiving at once (`budget`, else BODY_BUDGET: 503 past it).
+
+    Only `Content-Type: application/json` is read (415 otherwise): a browser page on another origin can send
+    text/plain without asking the server first (a CORS "simple request"), but not JSON.
+    """
+    if _media_type(request.headers) != "application/json":
+        raise APIError(415, "send the request body as JSON, with Content-Type: application/json",
+                       code="unsupported_media_type")  # fmt: skip
+    too_large = APIError(413, f"the request is larger than {max_bytes / 2**20:.1f} MB (the largest legal request)",
+                         code="request_too_large")  # fmt: skip
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
-        raise APIError(413, f"the request is larger than {MAX_REQUEST_BYTES // 2**20} MB", code="request_too_large")
-    data = bytearray()
-    async for chunk in request.stream():
-        data.extend(chunk)
-        if len(data) > MAX_REQUEST_BYTES:
-            raise APIError(413, f"the request is larger than {MAX_REQUEST_BYTES // 2**20} MB", code="request_too_large")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    budget = budget or BODY_BUDGET
+    data, taken = bytearray(), 0
+    try:
+        if declared is not None and declared.isdigit():
+            budget.take(int(declared))  # the declared length at once: the body cannot be longer than declared
+            taken = int(declared)
+        async for chunk in request.stream():
+            data.extend(chunk)
+            if len(data) > max_bytes:
+                raise too_large
+            if len(data) > taken:
+                budget.take(len(data) - taken)
+                taken = len(data)
+        if len(data) > THREADPOOL_JSON_BYTES:
+            return await run_in_threadpool(_loads, data)
+        return _loads(data)
+    finally:
+        budget.give(taken)
+
+
+def _loads(data: bytes | bytearray) -> Any:
     try:
         return json.loads(data)
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise bad_request("the request body is not valid JSON") from None
 
 
 def error_response(error: BaseException) -> JSONResponse:
     api_error = from_exception(error)
-    return JSONResponse(api_error.body(), status_code=api_error.status)
+    headers = {"WWW-Authenticate": "Bearer"} if api_error.status == 401 else None
+    return JSONResponse(api_error.body(), status_code=api_error.status, headers=headers)
+
+
+class _CatchAll:
+    """Any exception the routes let through becomes an OpenAI error response and one log line.
+
+    Starlette's own catch-all answers too, but then re-raises: the server prints a long traceback and drops
+    the keep-alive connection. Here only a bug (a 500) logs its traceback, and the connection stays usable.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as error:
+            api_error = from_exception(error)
+            if isinstance(error, ClientDisconnect):  # the client left while its body or its answer travelled
+                api_error = client_gone()
+            elif api_error.code == "internal_error":
+                logger.error("internal error in %s %s", scope["method"], scope["path"], exc_info=error)
+            log_refusal(api_error, scope["method"], scope["path"])
+            if not started:
+                await error_response(api_error)(scope, receive, send)
+
+
+class APIKeyMiddleware:
+    """`Authorization: Bearer KEY` on every route but /health (vtw_core.serve.auth), else 401."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.api_key is not None:
+            try:
+                check_api_key(self.api_key, scope["path"], Headers(scope=scope))
+            except APIError as error:
+                log_refusal(error, scope["method"], scope["path"])
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error, ours or the framework's (404 route, 405 method), in OpenAI's error format."""
+    """Every error, ours or the framework's (404 route, 405 method), in OpenAI's error format, one log line each."""
 
     @app.exception_handler(APIError)
-    async def on_api_error(_request: Request, error: APIError) -> JSONResponse:
+    async def on_api_error(request: Request, error: APIError) -> JSONResponse:
+        log_refusal(error, request.method, request.url.path)
         return error_response(error)
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
-        body = APIError(error.status_code, str(error.detail)).body()
-        return JSONResponse(body, status_code=error.status_code)
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        api_error = APIError(error.status_code, str(error.detail))
+        log_refusal(api_error, request.method, request.url.path)
+        return JSONResponse(api_error.body(), status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(bad_request(f"invalid request: {error.errors()[:3]}"))
+    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        api_error = bad_request(f"invalid request: {error.errors()[:3]}")
+        log_refusal(api_error, request.method, request.url.path)
+        return error_response(api_error)
 
-    @app.exception_handler(Exception)
-    async def on_error(_request: Request, error: Exception) -> JSONResponse:
-        return error_response(error)
+    app.add_middleware(_CatchAll)
 
 
-def build_app(service: ChatService) -> FastAPI:
-    """The FastAPI app for one process (uvicorn); the Ray Serve app declares the same routes per replica."""
+def build_app(
+    service: ChatService,
+    *,
+    api_key: str | None = None,
+    allowed_origins: Iterable[str] = (),
+    docs: bool = False,
+) -> FastAPI:
+    """The FastAPI app for one process (uvicorn); the Ray Serve app declares the same routes per replica.
+
+    `api_key`: required on every route but /health (None: no key); `allowed_origins`: the web pages (origins)
+    whose browsers may call the API (none by default); `docs`: serve /docs, /redoc and /openapi.json.
+    """
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         service.close()  # let the batcher's worker finish its batch and end
 
-    app = FastAPI(title="VTW Chat OpenAI-compatible API", lifespan=lifespan)
+    app = FastAPI(
+        title="VTW Chat OpenAI-compatible API",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     install_error_handlers(app)
+    app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    # Outermost: preflights are answered (and refused for other origins) before the key is asked for.
+    app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                       allow_headers=["Authorization", "Content-Type"], max_age=600)  # fmt: skip
+    max_bytes = service.limits.max_request_bytes
+    bodies = BodyBudget(BODIES_RECEIVED_AT_ONCE * max_bytes)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -303,7 +549,7 @@ def build_app(service: ChatService) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await service.chat_completions(await read_json(request))
+        return await service.chat_completions(await read_json(request, max_bytes, bodies), request)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -7,6 +7,11 @@ Choices where the OpenAI API leaves room (documented in docs/serving.md):
 - The method is an extension field: `{"vtw": {"method": "vtw:9"}}` (the openai client sends it with
   `extra_body`), or an inline schedule `{"vtw": {"schedule": {"keep": [...], "ranking": "last"}}}`.
 - Images are `image_url` parts with data URLs; http(s) URLs only on servers started to allow them.
+
+A request is read in two steps, so that a server can refuse it before spending memory on it:
+`plan_chat_request` checks the structure, the texts, the number of images and, for data URLs, each image's
+header (its size: no pixel is decoded) and the pixels of the whole request; `decode_images` then decodes the
+pixels (the server does that under its admission control). `parse_chat_request` does both at once.
 """
 
 from __future__ import annotations
@@ -23,17 +28,28 @@ from vtw_core import validation
 from vtw_core.engine.schedules import Schedule
 from vtw_core.errors import InputError
 from vtw_core.generation.types import SamplingConfig
-from vtw_core.models.images import MAX_IMAGE_BYTES, load_image
+from vtw_core.models.images import image_header_size, load_image
 from vtw_core.models.prompts import Message
 from vtw_core.serve.errors import bad_request
+from vtw_core.serve.limits import (  # noqa: F401  (MAX_REQUEST_BYTES, SERVER_MAX_IMAGE_BYTES: re-exported)
+    DECODED_BYTES_PER_PIXEL,
+    DEFAULT_LIMITS,
+    IMAGE_FORMATS,
+    MAX_ASPECT_RATIO,
+    MAX_IMAGES_PER_MESSAGE,
+    MAX_IMAGES_PER_REQUEST,
+    MAX_MESSAGES,
+    MAX_PARTS_PER_MESSAGE,
+    MAX_REQUEST_BYTES,
+    MAX_SCHEDULE_LAYERS,
+    MAX_SCHEDULE_NAME_CHARS,
+    SERVER_MAX_IMAGE_BYTES,
+    RequestLimits,
+    base64_length,
+)
 
-# The app takes at most 4 images per turn (app.media.MAX_IMAGES_PER_TURN; a test keeps the two equal).
-MAX_IMAGES_PER_MESSAGE = 4
-MAX_MESSAGES = 64  # far more turns than any context holds; refuses absurd bodies before any work
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_METHOD_CHARS = 200
-# A request holds a few base64 images (4/3 of their size) and text: refuse bigger bodies before parsing them.
-MAX_REQUEST_BYTES = 4 * MAX_IMAGE_BYTES
 DEFAULT_MAX_TOKENS = 128
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 VTW_FIELDS = {"method", "schedule", "return_token_ids"}
@@ -53,10 +69,28 @@ Fetch = Callable[[str], bytes]
 
 
 @dataclass
+class ImageInput:
+    """One image of a request: its URL, then its encoded bytes and header size once read, then its pixels."""
+
+    param: str
+    url: str
+    data: bytes | None = None
+    size: tuple[int, int] | None = None
+
+    @property
+    def remote(self) -> bool:
+        return not self.url.startswith("data:")
+
+    @property
+    def pixels(self) -> int:
+        return 0 if self.size is None else self.size[0] * self.size[1]
+
+
+@dataclass
 class ChatRequest:
     model: str | None
     messages: list[Message]
-    images: list[Image.Image]
+    images: list[Image.Image]  # decoded, in order; empty until `decode_images` (or `parse_chat_request`)
     sampling: SamplingConfig
     method: str | None = None  # None: the server's default
     schedule: Schedule | None = None
@@ -64,10 +98,30 @@ class ChatRequest:
     include_usage: bool = False
     stop: list[str] = field(default_factory=list)
     return_token_ids: bool = False
+    image_inputs: list[ImageInput] = field(default_factory=list)
+
+    def image_memory(self, limits: RequestLimits) -> int:
+        """Bytes the images may hold: encoded plus decoded RGB; for URLs not read yet, the most they may hold."""
+        unread = [image for image in self.image_inputs if image.data is None and image.size is None]
+        encoded = sum(len(image.data or b"") for image in self.image_inputs) + len(unread) * limits.max_image_bytes
+        pixels = limits.max_pixels if unread else sum(image.pixels for image in self.image_inputs)
+        return encoded + DECODED_BYTES_PER_PIXEL * pixels
 
 
-def parse_chat_request(body: Any, *, fetch: Fetch | None = None) -> ChatRequest:
-    """Check and convert a request body; `fetch` reads http(s) image URLs (None: such URLs are refused)."""
+def parse_chat_request(body: Any, *, fetch: Fetch | None = None, limits: RequestLimits = DEFAULT_LIMITS) -> ChatRequest:
+    """Check and convert a request body, images decoded; `fetch` reads http(s) image URLs (None: refused)."""
+    request = plan_chat_request(body, limits, remote_images=fetch is not None)
+    for image in request.image_inputs:
+        if image.remote:
+            assert fetch is not None
+            accept_image_bytes(request, image, fetch(image.url), limits)
+    decode_images(request, limits)
+    return request
+
+
+def plan_chat_request(body: Any, limits: RequestLimits = DEFAULT_LIMITS, *, remote_images: bool = False) -> ChatRequest:
+    """Everything that costs no pixel: the structure, texts, sampling, method, the number of images, and for
+    data URLs their bytes and header sizes (the request's pixels summed). http(s) images are read later."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     for name, allowed in UNSUPPORTED.items():
@@ -78,16 +132,16 @@ def parse_chat_request(body: Any, *, fetch: Fetch | None = None) -> ChatRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", param="model")
-    messages, images = _messages(body.get("messages"), fetch)
+    messages, image_inputs = _messages(body.get("messages"), limits, remote_images)
     stream = _flag(body.get("stream"), "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad_request("stream_options must be an object", param="stream_options")
     extension = _extension(body.get("vtw"))
-    return ChatRequest(
+    request = ChatRequest(
         model=model,
         messages=messages,
-        images=images,
+        images=[],
         sampling=_sampling(body),
         method=extension["method"],
         schedule=extension["schedule"],
@@ -95,7 +149,47 @@ def parse_chat_request(body: Any, *, fetch: Fetch | None = None) -> ChatRequest:
         include_usage=stream and _flag(options.get("include_usage"), "stream_options.include_usage"),
         stop=_stop(body.get("stop")),
         return_token_ids=extension["return_token_ids"],
+        image_inputs=image_inputs,
     )
+    for image in image_inputs:  # every cheap check above has passed: now the images' bytes and headers
+        if not image.remote:
+            accept_image_bytes(request, image, _data_url_bytes(image.url, image.param, limits), limits)
+    return request
+
+
+def accept_image_bytes(request: ChatRequest, image: ImageInput, data: bytes, limits: RequestLimits) -> None:
+    """Keep an image's encoded bytes after checking them and their header (no pixel decoded) against the limits."""
+    if len(data) > limits.max_image_bytes:
+        raise bad_request(f"the image is larger than {_megabytes(limits.max_image_bytes)}", param=image.param,
+                          code="invalid_image")  # fmt: skip
+    try:
+        size = image_header_size(data, limits.image_pixels, name="the image", formats=IMAGE_FORMATS,
+                                 max_aspect_ratio=MAX_ASPECT_RATIO)  # fmt: skip
+    except InputError as error:
+        raise bad_request(str(error), param=image.param, code="invalid_image") from None
+    others = sum(other.pixels for other in request.image_inputs if other is not image)
+    if others + size[0] * size[1] > limits.max_pixels:
+        raise bad_request(f"the request's images have more than {limits.max_pixels:,} pixels together "
+                          f"(this one is {size[0]}x{size[1]})", param=image.param, code="too_many_pixels")  # fmt: skip
+    image.data, image.size = data, size
+
+
+def decode_images(request: ChatRequest, limits: RequestLimits = DEFAULT_LIMITS) -> None:
+    """Decode every image (each read and checked by `accept_image_bytes`), dropping the encoded bytes."""
+    images = []
+    for image in request.image_inputs:
+        if image.data is None:
+            raise bad_request("the image was not read", param=image.param, code="invalid_image")
+        try:
+            images.append(load_image(image.data, limits.image_pixels))
+        except InputError as error:
+            raise bad_request(str(error), param=image.param, code="invalid_image") from None
+        image.data = None
+    request.images = images
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:g} MB"
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -163,23 +257,29 @@ def _extension(value: Any) -> dict[str, Any]:
     if schedule is not None:
         if not isinstance(schedule, dict) or not isinstance(schedule.get("keep"), list):
             raise bad_request("vtw.schedule must be an object with a keep list", param="vtw.schedule")
+        if len(schedule["keep"]) > MAX_SCHEDULE_LAYERS:
+            raise bad_request(f"vtw.schedule.keep has more than {MAX_SCHEDULE_LAYERS} layers", param="vtw.schedule")
+        name = schedule.get("name", "schedule")
+        if not isinstance(name, str) or len(name) > MAX_SCHEDULE_NAME_CHARS:
+            raise bad_request(f"vtw.schedule.name must be a string of at most {MAX_SCHEDULE_NAME_CHARS} characters",
+                              param="vtw.schedule")  # fmt: skip
         try:
             keep = tuple(_checked(validation.check_float, share, "vtw.schedule", "keep share", 0, 1)
                          for share in schedule["keep"])  # fmt: skip
-            result["schedule"] = Schedule(keep, schedule.get("ranking", "text"), str(schedule.get("name", "schedule")))
+            result["schedule"] = Schedule(keep, schedule.get("ranking", "text"), name)
         except InputError as error:
             raise bad_request(str(error), param="vtw.schedule") from None
     result["return_token_ids"] = _flag(value.get("return_token_ids"), "vtw.return_token_ids")
     return result
 
 
-def _messages(value: Any, fetch: Fetch | None) -> tuple[list[Message], list[Image.Image]]:
+def _messages(value: Any, limits: RequestLimits, remote_images: bool) -> tuple[list[Message], list[ImageInput]]:
     if not isinstance(value, list) or not value:
         raise bad_request("messages must be a non-empty list", param="messages")
     if len(value) > MAX_MESSAGES:
         raise bad_request(f"at most {MAX_MESSAGES} messages are accepted", param="messages")
     messages: list[Message] = []
-    images: list[Image.Image] = []
+    images: list[ImageInput] = []
     for index, message in enumerate(value):
         param = f"messages[{index}]"
         if not isinstance(message, dict) or message.get("role") not in ROLES:
@@ -187,21 +287,26 @@ def _messages(value: Any, fetch: Fetch | None) -> tuple[list[Message], list[Imag
         role = ROLES[message["role"]]
         if message.get("tool_calls") or message.get("function_call"):
             raise bad_request("tool calls are not supported", param=param, code="unsupported_parameter")
-        content, message_images = _content(message.get("content"), role, f"{param}.content", fetch)
+        content, message_images = _content(message.get("content"), role, f"{param}.content", remote_images)
         messages.append({"role": role, "content": content})
         images.extend(message_images)
+        if len(images) > limits.max_images:  # counted before a single image is read
+            raise bad_request(f"at most {limits.max_images} images per request are accepted", param="messages",
+                              code="too_many_images")  # fmt: skip
     if messages[-1]["role"] != "user":
         raise bad_request("the last message must come from the user", param="messages")
     return messages, images
 
 
-def _content(value: Any, role: str, param: str, fetch: Fetch | None) -> tuple[list[dict], list[Image.Image]]:
-    """Content items in the order given, as vtw_core.models.prompts writes them; images decoded and checked."""
+def _content(value: Any, role: str, param: str, remote_images: bool) -> tuple[list[dict], list[ImageInput]]:
+    """Content items in the order given, as vtw_core.models.prompts writes them; images only located here."""
     parts = [{"type": "text", "text": value}] if isinstance(value, str) else value
     if not isinstance(parts, list) or not parts:
         raise bad_request(f"{param} must be a string or a non-empty list of parts", param=param)
+    if len(parts) > MAX_PARTS_PER_MESSAGE:
+        raise bad_request(f"{param} has more than {MAX_PARTS_PER_MESSAGE} parts", param=param)
     items: list[dict] = []
-    images: list[Image.Image] = []
+    images: list[ImageInput] = []
     for index, part in enumerate(parts):
         part_param = f"{param}[{index}]"
         kind = part.get("type") if isinstance(part, dict) else None
@@ -210,12 +315,10 @@ def _content(value: Any, role: str, param: str, fetch: Fetch | None) -> tuple[li
         elif kind == "image_url":
             if role != "user":
                 raise bad_request("only user messages can hold images", param=part_param)
-            images.append(_image(part.get("image_url"), part_param, fetch))
+            images.append(ImageInput(part_param, _image_url(part.get("image_url"), part_param, remote_images)))
             items.append({"type": "image"})
         else:
             raise bad_request(f"{part_param} must be a text or image_url part", param=part_param)
-    if len(images) > MAX_IMAGES_PER_MESSAGE:
-        raise bad_request(f"at most {MAX_IMAGES_PER_MESSAGE} images per message", param=param)
     texts = "\n".join(item["text"] for item in items if item["type"] == "text")
     if role == "user" and not texts.strip():
         raise bad_request(f"{param} has no question text", param=param)
@@ -232,35 +335,31 @@ def _text(value: Any, role: str, param: str) -> str:
     return value if role == "assistant" else checked
 
 
-def _image(value: Any, param: str, fetch: Fetch | None) -> Image.Image:
+def _image_url(value: Any, param: str, remote_images: bool) -> str:
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str):
         raise bad_request(f"{param}.image_url must hold a url", param=param)
     if url.startswith("data:"):
-        data = _data_url_bytes(url, param)
-    elif url.startswith(("http://", "https://")):
-        if fetch is None:
+        return url
+    if url.startswith(("http://", "https://")):
+        if not remote_images:
             raise bad_request(
                 "image URLs are off on this server (it was not started with --allow-remote-images); "
                 "send the image as a data URL: data:image/png;base64,...",
                 param=param,
                 code="remote_images_disabled",
             )
-        data = fetch(url)
-    else:
-        raise bad_request("an image URL must be a data: URL (or http(s) where the server allows it)", param=param)
-    try:
-        return load_image(data)
-    except InputError as error:
-        raise bad_request(str(error), param=param, code="invalid_image") from None
+        return url
+    raise bad_request("an image URL must be a data: URL (or http(s) where the server allows it)", param=param)
 
 
-def _data_url_bytes(url: str, param: str) -> bytes:
+def _data_url_bytes(url: str, param: str, limits: RequestLimits) -> bytes:
     header, separator, payload = url.partition(",")
     if not separator or not header.endswith(";base64"):
         raise bad_request("a data URL must be base64: data:image/png;base64,...", param=param, code="invalid_image")
-    if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:  # before decoding: base64 is 4/3 of the bytes
-        raise bad_request(f"the image is larger than {MAX_IMAGE_BYTES // 2**20} MB", param=param, code="invalid_image")
+    if len(payload) > base64_length(limits.max_image_bytes):  # before decoding: base64 is 4/3 of the bytes
+        raise bad_request(f"the image is larger than {_megabytes(limits.max_image_bytes)}", param=param,
+                          code="invalid_image")  # fmt: skip
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):

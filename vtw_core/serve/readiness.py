@@ -1,7 +1,9 @@
-"""Wait until a server started in a subprocess answers: the load-test script and the serving tests start one."""
+"""Wait until a server started in a subprocess answers (the load-test script and the serving tests start one),
+and read what it costs."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -41,3 +43,20 @@ def wait_until_ready(
 
 def _log_text(log: Path | None) -> str:
     return f":\n{log.read_text()}" if log is not None and log.exists() else ""
+
+
+def process_usage(pid: int) -> tuple[float, int, int]:
+    """(CPU seconds, resident bytes now, peak resident bytes) of a process, read from /proc (Linux only).
+
+    The serving tests read a server subprocess's costs with it: CPU seconds do not depend on what else the
+    machine runs, unlike wall time.
+    """
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu_s = (int(stat[11]) + int(stat[12])) / ticks  # utime + stime
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return cpu_s, _kib(status["VmRSS"]) * 1024, _kib(status["VmHWM"]) * 1024
+
+
+def _kib(field: str) -> int:
+    return int(field.split()[0])

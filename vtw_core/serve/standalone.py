@@ -2,21 +2,61 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import socket
+import sys
 import warnings
-from pathlib import Path
+from collections.abc import Iterable
 
+from vtw_core.errors import VTWError
 from vtw_core.generation.manager import ModelManager
-from vtw_core.models.defaults import default_model
-from vtw_core.serve.openai_api import ChatService, build_app
+from vtw_core.serve.errors import logger
+from vtw_core.serve.openai_api import MAX_DECODING, ChatService, build_app, source_name
+from vtw_core.serve.protocol import DEFAULT_LIMITS, RequestLimits
+from vtw_core.serve.remote_images import RemoteImagePolicy
 
 
 def model_id_of(source: str, name: str | None = None) -> str:
-    """The id clients pass as `model`: the given name, "default-model" for the embedded one, else the source."""
-    if name:
-        return name
-    if source == default_model():
-        return "default-model"
-    return source.rstrip("/") if not Path(source).is_dir() else Path(source).name
+    """The id clients pass as `model`: the given name, "default-model" for the embedded one, else the hub id or
+    the local folder's name."""
+    return name or source_name(source)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening address, bound now (before the model loads): a port in use fails at once, with a message."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT, not one in use
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+    except OSError as error:
+        raise VTWError(f"cannot serve on {host}:{port} ({error.strerror or error}); pick another --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _log_to_stderr() -> None:
+    """One line per refused request on stderr: `WARNING POST /v1/chat/completions -> 400 ...`."""
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def serve(
@@ -30,13 +70,26 @@ def serve(
     batch_wait_ms: float = 5.0,
     max_queue: int = 64,
     allow_remote_images: bool = False,
+    allowed_media_domains: Iterable[str] = (),
+    limits: RequestLimits = DEFAULT_LIMITS,
+    max_decoding: int = MAX_DECODING,
+    max_image_memory: int | None = None,
+    api_key: str | None = None,
+    allowed_origins: Iterable[str] = (),
+    docs: bool = False,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve until interrupted (Ctrl-C or SIGTERM)."""
+    """Serve until interrupted (Ctrl-C or SIGTERM); `sock`: the address bound beforehand (`bind_socket`)."""
+    import torch
     import uvicorn
 
     # transformers repeats one deprecation notice per decoder layer and request: noise in a server's log.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-
+    _log_to_stderr()
+    domains = frozenset(allowed_media_domains)
+    policy = None
+    if allow_remote_images:
+        policy = RemoteImagePolicy(allowed_domains=domains, max_bytes=limits.max_image_bytes)
     service = ChatService(
         manager,
         model_id=model_id_of(manager.info.source, model_id),
@@ -44,8 +97,17 @@ def serve(
         max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms,
         max_queue=max_queue,
-        allow_remote_images=allow_remote_images,
+        limits=limits,
+        max_decoding=max_decoding,
+        max_image_memory=max_image_memory,
+        remote_policy=policy,
     )
-    print(f"serving {service.model_id} ({manager.info.describe()}) on http://{host}:{port}/v1, "
-          f"default method {service.default_method}", flush=True)  # fmt: skip
-    uvicorn.run(build_app(service), host=host, port=port, log_level="warning")
+    sock = sock or bind_socket(host, port)
+    key = "API key required" if api_key else "no API key"
+    print(f"serving {service.model_id} ({manager.info.describe()}) on http://{host}:{port}/v1, default method "
+          f"{service.default_method}, {torch.get_num_threads()} CPU threads, {key}", flush=True)  # fmt: skip
+    if api_key is None and not is_loopback(host):
+        print(f"warning: {host} takes requests from the network and no --api-key is set: anyone who reaches the "
+              "port can use the model", file=sys.stderr, flush=True)  # fmt: skip
+    app = build_app(service, api_key=api_key, allowed_origins=allowed_origins, docs=docs)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
