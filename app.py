@@ -21,6 +21,28 @@ def port_number(text: str) -> int:
     return port
 
 
+def retain_freed_memory() -> bool:
+    """Keep the memory one answer frees for the next (glibc's malloc; elsewhere nothing changes); True if set.
+
+    By default glibc gives a turn's large buffers back to the system when they are freed, and each thread that
+    runs a request gets its own pool: the side that runs first in the next turn then takes tens of megabytes
+    of fresh pages from the kernel (page faults, zero-filling) that the side after it, reusing them, does not
+    pay; its time to first token looks worse than its work. One pool, never trimmed, and large buffers from
+    the pool too, so both sides start every turn on memory that is already there.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    settings = ((m_arena_max, 1), (m_mmap_threshold, 256 << 20), (m_trim_threshold, 1 << 30))
+    return all(mallopt(option, value) == 1 for option, value in settings)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=os.environ.get("VTW_MODEL"), help="hub id or local folder (or VTW_MODEL)")
@@ -37,9 +59,14 @@ def main() -> int:
         help="answer through an OpenAI-compatible VTW server (python -m vtw_core serve, Ray Serve) instead of "
         "loading the model here (or VTW_BACKEND_URL)",
     )
+    parser.add_argument(
+        "--backend-api-key",
+        help="the API key of the server at --backend-url, for servers started with --api-key (or VTW_API_KEY)",
+    )
     args = parser.parse_args()
 
-    from app.ui import build_demo, launch_options
+    from app.ui import build_demo
+    from app.ui.page import serve
     from vtw_core.errors import VTWError
     from vtw_core.generation.manager import ModelManager
     from vtw_core.models.defaults import require_model
@@ -47,11 +74,13 @@ def main() -> int:
     try:
         if args.backend_url:
             from app.remote import RemoteManager
+            from vtw_core.serve.auth import api_key_from
 
-            manager = RemoteManager(args.backend_url)
+            manager = RemoteManager(args.backend_url, api_key=api_key_from(args.backend_api_key))
             demo = build_demo(manager, banner=f"Answers come from the server at {manager.base_url}.")
-            demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+            serve(demo, args.host, args.port, args.share)
             return 0
+        retain_freed_memory()  # before the model's first buffers: see its docstring
         manager = ModelManager.load(
             require_model(args.model),
             device=args.device,
@@ -64,7 +93,7 @@ def main() -> int:
         return 2
     demo = build_demo(manager)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+        serve(demo, args.host, args.port, args.share)
     except OSError as error:  # the port is taken, or the host cannot be bound
         print(f"error: cannot serve on {args.host}:{args.port} ({error}); pick another --port", file=sys.stderr)
         return 2

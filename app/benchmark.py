@@ -1,7 +1,8 @@
 """Timing: "Benchmark this turn" (both sides, repeated and interleaved, as medians) and the per-turn timing chart.
 
 A single turn's timings on a shared machine are noisy; the benchmark repeats the last turn greedily, so only
-the clock varies, and reports median, min and max per side.
+the clock varies, and reports median, min and max per side. A side's median is marked better (✓) only when the
+two sides' min–max ranges do not overlap: beyond the noise of the runs themselves.
 """
 
 from __future__ import annotations
@@ -65,28 +66,63 @@ def _spread(stats: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def describe_benchmark(result: dict[str, Any]) -> str:
-    """The benchmark as a Markdown table: median (min–max) per side, and the ratio of the medians."""
+    """The benchmark as a Markdown table: median (min–max) per side, and the ratio of the medians.
+
+    The better median is bold with a ✓ only when the sides' min–max ranges do not overlap.
+    """
     names = {"ttft_s": "time to first token", "total_s": "total time", "decode_tokens_per_s": "decode tokens/s"}
     baseline, accelerated = result["sides"]["baseline"], result["sides"]["vtw"]
     lines = [
-        f"**{result['repeats']} runs per side, interleaved**: median (min–max)",
+        f"**{result['repeats']} runs per side, interleaved**: median (min–max), the ratio of the medians; ✓ where "
+        "the ranges do not overlap",
         "",
-        f"| | baseline | {result['label']} | ratio of medians |",
+        f"| | baseline | {result['label']} | ratio |",
         "|---|---|---|---|",
     ]
     for key, name in names.items():
         if key not in baseline or key not in accelerated:
             continue
         show = rate if key == "decode_tokens_per_s" else format_seconds
-        cells = [
-            f"{show(side[key]['median'])} ({show(side[key]['min'])}–{show(side[key]['max'])})"
-            for side in (baseline, accelerated)
-        ]
+        better = separated_better(baseline[key], accelerated[key], higher_is_better=key == "decode_tokens_per_s")
+        cells = []
+        for side, spread in (("baseline", baseline), ("vtw", accelerated)):
+            text = f"{show(spread[key]['median'])} ({show(spread[key]['min'])}–{show(spread[key]['max'])})"
+            cells.append(f"**{text}** ✓" if better == side else text)
         ratio = accelerated[key]["median"] / baseline[key]["median"] if baseline[key]["median"] else None
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {format_ratio(ratio)} |")
     return "\n".join(lines)
 
 
+def separated_better(baseline: dict[str, float], accelerated: dict[str, float], higher_is_better: bool) -> str | None:
+    """The side whose whole min–max range beats the other's ("baseline" or "vtw"); None when they overlap."""
+    if accelerated["max"] < baseline["min"]:
+        lower = "vtw"
+    elif baseline["max"] < accelerated["min"]:
+        lower = "baseline"
+    else:
+        return None
+    return ("baseline" if lower == "vtw" else "vtw") if higher_is_better else lower
+
+
 def timing_rows(state: ChatState) -> list[dict[str, Any]]:
-    """The chat so far for the timing chart: one row per turn, side and measure (TTFT, total)."""
-    return list(state.timings)
+    """The chat so far for the timing chart: one row per turn, side and measure (TTFT, total).
+
+    The turn is text ("1", "2", ...: the chart's axis shows whole turns only), and the accelerated side's series
+    name its method and K as that turn ran them ("VTW K=5 TTFT"), from the turn's footer.
+    """
+    rows = []
+    for row in state.timings:
+        series = row["series"]
+        if series.startswith("accelerated "):
+            series = f"{_turn_label(state, row['turn'])} {series.removeprefix('accelerated ')}"
+        rows.append({**row, "turn": str(row["turn"]), "series": series})
+    return rows
+
+
+def _turn_label(state: ChatState, turn: int) -> str:
+    """The accelerated side's settings in a turn, compact ("VTW K=5", "FastV K=2 R=0.5"), from its footer."""
+    footers = state.footers.get("vtw", [])
+    if not 1 <= turn <= len(footers) or not footers[turn - 1]:
+        return state.settings.label() if state.settings else "accelerated"
+    spoken = footers[turn - 1].split(" · engine")[0]  # TurnSettings.spoken(): "VTW K = 5", "FastV K = 2 · R = 0.5"
+    return spoken.replace(" = ", "=").replace(" · ", " ")

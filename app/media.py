@@ -123,6 +123,11 @@ def is_default_model(manager: ModelManager) -> bool:
     return manager.info.source == default_model()
 
 
+def example_label(path: Path, question: str) -> str:
+    """A short button text for an example: the question, after the picture's name for the photos."""
+    return question if path.stem.startswith("easyvqa-") else f"{path.stem.capitalize()}: {question}"
+
+
 def example_files(default: bool) -> list[tuple[Path, str]]:
     """Examples that fit the model: easy-vqa pictures for the embedded default model, photos for real ones.
 

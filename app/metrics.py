@@ -1,7 +1,8 @@
 """What the page says about the answers: the metrics table, the summary line, the footers and labels, the header.
 
-All of it is Markdown built from the stats each side's answer carries; the better of two finished values is
-marked, timings included (see TIMING_NOTE).
+All of it is Markdown built from the stats each side's answer carries. The better of two finished exact values
+(FLOPs, bytes) is marked with a ✓; a turn's timings are one run each, within the machine's noise, so they are
+labelled as such and never marked (see TIMING_NOTE; *Benchmark this turn* repeats them).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.media import is_default_model
+from app.search import chosen_by_search
 from app.session import SIDES, ChatState, RunMode, TurnSettings
 from vtw_core.analysis.units import format_bytes, format_flops, format_per_frame, format_ratio, format_seconds
 from vtw_core.errors import InputError
@@ -17,9 +19,11 @@ from vtw_core.generation.manager import ModelManager
 from vtw_core.validation import check_float, check_k
 
 TIMING_NOTE = (
-    "Timings on a shared CPU are noisy (other work on the machine moves them by tens of percent; use "
-    "*Benchmark this turn* for medians); FLOPs, KV cache and token counts are exact."
+    "Timings are one run each, and noisy: on a shared CPU other work moves them by tens of percent, so they get "
+    "no ✓ (*Benchmark this turn* gives medians over repeated runs); FLOPs, KV cache and token counts are exact."
 )
+TIMINGS = ("ttft_s", "total_s", "decode_tokens_per_s")  # measured once per turn: noisy, never marked better
+MIN_DECODED_TOKENS = 8  # decode tokens/s is shown once this many tokens were decoded after the first
 
 
 def rate(value: float | None) -> str:
@@ -41,7 +45,11 @@ METRICS: list[tuple[str, str, Callable[[Any], str], bool]] = [
 
 
 def metrics_rows(results: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
-    """One row per metric: the formatted value of each side, the accelerated/baseline ratio and the better side."""
+    """One row per metric: the formatted value of each side, the accelerated/baseline ratio and the better side.
+
+    Timings (`TIMINGS`) are single runs: they get a ratio but no better side. Decode tokens/s needs at least
+    `MIN_DECODED_TOKENS` decoded tokens on a side, else it is not shown (one token's rate is noise).
+    """
     stats = {side: (results.get(side) or {}).get("stats") or {} for side in SIDES}
     rows = []
     for name, key, show, higher_is_better in METRICS:
@@ -50,12 +58,17 @@ def metrics_rows(results: dict[str, dict[str, Any] | None]) -> list[dict[str, An
             cells = {side: "not measured on CPU" if stats[side] else "–" for side in SIDES}
         else:
             cells = {side: "–" if values[side] is None else show(values[side]) for side in SIDES}
+        if key == "decode_tokens_per_s":
+            for side in SIDES:
+                decoded = (stats[side].get("new_tokens") or 0) - 1
+                if stats[side] and decoded < MIN_DECODED_TOKENS:
+                    values[side], cells[side] = None, f"– ({max(decoded, 0)} decoded)"
         ratio = better = None
         if values["baseline"] and values["vtw"] is not None and _complete(stats):
             ratio = values["vtw"] / values["baseline"]
-            if ratio != 1:
+            if ratio != 1 and key not in TIMINGS:
                 better = "vtw" if (ratio > 1) == higher_is_better else "baseline"
-        rows.append({"name": name, **cells, "ratio": ratio, "better": better})
+        rows.append({"name": name, **cells, "ratio": ratio, "better": better, "runs": 1 if key in TIMINGS else None})
     return rows
 
 
@@ -67,10 +80,14 @@ def _complete(stats: dict[str, dict[str, Any]]) -> bool:
 def metrics_table(results: dict[str, dict[str, Any] | None], label: str = "accelerated") -> str:
     """The compact comparison: rows are metrics, columns baseline, the accelerated side and their ratio.
 
-    The better of two finished values is bold with a ✓; timings are marked too, but see TIMING_NOTE.
+    The timings come first under a row saying they are one run each (no ✓); then the exact counts, where the
+    better of two finished values is bold with a ✓.
     """
     lines = [f"| | baseline | {label} | {label.split(' ')[0]} / baseline |", "|---|---:|---:|---:|"]
+    lines.append("| *timings, 1 run* | | | |")
     for row in metrics_rows(results):
+        if row["name"] == "prefill FLOPs":
+            lines.append("| *exact counts* | | | |")
         cells = [f"**{row[side]}** ✓" if row["better"] == side else row[side] for side in SIDES]
         lines.append(f"| {row['name']} | {cells[0]} | {cells[1]} | {format_ratio(row['ratio'])} |")
     tokens = [_tokens((results.get(side) or {}).get("stats")) for side in SIDES]
@@ -113,8 +130,20 @@ def format_summary(
     baseline, vtw = results.get("baseline"), results.get("vtw")
     if not baseline or not vtw or not _complete({side: results[side]["stats"] for side in SIDES}):
         return how
-    verdict = "identical" if baseline["token_ids"] == vtw["token_ids"] else "different"
-    return f"Answers **{verdict}** token for token · {how}"
+    return f"{compare_answers(baseline['token_ids'], vtw['token_ids'])} · {how}"
+
+
+def compare_answers(baseline: list[int], accelerated: list[int]) -> str:
+    """Whether two greedy answers agree: identical token for token, or the token from which they differ."""
+    if baseline == accelerated:
+        return "Answers **identical** token for token"
+    first = next((i for i, (a, b) in enumerate(zip(baseline, accelerated, strict=False)) if a != b), None)
+    if first is None:  # one answer is the other's beginning: it ended earlier
+        first = min(len(baseline), len(accelerated))
+        return f"Answers **different** from token {first + 1} on: one ended after {first} token(s), the other went on"
+    if first == 0:
+        return "Answers **different** from the first token"
+    return f"Answers **different** from token {first + 1} on (the tokens before it are identical)"
 
 
 def counters(chat: ChatState | None = None, mode: RunMode = "sequential") -> dict[str, str]:
@@ -146,8 +175,9 @@ def footer(side: str, settings: TurnSettings, stats: dict[str, Any] | None, stat
         parts = [f"baseline (all {settings.num_layers} layers)", engine]
     else:
         parts = [settings.spoken(), engine]
-        if settings.eta is not None and settings.method == "vtw":  # eta chooses VTW's K; FastV has no eta
-            parts.append(f"eta {settings.eta:g}")
+        # eta only where a K search at that eta chose this K; a K set by hand (or FastV, a schedule) has none.
+        if settings.method == "vtw" and chosen_by_search(settings.num_layers, settings.k, settings.eta):
+            parts.append(f"K searched at eta {settings.eta:g}")
     if status not in ("done", "running"):
         parts.append(status)
     return " · ".join(parts)

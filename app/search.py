@@ -16,7 +16,7 @@ from app.errors import Cancelled
 from app.media import is_default_model
 from app.session import ChatState
 from vtw_core.analysis.calibration import load_calibration
-from vtw_core.analysis.k_search import CalibrationSample, Progress, check_eta, search_k
+from vtw_core.analysis.k_search import DEFAULT_START, CalibrationSample, Progress, check_eta, search_k
 from vtw_core.analysis.units import format_kl
 from vtw_core.benchmarks.evaluate import train_calibration
 from vtw_core.errors import InputError
@@ -39,6 +39,37 @@ CRITERIA = [
     ("KL at the last prompt position (the paper)", "prompt"),
     ("KL over the reply (teacher-forced)", "reply"),
 ]
+# The calibration sets a search can run on without a chat (the page adds the current turn), and their names.
+CALIBRATION_SETS = {"easy-vqa": "easy-vqa train questions", "bundled": "the bundled photos"}
+# K = k and eta pairs a K search has chosen in this process (the shipped vtw.json's included): a footer names
+# eta only for a K that a search at that eta chose, never for a K set by hand.
+_SEARCHED: set[tuple[int, int, float]] = set()
+
+
+def remember_search(num_layers: int, k: int | None, eta: float) -> None:
+    """Record that a K search at `eta` chose `k` (a no-result search records nothing)."""
+    if k is not None:
+        _SEARCHED.add((num_layers, int(k), float(eta)))
+
+
+def chosen_by_search(num_layers: int, k: int, eta: float | None) -> bool:
+    """Whether a K search at `eta` chose this K (for this number of layers) in this process."""
+    return eta is not None and (num_layers, int(k), float(eta)) in _SEARCHED
+
+
+def check_criterion(value: Any) -> str:
+    """The K search criterion: "prompt" (the paper: KL at the last prompt position) or "reply"."""
+    names = [name for _, name in CRITERIA]
+    if value not in names:
+        raise InputError(f"criterion must be one of {', '.join(names)}; got {value!r}")
+    return value
+
+
+def check_calibration_set(value: Any) -> str:
+    """A calibration set an API call can name: the easy-vqa train questions or the bundled photos."""
+    if value not in CALIBRATION_SETS:
+        raise InputError(f"calibration must be one of {', '.join(CALIBRATION_SETS)}; got {value!r}")
+    return value
 
 
 def search_settings(manager: ModelManager) -> SearchSettings:
@@ -50,6 +81,8 @@ def search_settings(manager: ModelManager) -> SearchSettings:
     if is_default_model(manager) and shipped:
         criterion = shipped.get("kl_over", "prompt")
         eta = float(shipped.get("kl_threshold", default_eta(manager.info.source)[0]))
+        if manager.info.searched_k is not None:  # the starting K is the shipped search's choice at this eta
+            remember_search(manager.info.num_layers, manager.info.searched_k, eta)
         reason = (
             "its replies open with a word read off the image (the shape or its colour), so the next token at the "
             "last prompt position depends on the image"
@@ -96,6 +129,20 @@ def calibration_for(source: str, state: ChatState) -> list[CalibrationSample]:
     return [CalibrationSample(state.turns[-1].text, [load_image(path) for path in paths])]
 
 
+def api_search_payload(result: dict[str, Any], source: str) -> dict[str, Any]:
+    """What `/search_k` returns: K, and the set, criterion and eta that chose it, with the KL curve."""
+    return {
+        "k": result["k"],
+        "eta": result["eta"],
+        "criterion": result.get("over", "prompt"),
+        "calibration": source,
+        "samples": result["samples"],
+        "num_layers": result["num_layers"],
+        "smallest_k_tried": result["curve"][0]["k"] if result["curve"] else None,
+        "curve": result["curve"],
+    }
+
+
 def search_k_result(
     manager: ModelManager,
     samples: list[CalibrationSample],
@@ -123,20 +170,43 @@ def search_k_result(
         if should_stop is not None and should_stop():
             raise Cancelled("the K search was stopped before it started")
         result = search_k(manager.model, manager.processor, samples, eta=eta, progress=report, over=over)
+    remember_search(result.num_layers, result.k, result.eta)
     return {**result.to_dict(), "over": over}
 
 
-def describe_search(result: dict[str, Any], source: str) -> str:
-    where = {"bundled": "the bundled photos", "easy-vqa": "easy-vqa train questions"}.get(source, "the current turn")
+def describe_search(result: dict[str, Any], source: str, previous_k: Any = None) -> str:
+    """The search's outcome; `previous_k`, the slider's value before it, says whether the slider moved."""
+    where = {**CALIBRATION_SETS, "turn": "the current turn"}.get(source, "the current turn")
     over = {"prompt": "KL at the last prompt position", "reply": "KL over the reply"}.get(result.get("over"), "KL")
+    first = result["curve"][0]["k"] if result["curve"] else DEFAULT_START
+    last = result["num_layers"] - 1
+    on = f"on {where} ({result['samples']} sample(s))"
     if result["k"] is None:
-        first = result["curve"][0]["k"] if result["curve"] else "-"
         return (
-            f"No K from {first} to {result['num_layers'] - 1} keeps the mean {over} under eta = {result['eta']:g} "
-            f"on {where} ({result['samples']} sample(s)); the slider is unchanged."
+            f"No K from {first} to {last} keeps the mean {over} under eta = {result['eta']:g} {on}; the slider "
+            "is unchanged."
         )
-    kl = next(point["kl"] for point in result["curve"] if point["k"] == result["k"])
-    return (
-        f"**K = {result['k']}** of {result['num_layers']} layers: the first K whose mean {over} ({format_kl(kl)}) "
-        f"is at most eta = {result['eta']:g} on {where} ({result['samples']} sample(s)). The slider moved to it."
-    )
+    k = result["k"]
+    kl = format_kl(next(point["kl"] for point in result["curve"] if point["k"] == k))
+    if k == first:  # the search's floor: a smaller K might meet eta too, but it is never tried
+        text = (
+            f"**K = {k}**, the smallest K the search tries (it tries K = {first} to {last}): its mean {over} ({kl}) "
+            f"is at most eta = {result['eta']:g} {on}."
+        )
+    else:
+        text = (
+            f"**K = {k}** of {result['num_layers']} layers: the first K whose mean {over} ({kl}) is at most "
+            f"eta = {result['eta']:g} {on}."
+        )
+    return text + _slider_note(previous_k, k)
+
+
+def _slider_note(previous_k: Any, k: int) -> str:
+    """Whether the search moved the K slider: only a changed value is said to have moved."""
+    if previous_k is None:
+        return ""
+    try:
+        previous = int(previous_k)
+    except (TypeError, ValueError):
+        return " The slider moved to it."
+    return " The slider was already there." if previous == k else f" The slider moved from {previous} to it."

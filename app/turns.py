@@ -8,6 +8,7 @@ produced it. Also here: the untimed warm-up and the `/compare` API, the same ans
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,9 @@ from vtw_core.generation.manager import ModelManager
 from vtw_core.generation.types import SamplingConfig
 from vtw_core.models.families import VIDEO_FAMILIES
 from vtw_core.models.images import load_image
-from vtw_core.models.prompts import user_message
+from vtw_core.models.prompts import build_model_inputs, user_message
 from vtw_core.models.videos import LIMITS, Video, check_num_frames
-from vtw_core.validation import check_k, check_text
+from vtw_core.validation import check_k, check_max_new_tokens, check_text
 
 
 def add_turn(
@@ -71,6 +72,7 @@ def _open_answers(state: ChatState, status: str, note: Callable[[str], str]) -> 
 def show_waiting(state: ChatState) -> ChatState:
     """Placeholders for the last turn while it waits for the device, so the question shows at once."""
     _open_answers(state, "waiting", lambda side: "")
+    state.results = {side: None for side in SIDES}  # the metrics speak of this turn now, not of the last one
     return state
 
 
@@ -97,6 +99,133 @@ def skip_last_turn(state: ChatState, settings: TurnSettings | None = None) -> Ch
     _open_answers(state, "skipped", lambda side: footer(side, settings, None, "skipped") if settings else "skipped")
     state.results = {side: None for side in SIDES}
     return state
+
+
+def settle_last_turn(state: ChatState) -> ChatState:
+    """A turn whose job is gone: answers still "waiting" become "skipped", those still streaming "stopped"."""
+    for side in SIDES:
+        if not state.status[side] or state.status[side][-1] not in ("waiting", "running"):
+            continue
+        status = "stopped" if state.answers[side][-1] else "skipped"
+        state.status[side][-1] = status
+        stats = (state.results[side] or {}).get("stats")
+        state.footers[side][-1] = footer(side, state.settings, stats, status) if state.settings else status
+    return state
+
+
+# --- The model's context: what a turn may hold, and the max new tokens the next one can take -----------------
+
+# A question of a typical length, for the room the next turn will have (the real question is counted on send).
+ROOM_QUESTION = "What colour is the shape in this picture, and where in the picture is it?"
+NEW_CONVERSATION = (
+    "**New image: a new conversation started.** The model's context ({limit} tokens) cannot hold the "
+    "earlier turns and another image, so this image starts afresh."
+)
+
+
+class TooLong(InputError):
+    """The turn does not fit the model's context; the message says what to do, and the page keeps the input."""
+
+
+def context_limit(manager: Any) -> int | None:
+    """The model's context in tokens; None where this process cannot tell (the server behind --backend-url)."""
+    try:
+        config = manager.model.config
+    except InputError:
+        return None
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def prompt_tokens(manager: Any, state: ChatState) -> int | None:
+    """Prompt tokens of the chat's last turn on the longer side (each side sees its own earlier answers).
+
+    Counted as the engine will see it, by the model's own processor on the CPU, before any device work;
+    None where this process cannot count (no processor here).
+    """
+    try:
+        processor = manager.processor
+    except InputError:
+        return None
+    if processor is None:
+        return None
+    videos = state.videos()
+    counts: dict[str, int] = {}
+    conversations = {side: state.conversation(side) for side in SIDES}
+    for side, (messages, paths) in conversations.items():
+        if side != SIDES[0] and conversations[SIDES[0]] == (messages, paths):
+            counts[side] = counts[SIDES[0]]  # the same history: the same count
+            continue
+        images = [load_image(path) for path in paths]
+        inputs = build_model_inputs(processor, [messages], [images], "cpu", manager.model.dtype, videos=[videos])
+        counts[side] = int(inputs["input_ids"].shape[-1])
+    return max(counts.values())
+
+
+def _too_long(prompt: int, limit: int, tokens: int, earlier_turns: bool, images: int) -> TooLong:
+    left = limit - prompt
+    if left >= 1:
+        text = (
+            f"with {tokens} new tokens this turn exceeds the model's context: the prompt has {prompt} of its {limit} "
+            f"tokens, so lower max new tokens (Parameters) to {left} or less"
+        )
+        if earlier_turns:
+            text += ", or press Clear to start over"
+    elif earlier_turns:
+        text = f"the conversation fills the model's context ({prompt} of {limit} tokens): press Clear to start over"
+    elif images > 1:
+        text = (
+            f"{images} images take {prompt} tokens, more than the model's context of {limit}: send one image "
+            "per conversation"
+        )
+    else:
+        text = f"the question needs {prompt} tokens, more than the model's context of {limit}: shorten it"
+    return TooLong(text + ". Your question is still in the box.")
+
+
+def fit_new_turn(manager: Any, state: ChatState, max_new_tokens: Any) -> ChatState:
+    """The chat to answer the turn just added in: `state` when it fits the model's context with
+    `max_new_tokens`; a new conversation holding only the new turn (and a note saying so) when the turn brings
+    an image the context cannot hold with the earlier turns; else TooLong, saying what to do (the turn stays).
+    """
+    limit = context_limit(manager)
+    tokens = check_max_new_tokens(max_new_tokens)
+    prompt = prompt_tokens(manager, state) if limit is not None else None
+    if limit is None or prompt is None or prompt + tokens <= limit:
+        return state
+    turn, earlier = state.turns[-1], len(state.turns) > 1
+    if earlier and (turn.image_paths or turn.video_paths):
+        fresh = ChatState(turns=[turn], runs=state.runs, notice=NEW_CONVERSATION.format(limit=limit))
+        prompt = prompt_tokens(manager, fresh) or 0
+        if prompt + tokens <= limit:
+            return fresh
+        earlier = False  # the advice is for the image on its own: the earlier turns go either way
+    raise _too_long(prompt, limit, tokens, earlier, len(turn.image_paths))
+
+
+def check_room(manager: Any, state: ChatState, max_new_tokens: Any) -> None:
+    """For Regenerate: TooLong unless the last turn and `max_new_tokens` fit the model's context."""
+    limit = context_limit(manager)
+    tokens = check_max_new_tokens(max_new_tokens)
+    prompt = prompt_tokens(manager, state) if limit is not None and state.turns else None
+    if limit is not None and prompt is not None and prompt + tokens > limit:
+        raise _too_long(prompt, limit, tokens, len(state.turns) > 1, len(state.turns[-1].image_paths))
+
+
+def next_turn_room(manager: Any, state: ChatState, sample_image: str | Path | None) -> int | None:
+    """The most new tokens the next question can ask for: the context left after the chat so far and a
+    question of a typical length (with `sample_image` when the chat has no image yet). None when unknown.
+
+    It can be 0 or less: the conversation is full (a new image, or Clear, starts a new one).
+    """
+    limit = context_limit(manager)
+    media = any(turn.image_paths or turn.video_paths for turn in state.turns)
+    unanswered = any(len(state.answers[side]) < len(state.turns) for side in SIDES)
+    if limit is None or unanswered or (not media and sample_image is None):
+        return None
+    question = Turn(ROOM_QUESTION, [] if media else [str(sample_image)])
+    probe = replace(state, turns=[*state.turns, question], answers={side: list(state.answers[side]) for side in SIDES})
+    prompt = prompt_tokens(manager, probe)
+    return None if prompt is None else limit - prompt
 
 
 def run_order(runs: int) -> tuple[str, str]:
@@ -227,15 +356,44 @@ def compare_once(manager: ModelManager, image_path: str, question: str, k: int, 
     return output
 
 
-def warm_up(manager: ModelManager, k: int, image_path: str | Path) -> None:
-    """One short, untimed answer on each path (baseline and VTW at K), so no side pays first-call costs.
+WARM_UP_TOKENS = 16  # new tokens per warm-up pass: past the first token, so the decode engine runs too
+WARM_UP_QUESTION = "What is in the picture?"
 
-    The first call of a path allocates buffers, loads kernels and fills caches; without this, the first
-    turn's numbers would measure setup, not the method.
+
+def warm_up(
+    manager: ModelManager,
+    k: int,
+    examples: str | Path | list[tuple[str | Path, str]],
+    max_new_tokens: int = WARM_UP_TOKENS,
+) -> list[tuple[str, int]]:
+    """Untimed passes over exactly what a first turn runs, so that neither side pays first-call costs in it.
+
+    The first pass of a path pays one-time costs (buffers and allocator pools grown, kernels chosen per
+    shape, lazy initialisation); whichever side pays them in the first turn looks slower than it is. So the
+    warm-up runs the first example (`examples`: the page's (image, question) pairs, or one image) as a turn
+    sends it (same prompt, so the same shapes), on the chat's own path (`manager.stream` with the decode
+    engine a turn uses, past the first token), both sides in both orders: baseline, VTW at K, VTW, baseline.
+    Returns the passes run, as (side, prompt tokens).
     """
-    if manager.processor is None:
-        return  # random weights: nothing to chat with
-    messages = [user_message("What is in the picture?", num_images=1)]
-    image = load_image(image_path)
-    for side_k in (None, check_k(k, manager.info.num_layers)):
-        manager.generate(messages, [image], k=side_k, sampling=SamplingConfig(max_new_tokens=4))
+    try:
+        if manager.processor is None:
+            return []  # random weights: nothing to chat with
+    except InputError:
+        return []  # answers come from a server (--backend-url): it warms up its own device
+    if isinstance(examples, (str, Path)):
+        examples = [(examples, WARM_UP_QUESTION)]
+    if not examples:
+        return []
+    image_path, question = examples[0]
+    messages = [user_message(question, num_images=1)]
+    k = check_k(k, manager.info.num_layers)
+    sides = {"baseline": None, "vtw": k}
+    passes = []
+    for side in (*run_order(0), *run_order(1)):
+        last = None
+        for event in manager.stream(
+            messages, [load_image(image_path)], k=sides[side], sampling=SamplingConfig(max_new_tokens=max_new_tokens)
+        ):
+            last = event
+        passes.append((side, last.stats.prompt_tokens if last is not None else 0))
+    return passes

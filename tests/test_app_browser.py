@@ -102,8 +102,13 @@ def image(tmp_path, sample_images) -> Path:
 def ask(page, question: str, image: Path | None = None) -> None:
     """Attach an image (optional), type the question and send it, as a user would."""
     if image is not None:
-        page.locator("#question input[type=file]").set_input_files(str(image))
-        page.wait_for_timeout(500)  # the upload finishes before the message is sent
+        uploaded = "document.querySelectorAll('#question img[src*=\"file=\"]').length"
+        before = page.evaluate(f"() => {uploaded}")
+        upload = page.locator("#question input[type=file]")
+        upload.evaluate("input => { input.value = '' }")  # else the same file chosen again is ignored
+        upload.set_input_files(str(image))
+        # The upload has reached the server (its preview points at the stored file) before the message is sent.
+        page.wait_for_function(f"() => {uploaded} > {before}", timeout=15_000)
     page.locator("#question textarea").fill(question)
     page.locator("#question textarea").press("Enter")
 
@@ -166,6 +171,29 @@ def test_input_and_controls_visible_without_scrolling_on_a_laptop(page):
         box = page.locator(selector).bounding_box()
         assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= DESKTOP["height"], selector
     assert page.evaluate("() => window.scrollY") == 0
+
+
+def in_view(page, selector: str, viewport: dict[str, int]) -> None:
+    box = page.locator(selector).first.bounding_box()
+    assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"], (selector, box)
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["laptop", "phone"])
+def test_the_examples_sit_under_the_question_and_the_box_stays_in_view(browser, app, viewport):
+    page = open_page(browser, app[1], viewport)
+    try:
+        examples = page.locator("#examples button")
+        assert examples.count() >= 3
+        if viewport is DESKTOP:  # both on screen at once, without scrolling
+            in_view(page, "#question textarea", viewport)
+            in_view(page, "#examples", viewport)
+            assert page.evaluate("() => window.scrollY") == 0
+        examples.last.click()  # the lowest one: the worst case on a phone
+        page.wait_for_function("() => document.querySelector('#question textarea').value.length > 0")
+        page.wait_for_selector('#question img[src*="file="]', timeout=10_000)  # its picture is in the box too
+        in_view(page, "#question textarea", viewport)  # the question is right there to send
+    finally:
+        page.close()
 
 
 def test_video_input_hidden_for_an_image_only_model(page, app):
@@ -235,7 +263,8 @@ def test_each_answer_keeps_the_settings_that_produced_it(page, app, image):
     )
     wait_for_answers(page)
     assert footers(page, "vtw") == [f"VTW K = {first_k}", "VTW K = 3"]
-    assert "engine" in text_of(page, "#vtw-chat") and "eta" in text_of(page, "#vtw-chat")
+    # K set by hand (below the search's floor of 5): the footers name no eta.
+    assert "engine" in text_of(page, "#vtw-chat") and "eta" not in text_of(page, "#vtw-chat")
     assert footers(page, "baseline") == ["baseline (all 8 layers)"] * 2
 
 
@@ -262,6 +291,51 @@ def test_typing_during_streaming_is_kept_and_refused_clearly(page, app, image, s
     assert page.locator("#question textarea").input_value() == "my next question"
     wait_for_text(page, "#status", "still in the box", 10_000)  # refused clearly, and said again at the end
     assert answer_count(page, "vtw") == 1  # the refused question did not start a turn
+
+
+def test_a_second_image_and_long_answers_keep_the_question(page, app, image, sample_images, tmp_path, monkeypatch):
+    """A context that holds one image and 40 new tokens (the embedded default model holds one image too)."""
+    from app import turns
+    from app.session import ChatState
+
+    manager, _ = app
+    one_image = turns.prompt_tokens(manager, turns.add_turn(ChatState(), "What shape?", [str(image)], [tmp_path]))
+    monkeypatch.setattr(manager.model.config.get_text_config(), "max_position_embeddings", one_image + 40)
+    ask(page, "What shape?", image)  # 128 new tokens do not fit: refused, and the page says what to do
+    wait_for_text(page, "#status", "lower max new tokens (Parameters) to 40 or less", 30_000)
+    assert page.locator("#question textarea").input_value() == "What shape?"
+    assert page.locator('#question img[src*="file="]').count() == 1  # the image stays in the box too
+    assert "What shape?" not in text_of(page, "#baseline-chat")
+    page.get_by_role("button", name="Parameters").click()
+    tokens = page.locator("#max-new-tokens input[type=number]")
+    tokens.fill("40")
+    tokens.press("Enter")
+    page.locator("#question textarea").press("Enter")  # the same question and image, as the box kept them
+    wait_for_answers(page)
+    assert answer_count(page, "baseline") == 1 and page.locator("#question textarea").input_value() == ""
+    # The slider's top follows what is left: never more than the context can take.
+    page.wait_for_function("() => Number(document.querySelector('#max-new-tokens input[type=number]').max) <= 40")
+    assert int(tokens.input_value()) <= int(tokens.get_attribute("max"))
+    second = tmp_path / "second.png"
+    sample_images[1].save(second)
+    ask(page, "And this one?", second)  # a second image does not fit with the first: a new conversation
+    wait_for_text(page, "#vtw-chat", "New image: a new conversation started", 30_000)
+    wait_for_answers(page)
+    for pane in ("baseline", "vtw"):
+        assert "New image: a new conversation started" in text_of(page, f"#{pane}-chat")
+        assert "What shape?" not in text_of(page, f"#{pane}-chat") and answer_count(page, pane) == 1
+
+
+def test_a_panes_trash_icon_clears_the_whole_conversation(page, image):
+    ask(page, "What shape is this?", image)
+    wait_for_answers(page)
+    page.locator("#vtw-chat button[aria-label='Clear']").click()
+    page.wait_for_function("() => !document.body.innerText.includes('What shape is this?')", timeout=10_000)
+    assert text_of(page, "#summary").strip() == ""  # no claim about which side ran first: nothing ran
+    ask(page, "What colour is it?", image)
+    wait_for_answers(page)
+    for pane in ("baseline", "vtw"):  # the next turn does not bring the cleared history back
+        assert "What shape is this?" not in text_of(page, f"#{pane}-chat") and answer_count(page, pane) == 1
 
 
 def test_stop_while_queued_cancels_the_request(browser, app, image, slow):
@@ -342,3 +416,125 @@ def test_a_search_k_whose_page_is_gone_is_cancelled(browser, app, slow, caplog):
     page.close()  # the visitor leaves mid-search
     wait_until_device_free(manager)
     assert any("K search was stopped" in record.getMessage() for record in caplog.records)
+
+
+# --- What the page says about timings, the K search, the method menu and the plots ------------------------------
+
+# Words of the matched elements that the browser broke across lines ("baselin e"): one word, two line boxes. A
+# line may end at a space or after a dash ("19 ms–" / "25 ms"), never inside a word.
+SPLIT_WORDS_JS = """(selector) => {
+  const split = [];
+  for (const cell of document.querySelectorAll(selector)) {
+    const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const match of node.textContent.matchAll(/[^\\s–]+/g)) {
+        const range = document.createRange();
+        range.setStart(node, match.index);
+        range.setEnd(node, match.index + match[0].length);
+        if (Array.from(range.getClientRects()).filter((rect) => rect.width > 0).length > 1) split.push(match[0]);
+      }
+    }
+  }
+  return split;
+}"""
+# Whether the question box holds its placeholder's text without clipping (the same text, as a value).
+PLACEHOLDER_FITS_JS = """() => {
+  const box = document.querySelector('#question textarea');
+  const kept = box.value;
+  box.value = box.placeholder;
+  const fits = box.scrollHeight <= box.clientHeight + 1;
+  box.value = kept;
+  return fits;
+}"""
+
+
+def svg_texts(page, selector: str) -> list[str]:
+    return page.evaluate(f"() => Array.from(document.querySelectorAll('{selector} svg text')).map(t => t.textContent)")
+
+
+def test_on_a_phone_the_placeholder_fits_and_no_metrics_word_is_split(browser, app, image):
+    page = open_page(browser, app[1], PHONE)
+    try:
+        assert page.evaluate(PLACEHOLDER_FITS_JS)
+        ask(page, "What shape is this?", image)
+        wait_for_answers(page)
+        assert page.evaluate(SPLIT_WORDS_JS, "#metrics th, #metrics td") == []
+        page.get_by_text("Timing: chart and benchmark").click()
+        page.locator("#benchmark").click()
+        wait_for_text(page, "#benchmark-result", "runs per side")
+        assert page.evaluate(SPLIT_WORDS_JS, "#benchmark-result th, #benchmark-result td") == []
+        assert "baseline" in text_of(page, "#metrics thead")
+    finally:
+        page.close()
+
+
+def test_timings_are_one_run_and_the_chart_counts_whole_turns_from_zero(page, app, image):
+    manager, _ = app
+    k = manager.info.searched_k or manager.info.num_layers // 2
+    ask(page, "What shape is this?", image)
+    wait_for_answers(page)
+    table = metrics_cells(page)
+    assert "timings, 1 run" in table and "exact counts" in table
+    assert not any("✓" in cell for row in ("time to first token", "total time", "decode tokens/s")
+                   for cell in table[row])  # fmt: skip
+    ask(page, "And its colour?")
+    page.wait_for_function(
+        "() => document.querySelector('#vtw-chat').innerText.split('⚙').length === 3", timeout=60_000
+    )
+    wait_for_answers(page)
+    page.get_by_text("Timing: chart and benchmark").click()
+    page.wait_for_function(
+        "() => document.querySelectorAll('#timing-plot svg text').length > 4 && "
+        f"Array.from(document.querySelectorAll('#timing-plot svg text')).some(t => t.textContent === 'VTW K={k} TTFT')",
+        timeout=30_000,
+    )
+    axes = page.evaluate(
+        """() => Array.from(document.querySelectorAll('#timing-plot svg [aria-label*="-axis titled"]'))
+                   .map((axis) => axis.getAttribute('aria-label'))"""
+    )
+    x_axis = next(label for label in axes if label.startswith("X-axis"))
+    y_axis = next(label for label in axes if label.startswith("Y-axis"))
+    assert x_axis.endswith("discrete scale with 2 values: 1, 2"), x_axis  # whole turns, not 1.0, 1.2, ...
+    assert "values from 0.0 to" in y_axis, y_axis  # the time axis starts at 0
+    assert "accelerated TTFT" not in svg_texts(page, "#timing-plot")
+
+
+def test_a_k_search_says_its_phase_and_whether_the_slider_moved(page, app, slow):
+    import re
+
+    page.get_by_text("Search K (the").click()
+    before = page.locator("#k-slider input[type=number]").input_value()
+    page.locator("#search-k").click()
+    seen = set()
+    for _ in range(600):  # the search's texts as it runs: a phase first, never a bar stuck at 0 %
+        text = text_of(page, "#search-result")
+        seen.add(text)
+        if "K = " in text:
+            break
+        page.wait_for_timeout(100)
+    assert any("Preparing the calibration set" in text or "calibration sample" in text for text in seen), seen
+    assert not any(re.search(r"(?<![\d.])0\.0%", text) for text in seen), seen
+    wait_for_text(page, "#search-result", "K = ")
+    first = text_of(page, "#search-result")
+    after = page.locator("#k-slider input[type=number]").input_value()
+    assert ("moved from" in first) == (after != before) and "K = " in first
+    page.locator("#search-k").click()  # again: the slider is already at the K it finds
+    wait_for_text(page, "#search-result", "already there", 60_000)
+    assert "moved" not in text_of(page, "#search-result")
+
+
+def test_plots_show_their_own_titles_uncovered(page):
+    page.get_by_text("Search K (the").click()
+    page.get_by_text("Attention per layer").click()
+    for plot in ("#search-plot", "#attention-prompt", "#attention-output"):
+        page.wait_for_selector(plot, state="attached")
+        chips = page.locator(f"{plot} [data-testid=block-label]")
+        assert all(not chips.nth(index).is_visible() for index in range(chips.count())), plot
+
+
+def test_the_method_menu_fits_its_labels_and_says_where_a_schedule_comes_from(page):
+    page.locator("#method input").click()
+    page.locator("ul[role=listbox] li", has_text="G-Search").first.click()
+    wait_for_text(page, "#method", "G-Search on easy-vqa", 10_000)
+    fits = "() => { const box = document.querySelector('#method input'); return box.scrollWidth <= box.clientWidth }"
+    assert page.evaluate(fits)  # "G-Search", not a truncated "schedule: easyv"

@@ -51,7 +51,8 @@ def test_turns_stream_one_side_then_the_other(manager, uploads):
     final, shown = updates[-1]
     assert [message["role"] for message in final.display("vtw")] == ["user", "user", "assistant"]
     assert "KV cache" in shown["metrics"] and "not measured on CPU" in shown["metrics"]
-    assert "token for token" in shown["summary"] and "One side after the other" in shown["summary"]
+    assert "token for token" in shown["summary"] or "different** from" in shown["summary"]
+    assert "One side after the other" in shown["summary"]
     # The answers equal the engine's own, called directly.
     direct = manager.generate(
         [user_message("What is it?")], [Image.open(uploads / "image0.png")], k=2, sampling=SamplingConfig(4)
@@ -162,14 +163,15 @@ def test_metrics_table_compares_the_sides_and_marks_the_better_value():
     results = {"baseline": {"stats": STATS, "token_ids": [1]}, "vtw": {"stats": fast, "token_ids": [2]}}
     rows = {row["name"]: row for row in metrics.metrics_rows(results)}
     assert set(rows) == {name for name, *_ in metrics.METRICS}
-    assert rows["time to first token"]["ratio"] == 0.5 and rows["time to first token"]["better"] == "vtw"
-    assert rows["decode tokens/s"]["ratio"] == 2.0 and rows["decode tokens/s"]["better"] == "vtw"  # higher wins
+    # A turn's timings are one run each: a ratio, but never a better side (that needs repeated runs).
+    assert rows["time to first token"]["ratio"] == 0.5 and rows["time to first token"]["better"] is None
+    assert rows["decode tokens/s"]["ratio"] is None and rows["decode tokens/s"]["vtw"] == "– (2 decoded)"
     assert rows["total time"]["ratio"] == 1.0 and rows["total time"]["better"] is None  # a tie marks nothing
     assert rows["prefill FLOPs"]["baseline"] == "10.0 GFLOPs" and rows["prefill FLOPs"]["vtw"] == "5.00 GFLOPs"
     assert rows["KV cache"]["vtw"] == "50.0 MB" and rows["peak GPU memory"]["baseline"] == "400 MB"
     table = metrics.metrics_table(results, "FastV K=2 R=0.5")
     assert "| | baseline | FastV K=2 R=0.5 | FastV / baseline |" in table  # not "VTW" when FastV ran
-    assert "**1.00 s** ✓" in table and "| 0.50× |" in table
+    assert "| time to first token | 2.00 s | 1.00 s | 0.50× |" in table and "**5.00 GFLOPs** ✓" in table
     assert "VTW / baseline" not in table
     # On a CPU there is no peak memory; before both sides finish there are no ratios.
     cpu = {**STATS, "peak_memory_bytes": None}
@@ -203,9 +205,9 @@ def test_the_side_that_runs_first_alternates(manager, uploads):
     assert turns.run_order(0) == ("baseline", "vtw") and turns.run_order(1) == ("vtw", "baseline")
     # Every finished side adds its TTFT and total time to the chart, per turn.
     rows = benchmark.timing_rows(state)
-    assert {row["turn"] for row in rows} == {1, 2, 3} and len(rows) == 3 * 2 * 2
-    assert {row["series"] for row in rows} == {"baseline TTFT", "baseline total", "accelerated TTFT",
-                                               "accelerated total"}  # fmt: skip
+    assert {row["turn"] for row in rows} == {"1", "2", "3"} and len(rows) == 3 * 2 * 2
+    assert {row["series"] for row in rows} == {"baseline TTFT", "baseline total", "VTW K=2 TTFT",
+                                               "VTW K=2 total"}  # fmt: skip
 
 
 def test_every_answer_keeps_the_footer_of_its_settings(manager, uploads):
@@ -219,10 +221,10 @@ def test_every_answer_keeps_the_footer_of_its_settings(manager, uploads):
     list(turns.answer_last_turn(manager, state, 3, SamplingConfig(max_new_tokens=2), eta=0.003))
     turns.add_turn(state, "And?", [], [uploads])
     list(turns.answer_last_turn(manager, state, 1, SamplingConfig(max_new_tokens=2), method="fastv:0.25", eta=1))
-    assert state.footers["vtw"][0] == f"VTW K = 3 · engine {engine} · eta 0.003"
+    assert state.footers["vtw"][0] == f"VTW K = 3 · engine {engine}"  # K set by hand: no eta
     assert state.footers["vtw"][1] == f"FastV K = 1 · R = 0.25 · engine {engine}"
     assert state.footers["baseline"] == [f"baseline (all 4 layers) · engine {engine}"] * 2
-    assert state.display("vtw")[2]["content"].endswith(f"<sub>⚙ VTW K = 3 · engine {engine} · eta 0.003</sub>")
+    assert state.display("vtw")[2]["content"].endswith(f"<sub>⚙ VTW K = 3 · engine {engine}</sub>")
     # The pane's title speaks of the next turn, never of answers already given.
     assert metrics.pane_label("vtw", 2, 0.5, 4) == "next turn: VTW K = 2"
     assert metrics.pane_label("fastv", 0, 0.5, 4) == "next turn: FastV K = 1 · R = 0.5"
@@ -254,21 +256,77 @@ def test_benchmark_this_turn_runs_both_sides_interleaved(manager, uploads, monke
         benchmark.benchmark_turn(manager, state, 2, "vtw", 0)
 
 
-def test_stop_and_clear_reach_queued_requests():
-    sessions = session.Sessions()
-    running = sessions.issue("a", turn=True)
-    assert sessions.issue("a", turn=True) is None  # a second turn while one is in flight is refused
-    queued = sessions.issue("a")  # e.g. a K search waiting behind the turn
-    other = sessions.issue("b", turn=True)
-    sessions.stop("a")
-    assert sessions.stopped("a", running) and sessions.flag("a", queued).is_set()
-    assert not sessions.cleared("a", running) and not sessions.stopped("b", other)
-    later = sessions.issue("a")
-    assert not sessions.stopped("a", later)  # Stop cancels what was asked before it, not after
-    sessions.clear("a")
-    assert sessions.cleared("a", later)
-    sessions.finish("a", running)
-    assert not sessions.busy("a") and sessions.busy("b")
+def test_a_new_image_starts_a_new_conversation_when_the_context_cannot_hold_both(manager, uploads, monkeypatch):
+    state = ChatState()
+    ask(manager, state, "What?", [uploads / "image0.png"], [uploads])
+    one_image = turns.prompt_tokens(manager, ChatState(turns=[state.turns[0]]))
+    # Room for one image and a short answer, not for two images (the embedded default model's case).
+    limit = one_image + 20
+    monkeypatch.setattr(manager.model.config.get_text_config(), "max_position_embeddings", limit)
+    turns.add_turn(state, "And this one?", [str(uploads / "image1.png")], [uploads])
+    fresh = turns.fit_new_turn(manager, state, 4)
+    assert fresh is not state and [turn.text for turn in fresh.turns] == ["And this one?"]
+    assert fresh.notice.startswith("**New image: a new conversation started.**") and str(limit) in fresh.notice
+    for side in session.SIDES:  # the note heads both panes
+        assert fresh.display(side)[0] == {"role": "assistant", "content": fresh.notice}
+    *_, (fresh, _) = turns.answer_last_turn(manager, fresh, 2, SamplingConfig(max_new_tokens=4))
+    assert fresh.results["vtw"] is not None and len(fresh.conversation("vtw")[1]) == 1  # one image: the new one
+    # Where the context holds both images, the conversation goes on with both (real checkpoints).
+    monkeypatch.setattr(manager.model.config.get_text_config(), "max_position_embeddings", 4096)
+    assert turns.fit_new_turn(manager, state, 4) is state
+
+
+def test_a_turn_too_long_for_the_context_is_refused_with_what_to_do(manager, uploads, monkeypatch):
+    state = ChatState()
+    ask(manager, state, "What?", [uploads / "image0.png"], [uploads])
+    turns.add_turn(state, "And now?", [], [uploads])
+    prompt = turns.prompt_tokens(manager, state)
+    limit = prompt + 30
+    monkeypatch.setattr(manager.model.config.get_text_config(), "max_position_embeddings", limit)
+    with pytest.raises(turns.TooLong, match=r"lower max new tokens \(Parameters\) to 30 or less.*press Clear"):
+        turns.fit_new_turn(manager, state, 31)
+    assert turns.fit_new_turn(manager, state, 30) is state  # the advice is exact
+    assert len(state.turns) == 2  # refusing changes nothing: the handler puts the question back
+    # Regenerate is checked the same way, before the answers go.
+    turns.undo_last_turn(state)
+    with pytest.raises(turns.TooLong, match="lower max new tokens"):
+        turns.check_room(manager, state, limit)
+    turns.check_room(manager, state, 4)
+    # A conversation that fills the context says so; two images that alone exceed it, too.
+    monkeypatch.setattr(manager.model.config.get_text_config(), "max_position_embeddings", prompt - 5)
+    turns.add_turn(state, "And now?", [], [uploads])
+    with pytest.raises(turns.TooLong, match=r"the conversation fills the model's context.*press Clear"):
+        turns.fit_new_turn(manager, state, 1)
+    two = turns.add_turn(ChatState(), "Both?", [str(uploads / "image0.png"), str(uploads / "image1.png")], [uploads])
+    with pytest.raises(turns.TooLong, match=r"2 images take .* send one image"):
+        turns.fit_new_turn(manager, two, 1)
+
+
+def test_the_room_for_the_next_answer_follows_the_conversation(manager, uploads, monkeypatch):
+    limit = turns.context_limit(manager)
+    image = uploads / "image0.png"
+    first = turns.next_turn_room(manager, ChatState(), image)
+    probe = turns.add_turn(ChatState(), turns.ROOM_QUESTION, [str(image)], [uploads])
+    assert first == limit - turns.prompt_tokens(manager, probe)
+    state = ChatState()
+    ask(manager, state, "What?", [image], [uploads])
+    after = turns.next_turn_room(manager, state, image)
+    assert after < first  # the image, the question and the answers now take part of the context
+    assert turns.next_turn_room(manager, ChatState(), None) is None  # no image to count a first turn with
+    monkeypatch.setattr(manager.model.config.get_text_config(), "max_position_embeddings", limit - after - 1)
+    assert turns.next_turn_room(manager, state, image) == -1  # full: a new image or Clear starts afresh
+
+
+def test_a_turn_whose_job_is_gone_is_settled(manager, uploads):
+    state = ChatState()
+    ask(manager, state, "What?", [uploads / "image0.png"], [uploads])
+    turns.add_turn(state, "And?", [], [uploads])
+    turns.show_waiting(state)
+    assert state.results == {"baseline": None, "vtw": None}  # the metrics speak of the waiting turn
+    state.status["baseline"][-1], state.answers["baseline"][-1] = "running", "A red"
+    turns.settle_last_turn(state)
+    assert state.status == {"baseline": ["done", "stopped"], "vtw": ["done", "skipped"]}
+    assert "…" not in state.display("vtw")[-1]["content"] and session.SKIPPED in state.display("vtw")[-1]["content"]
 
 
 def test_a_turn_stopped_while_queued_says_skipped(manager, uploads):

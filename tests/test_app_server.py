@@ -53,10 +53,12 @@ def test_search_k_api_equals_the_library(served_app):
     from vtw_core.analysis.k_search import search_k
 
     manager, url = served_app
-    result = Client(url, verbose=False).predict(0.003, api_name="/search_k")
+    result = Client(url, verbose=False).predict(0.003, api_name="/search_k")  # the rest: the page's defaults
     direct = search_k(manager.model, manager.processor, load_calibration("default"), eta=0.003)
-    assert set(result) == {"k", "eta", "curve"}
-    assert result["k"] == direct.k and result["eta"] == 0.003
+    # The response says what it searched on: a real checkpoint's page calibrates on the bundled photos.
+    assert {key: result[key] for key in ("eta", "criterion", "calibration", "samples")} == {
+        "eta": 0.003, "criterion": "prompt", "calibration": "bundled", "samples": 20}  # fmt: skip
+    assert result["k"] == direct.k and result["smallest_k_tried"] == 5
     assert [point["k"] for point in result["curve"]] == [k for k, _ in direct.curve] == [5, 6, 7]
     assert [point["kl"] for point in result["curve"]] == pytest.approx([kl for _, kl in direct.curve], rel=1e-5)
 
@@ -67,3 +69,35 @@ def test_the_api_page_example_sends_an_image_to_compare(served_app):
     image = api["named_endpoints"]["/compare"]["parameters"][0]
     example = image["example_input"]
     assert example["path"].endswith((".png", ".jpg")) and not example["path"].endswith(".pdf")
+
+
+def test_startup_prints_the_apps_own_public_link_switch(tiny_model_path):
+    """`python app.py` names its --share switch, not Gradio's `launch(share=True)`, which its user cannot reach."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    from conftest import free_port
+
+    port = free_port()
+    command = [sys.executable, "app.py", "--model", str(tiny_model_path("llava", 8)), "--port", str(port)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    timer = threading.Timer(180, process.kill)  # a hung start fails the test instead of blocking it
+    timer.start()
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "public link" in line.lower():  # ours, or Gradio's "To create a public link, set share=True"
+                break
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        timer.cancel()
+    output = "".join(lines)
+    assert f"http://127.0.0.1:{port}/" in output and "python app.py --share" in output, output
+    assert "share=True" not in output

@@ -1,8 +1,10 @@
 """The chat's events: send, Regenerate, Stop and Clear, and the controls that change the next turn.
 
-A turn takes a ticket when the user acts, in a step outside the queue (it shows the question at once, or
-refuses it while another turn runs), and is answered in a second, queued step: Stop cancels a ticket whether
-its work runs or still waits in the queue, and Clear also tells a running turn never to write to the page again.
+A turn goes through the session's state machine (`app.session.TRANSITIONS`) and nothing else: a question is
+taken in a step outside the queue (it shows at once, or is refused and kept in the box while another turn is
+in flight) and answered in a second, queued step that carries the turn's ticket. Stop and Clear cancel a queued
+turn at once (its job, when the device reaches it, finds its ticket gone and does nothing) and ask a running one
+to end at its next token; every job reports how it ended, so no state outlives it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from app.benchmark import timing_rows
 from app.errors import log_failure
 from app.media import VideoRefused
 from app.metrics import counters, pane_label
-from app.session import ChatState
+from app.session import ChatState, Event, Phase
 from app.turns import (
     add_turn,
+    check_room,
     drop_last_answers,
+    fit_new_turn,
     run_order,
     sampling_config,
+    settle_last_turn,
     show_waiting,
     skip_last_turn,
     undo_last_turn,
@@ -29,9 +34,22 @@ from app.turns import (
 from app.ui.context import ON_DEVICE, PRIVATE, PageContext, method_of, render
 from app.ui.layout import Page
 from vtw_core.analysis.k_search import check_eta
+from vtw_core.errors import InputError
 from vtw_core.validation import check_k
 
 SHOW_PANE_JS = "(pane) => { document.querySelector('#panes').dataset.pane = pane; return pane; }"
+# A question sent while the session's turn is in flight: refused, kept in the box, and the page says why.
+REFUSED = {
+    Phase.QUEUED: "⏳ Your last question still waits for the device: this one stays in the box. Send it when the "
+    "answers end, or press Stop.",
+    Phase.RUNNING: "⏳ A turn is still running: your question stays in the box. Send it when the answers end, or "
+    "press Stop.",
+    Phase.STOPPING: "⏳ The last turn is stopping: your question stays in the box. Send it again in a moment.",
+}
+FULL = (
+    " The conversation now fills the model's context: press Clear to start over, or send a new image (it starts "
+    "a new conversation)."
+)
 
 
 def empty_chat() -> tuple:
@@ -44,18 +62,19 @@ def wire_chat(context: PageContext, page: Page) -> None:
     sessions, activity, info = context.sessions, context.activity, context.info
     states, ask, params = page.states, page.ask, page.params
     outputs = page.chat_outputs
+    # The queued step's outputs: the chat area, the timing chart, the question box (a turn the device refused
+    # goes back there) and the max-new-tokens slider (its top follows the context left).
+    job_outputs = [*outputs, page.timing.timing_plot, ask.question, params.max_new_tokens]
+    unchanged = (gr.skip(),) * len(job_outputs)
 
-    def on_submit(message, chat, video_path, frame_count, request: gr.Request):
+    def on_submit(message, chat, video_path, frame_count, tokens, request: gr.Request):
         """Outside the queue: check the question, show it at once, and take a ticket (or refuse, keeping it)."""
         message = message or {}
-        session = request.session_hash
-        if sessions.busy(session):
-            sessions.refuse(session)
-            note = (
-                "⏳ A turn is still running: your question stays in the box. Send it when the answers end, "
-                "or press Stop."
-            )
-            return *render(chat, counters(chat), note), gr.skip(), gr.skip(), None
+        step = sessions.fire(request.session_hash, Event.SEND)
+        if step.recovered:
+            settle_last_turn(chat)  # the turn before lost its job: its answers say so
+        if not step.accepted:
+            return *render(chat, counters(chat), REFUSED[step.before]), gr.skip(), gr.skip(), None
         try:
             add_turn(
                 chat,
@@ -67,57 +86,68 @@ def wire_chat(context: PageContext, page: Page) -> None:
                 family=info.family,
             )
         except Exception as error:
+            sessions.fire(request.session_hash, Event.CANCELLED, step.ticket)
             reason = log_failure(error, "question")
             # Keep the typed question, drop the files: a rejected image would only be rejected again. The
             # video goes only when it was the reason (re-uploading a long video because of a typo would hurt).
             kept = {"text": message.get("text") or "", "files": []}
             dropped = gr.Video(value=None) if isinstance(error, VideoRefused) else gr.skip()
             return *render(chat, counters(chat), f"⚠️ {reason}"), gr.MultimodalTextbox(value=kept), dropped, None
-        show_waiting(chat)
-        number = sessions.issue(session, turn=True)
-        return *render(chat, counters(), context.queued_note()), gr.MultimodalTextbox(value=None), None, number
-
-    def on_regenerate_request(chat, request: gr.Request):
-        session = request.session_hash
-        if sessions.busy(session):
-            return *render(chat, counters(chat), "⏳ A turn is still running; press Stop first."), None
         try:
+            chat = fit_new_turn(context.manager, chat, tokens)  # a new image may start a new conversation
+        except Exception as error:  # too long for the context: the question and its image stay in the box
+            undo_last_turn(chat)
+            sessions.fire(request.session_hash, Event.CANCELLED, step.ticket)
+            return *render(chat, counters(chat), f"⚠️ {log_failure(error, 'question')}"), gr.skip(), gr.skip(), None
+        show_waiting(chat)
+        note = context.queued_note("your question")
+        return *render(chat, counters(), note), gr.MultimodalTextbox(value=None), None, step.ticket
+
+    def on_regenerate_request(chat, tokens, request: gr.Request):
+        step = sessions.fire(request.session_hash, Event.REGENERATE)
+        if step.recovered:
+            settle_last_turn(chat)
+        if not step.accepted:
+            return *render(chat, counters(chat), "⏳ A turn is still in flight; press Stop first."), None
+        try:
+            if not chat.turns:
+                raise InputError("nothing to regenerate yet")
+            check_room(context.manager, chat, tokens)  # before the answers go: a refusal keeps them
             drop_last_answers(chat)
         except Exception as error:
+            sessions.fire(request.session_hash, Event.CANCELLED, step.ticket)
             return *render(chat, counters(chat), f"⚠️ {log_failure(error, 'regenerate')}"), None
         show_waiting(chat)
-        number = sessions.issue(session, turn=True)
-        return *render(chat, counters(), context.queued_note()), number
+        return *render(chat, counters(), context.queued_note("your question")), step.ticket
 
     def run_turn(
-        chat, number, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio, eta_value,
+        chat, ticket, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio, eta_value,
         request: gr.Request,
     ):  # fmt: skip
-        """In the queue: answer the turn behind `number`, unless Stop or Clear came first."""
+        """In the queue: answer the turn behind `ticket` if it is still the session's turn, and say how it ended."""
         session = request.session_hash
-        if number is None:  # refused in the first step: nothing to run
-            # One update that changes nothing: a generator that yields nothing makes Gradio blank every
-            # output, and the refusal's message in the status line would vanish at once.
-            yield (gr.skip(),) * (len(outputs) + 1)
+        number = None if ticket is None else int(ticket)
+        if number is None or not sessions.fire(session, Event.DEVICE_GRANTED, number).accepted:
+            # Refused in the first step, or cancelled (Stop, Clear, a closed tab) while it waited: the page
+            # already says so. One update that changes nothing: a generator that yields nothing makes Gradio
+            # blank every output.
+            yield unchanged
             return
+        ended = Event.CANCELLED  # unless the answers end (Gradio may close this generator early)
         try:
-            if sessions.stopped(session, number):
-                if not sessions.cleared(session, number):
-                    skip_last_turn(chat, chat.settings)
-                    yield *render(chat, counters(chat), "Stopped while queued: nothing ran."), gr.skip()
-                return
-            yield from answer_on_device(
+            ended = yield from answer_on_device(
                 chat, number, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio,
                 eta_value, session,
             )  # fmt: skip
         finally:
-            sessions.finish(session, number)
+            sessions.fire(session, ended, number)
 
     def answer_on_device(
         chat, number, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio, eta_value,
         session,
     ):  # fmt: skip
         shown = counters(chat, mode_value)
+        keep = (gr.skip(), gr.skip(), gr.skip())  # timing chart, question box, slider
         try:
             check_k(k_value, info.num_layers)  # every parameter first: nothing runs if one is bad
             sampling = sampling_config(tokens, sample, temp, nucleus, seed_value)
@@ -133,21 +163,33 @@ def wire_chat(context: PageContext, page: Page) -> None:
                 for chat, shown in answers:
                     if sessions.cleared(session, number):
                         continue  # Clear was pressed: finish quietly, never write the old chat back
-                    yield *render(chat, shown, note), gr.skip()
+                    yield *render(chat, shown, note), *keep
         except Exception as error:  # the page keeps serving: say why, keep the chat consistent
             message = log_failure(error, "answer")
+            turn = chat.turns[-1] if chat.turns else None
             undo_last_turn(chat)
-            yield *render(chat, shown, f"⚠️ {message}"), gr.skip()
-            return
+            if sessions.cleared(session, number):
+                yield *empty_chat(), gr.skip(), gr.skip()
+                return Event.FAILED
+            # The turn goes back into the question box: nothing the user typed or attached is lost.
+            back = gr.MultimodalTextbox(value={"text": turn.text, "files": turn.image_paths}) if turn else gr.skip()
+            slider, _ = context.token_limits(chat, tokens)
+            note = f"⚠️ {message}" + (". Your question is back in the box." if turn else "")
+            yield *render(chat, shown, note), gr.skip(), back, slider
+            return Event.FAILED
         if sessions.cleared(session, number):
             # An update sent just before Clear can reach the page after Clear's empty chat: the turn's own
             # last word is the empty chat too, so whatever order they arrive in, the page ends empty.
-            yield empty_chat()
-            return
+            yield *empty_chat(), gr.skip(), context.token_limits(ChatState(), tokens)[0]
+            return Event.FINISHED
         done = "Stopped." if sessions.stopped(session, number) else ""
         if sessions.take_refused(session):
             done += " The question you typed during the turn is still in the box: press Enter to send it."
-        yield *render(chat, shown, done), pd.DataFrame(timing_rows(chat))
+        slider, full = context.token_limits(chat, tokens)
+        if full:
+            done += FULL
+        yield *render(chat, shown, done.strip()), pd.DataFrame(timing_rows(chat)), gr.skip(), slider
+        return Event.FINISHED
 
     turn_inputs = [
         ask.k,
@@ -163,11 +205,18 @@ def wire_chat(context: PageContext, page: Page) -> None:
     ]
 
     def queue_turn(ticket_step: Any) -> None:
-        """The queued second step after a step that took a ticket: the turn itself, on the device."""
+        """The queued second step after a step that took a ticket: the turn itself, on the device.
+
+        trigger_mode "multiple": the browser sends every turn's job, even while an older job (one Stop or Clear
+        cancelled) still waits in the queue; with Gradio's default it would drop the new one.
+        """
         ticket_step.then(
             run_turn,
             [states.chat, states.ticket, *turn_inputs],
-            [*outputs, page.timing.timing_plot],
+            job_outputs,
+            trigger_mode="multiple",
+            show_progress="minimal",
+            show_progress_on=[page.panes.baseline_chat, page.panes.vtw_chat],
             **ON_DEVICE,
             **PRIVATE,
         )
@@ -175,38 +224,56 @@ def wire_chat(context: PageContext, page: Page) -> None:
     queue_turn(
         ask.question.submit(
             on_submit,
-            [ask.question, states.chat, ask.video, ask.frames],
+            [ask.question, states.chat, ask.video, ask.frames, params.max_new_tokens],
             [*outputs, ask.question, ask.video, states.ticket],
             queue=False,
             **PRIVATE,
         )
     )
     queue_turn(
-        ask.regenerate.click(on_regenerate_request, [states.chat], [*outputs, states.ticket], queue=False, **PRIVATE)
+        ask.regenerate.click(
+            on_regenerate_request,
+            [states.chat, params.max_new_tokens],
+            [*outputs, states.ticket],
+            queue=False,
+            **PRIVATE,
+        )
     )
 
-    def on_stop(request: gr.Request) -> str:
-        sessions.stop(request.session_hash)
-        return "Stopping…" if sessions.busy(request.session_hash) else ""
+    def on_stop(chat, request: gr.Request):
+        """Stop: a queued turn is skipped at once, a running one ends at its next token; K searches and
+        benchmarks of the session stop too."""
+        step = sessions.stop(request.session_hash)
+        if step.before is Phase.QUEUED:
+            skip_last_turn(chat)
+            return render(chat, counters(chat), "Stopped while queued: nothing ran.")
+        if step.before in (Phase.RUNNING, Phase.STOPPING):
+            return (*(gr.skip(),) * (len(outputs) - 1), "Stopping…")
+        if step.recovered:
+            settle_last_turn(chat)
+            return render(chat, counters(chat), "Stopped.")
+        return (gr.skip(),) * len(outputs)
 
-    ask.stop.click(on_stop, None, page.panes.status, queue=False, **PRIVATE)
+    ask.stop.click(on_stop, [states.chat], outputs, queue=False, **PRIVATE)
 
     def on_clear(request: gr.Request) -> None:
-        sessions.clear(request.session_hash)  # the running turn stops and writes nothing more
+        sessions.clear(request.session_hash)  # a queued turn is dropped; a running one stops and writes no more
 
-    def show_cleared():
-        return *empty_chat(), "", None
+    def show_cleared(tokens):
+        return *empty_chat(), "", None, context.token_limits(ChatState(), tokens)[0]
 
     # The empty chat goes out through the queue, on the same stream as the turn's updates, so it lands after
     # any update already on its way (an answer outside the queue could arrive before them and be overwritten).
-    ask.clear.click(on_clear, None, None, queue=False, **PRIVATE).then(
-        show_cleared,
-        None,
-        [*outputs, page.timing.timing_plot, page.timing.result, ask.video],
-        concurrency_limit=None,
-        concurrency_id="page",
-        **PRIVATE,
-    )
+    # Each pane's own trash icon clears the whole conversation too: the two panes are one chat.
+    for clear_event in (ask.clear.click, page.panes.baseline_chat.clear, page.panes.vtw_chat.clear):
+        clear_event(on_clear, None, None, queue=False, **PRIVATE).then(
+            show_cleared,
+            [params.max_new_tokens],
+            [*outputs, page.timing.timing_plot, page.timing.result, ask.video, params.max_new_tokens],
+            concurrency_limit=None,
+            concurrency_id="page",
+            **PRIVATE,
+        )
     wire_settings(context, page)
 
 

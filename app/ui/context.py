@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.context import LocalContext
 
 from app import attention, benchmark, search, turns
-from app.errors import error_message, logger
+from app.errors import error_message, log_failure, logger
 from app.gpu import on_gpu
-from app.media import ASSETS, is_default_model, takes_video
+from app.media import ASSETS, example_files, is_default_model, takes_video
 from app.search import SearchSettings
 from app.session import ChatState, DeviceActivity, Sessions
 from vtw_core.generation.manager import ModelInfo, ModelManager
@@ -25,6 +26,8 @@ from vtw_core.validation import check_float
 # Event options: private events stay off the API page; device work queues behind one device-wide slot.
 PRIVATE: dict[str, Any] = {"api_visibility": "private"}
 ON_DEVICE: dict[str, Any] = {"concurrency_limit": 1, "concurrency_id": "device"}
+MAX_NEW_TOKENS = 1024  # the slider's top where the model's context leaves more (or cannot be counted here)
+FULL_BELOW = 8  # fewer new tokens than this left: the conversation counts as full
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,11 @@ def device_calls(manager: ModelManager) -> DeviceCalls:
 
 
 @on_gpu
-def warm_up_on_device(manager: ModelManager, k: int, image: Path) -> None:
-    """The untimed first pass of each path; a failure only costs the first turn's timings, never the page."""
+def warm_up_on_device(manager: ModelManager, k: int, examples: list[tuple[Path, str]]) -> None:
+    """The untimed passes of `turns.warm_up` on the page's first example; a failure only costs the first
+    turn's timings, never the page."""
     try:
-        turns.warm_up(manager, k, image)
+        turns.warm_up(manager, k, examples)
     except Exception as error:
         logger.warning("warm-up skipped: %s", error_message(error))
 
@@ -86,26 +90,63 @@ class PageContext:
     activity: DeviceActivity
     with_video: bool  # the video input exists only where the model answers about videos
     device: DeviceCalls
+    sample_image: Path | None  # stands for the image of a first question when the room for it is counted
 
     @classmethod
     def create(cls, manager: ModelManager) -> PageContext:
         info = manager.info
+        default = is_default_model(manager)
+        examples = example_files(default)
+        activity = DeviceActivity(whose=current_session)
         return cls(
             manager=manager,
             info=info,
             default_k=info.searched_k or max(1, info.num_layers // 2),
-            default_model=is_default_model(manager),
+            default_model=default,
             search=search.search_settings(manager),
             allowed_roots=[Path(gr.utils.get_upload_folder()), ASSETS],
-            sessions=Sessions(),
-            activity=DeviceActivity(),
+            sessions=Sessions(device_idle_s=activity.idle_for),
+            activity=activity,
             with_video=takes_video(manager),
             device=device_calls(manager),
+            sample_image=examples[0][0] if examples else None,
         )
 
-    def queued_note(self) -> str:
-        """The status line while a request waits for the device, saying what holds it."""
-        return f"Queued: waiting for the device ({self.activity.describe()})."
+    def queued_note(self, what: str = "your request") -> str:
+        """The status line when a request is sent: running at once, or waiting behind what holds the device."""
+        running = self.activity.describe()
+        if not running:
+            return f"{what[0].upper()}{what[1:]} is running…"
+        return f"Queued: {what} waits for the device (running now: {running})."
+
+    def room(self, chat: ChatState) -> int | None:
+        """The most new tokens the chat's next question can take (see `turns.next_turn_room`); None: unknown."""
+        try:
+            return turns.next_turn_room(self.manager, chat, self.sample_image)
+        except Exception as error:  # the slider keeps its range; the turn itself is checked on send
+            log_failure(error, "context room")
+            return None
+
+    def token_limits(self, chat: ChatState, value: Any) -> tuple[Any, bool]:
+        """The max-new-tokens slider for the chat's next turn (its top: the room the context leaves), and
+        whether the conversation is full. A full one offers the room of a new conversation (a new image, or
+        Clear, starts one); the turn itself is checked when it is sent.
+        """
+        room = self.room(chat)
+        full = room is not None and room < FULL_BELOW and bool(chat.turns)
+        if full:
+            room = self.room(ChatState())
+        if room is None:
+            return gr.skip(), full
+        top = max(1, min(MAX_NEW_TOKENS, room))
+        current = int(value) if isinstance(value, (int, float)) and value >= 1 else top
+        return gr.Slider(maximum=top, value=min(current, top)), full
+
+
+def current_session() -> str | None:
+    """The session of the request being handled (Gradio sets it for each event); None outside one."""
+    request = LocalContext.request.get(None)
+    return getattr(request, "session_hash", None)
 
 
 def method_of(choice: str, ratio: Any) -> str:
@@ -114,5 +155,9 @@ def method_of(choice: str, ratio: Any) -> str:
 
 
 def render(chat: ChatState, shown: dict[str, str], note: str) -> tuple:
-    """The outputs of the chat area (`ChatArea.outputs`): state, both panes, metrics, summary and status line."""
-    return chat, chat.display("baseline"), chat.display("vtw"), shown["metrics"], shown["summary"], note
+    """The outputs of the chat area (`Page.chat_outputs`): state, both panes, metrics, summary and status line.
+
+    The summary (which side ran first, identical or not) stays empty until a side has answered.
+    """
+    summary = shown["summary"] if any(chat.results.values()) else ""
+    return chat, chat.display("baseline"), chat.display("vtw"), shown["metrics"], summary, note

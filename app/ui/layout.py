@@ -1,37 +1,84 @@
 """The page's sections, top to bottom: each builder lays out its components and returns them, wiring none.
 
-The question row (question, Stop/Regenerate/Clear, the video input, the method and K controls), the two chat
-panes with the status line, the metrics area, and the accordions: parameters, timing and benchmark, Search K,
-attention. Events are wired in `app.ui.chat_events` and `app.ui.panel_events`.
+The question row (question, Stop/Regenerate/Clear, the examples, the video input, the method and K controls),
+the two chat panes with the status line, the metrics area, and the accordions: parameters, timing and benchmark,
+Search K, attention. Events are wired in `app.ui.chat_events` and `app.ui.panel_events`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from app.media import ASSETS, example_files
+from app.media import ASSETS, example_files, example_label
 from app.metrics import TIMING_NOTE, counters, header, pane_label
 from app.search import CRITERIA
 from app.session import ChatState
-from app.ui.context import PageContext
+from app.ui.context import MAX_NEW_TOKENS, PageContext
 from vtw_core.models.videos import LIMITS
+
+# Schedule files name their algorithm and data set ("easyvqa-gsearch.json" holding "gsearch-tol0.003"): the menu
+# shows a short label, and the line under it says where the schedule comes from.
+ALGORITHMS = {"gsearch": "G-Search", "psigmoid": "P-Sigmoid"}
+DATA_SETS = {"easyvqa": "easy-vqa"}
+SETTINGS = {"tol": "tol.", "budget": "budget"}
+METHOD_INFO = {
+    "vtw": "layers from K on see no image",
+    "fastv": "after layer K, cuts R of the image",
+}
+
+
+def _schedule(path: Any) -> tuple[str, str]:
+    """A schedule file's short label ("G-Search", "P-Sigmoid 0.3") and its origin ("G-Search on easy-vqa, ...")."""
+    try:
+        name = str(json.loads(path.read_text(encoding="utf-8")).get("name", ""))
+    except (OSError, ValueError, AttributeError):
+        name = ""
+    algorithm, _, setting = name.partition("-")
+    if algorithm not in ALGORITHMS:
+        return path.stem, f"schedule file {path.stem}"
+    data = DATA_SETS.get(path.stem.split("-")[0], path.stem.split("-")[0])
+    key = next((key for key in SETTINGS if setting.startswith(key)), None)
+    value = setting.removeprefix(key) if key else setting
+    label = ALGORITHMS[algorithm] + (f" {value}" if key == "budget" else "")
+    return label, f"{ALGORITHMS[algorithm]} on {data}" + (f", {SETTINGS[key]} {value}" if key else "")
 
 
 def method_choices() -> list[tuple[str, str]]:
     """VTW, FastV, and every schedule JSON under assets/schedules (e.g. from `schedule-search --out`)."""
     choices = [("VTW", "vtw"), ("FastV", "fastv")]
     for path in sorted((ASSETS / "schedules").glob("*.json")):
-        choices.append((f"schedule: {path.stem}", f"schedule:{path.stem}"))  # by name: no server paths on the page
+        choices.append((_schedule(path)[0], f"schedule:{path.stem}"))  # by name: no server paths on the page
     return choices
+
+
+def method_info(choice: str) -> str:
+    """The line under the method menu: what the chosen method does, and where a schedule comes from."""
+    if choice.startswith("schedule:"):
+        return _schedule(ASSETS / "schedules" / f"{choice.split(':', 1)[1]}.json")[1]
+    return METHOD_INFO.get(choice, "")
 
 
 def example_inputs(default_model: bool = True) -> list[dict[str, Any]]:
     """Examples for the question box that fit the model (see `app.media.example_files`)."""
     return [{"text": question, "files": [str(path)]} for path, question in example_files(default_model)]
+
+
+def examples(context: PageContext, question: gr.MultimodalTextbox) -> None:
+    """The examples as one line of short buttons under the question box (thumbnails would push the answers
+    below the fold): choosing one puts its question and picture in the box, both on screen."""
+    files = example_files(context.default_model)
+    gr.Examples(
+        example_inputs(context.default_model),
+        inputs=[question],
+        label="Examples",
+        elem_id="examples",
+        example_labels=[example_label(path, text) for path, text in files],
+    )
 
 
 def title(context: PageContext, banner: str) -> None:
@@ -47,12 +94,15 @@ def title(context: PageContext, banner: str) -> None:
 @dataclass(frozen=True)
 class SessionStates:
     chat: gr.State  # the session's ChatState
-    ticket: gr.State  # the current turn's ticket, issued when the question is sent
+    # The ticket of the turn a question (or Regenerate) just took. A hidden component, not a gr.State: the
+    # browser sends its value with each queued job when the job is sent, so every job keeps its own turn's
+    # ticket (a gr.State is read when the job starts, after later clicks may have changed it).
+    ticket: gr.Number
     job_ticket: gr.State  # the same for a K search or a benchmark
 
 
 def session_states() -> SessionStates:
-    return SessionStates(gr.State(ChatState()), gr.State(None), gr.State(None))
+    return SessionStates(gr.State(ChatState()), gr.Number(None, precision=0, visible=False), gr.State(None))
 
 
 @dataclass(frozen=True)
@@ -88,6 +138,7 @@ def question_row(context: PageContext) -> QuestionRow:
                 stop = gr.Button("Stop", variant="stop", elem_id="stop", size="sm", min_width=60)
                 regenerate = gr.Button("Regenerate", elem_id="regenerate", size="sm", min_width=60)
                 clear = gr.Button("Clear", elem_id="clear", size="sm", min_width=60)
+            examples(context, question)  # right under the box: choosing one fills it, and both stay on screen
             # Below the question, and short: the question box must stay on screen at 1280x800.
             with gr.Row(visible=context.with_video, elem_id="video-row", equal_height=True):
                 video = gr.Video(
@@ -117,8 +168,9 @@ def question_row(context: PageContext) -> QuestionRow:
                     method_choices(),
                     value="vtw",
                     label="Accelerated side",
+                    info=method_info("vtw"),
                     elem_id="method",
-                    min_width=110,
+                    min_width=170,
                     scale=1,
                 )
                 k = gr.Slider(
@@ -194,10 +246,20 @@ class Parameters:
     seed: gr.Number
 
 
-def parameters_panel() -> Parameters:
+def parameters_panel(max_new_tokens_top: int = MAX_NEW_TOKENS) -> Parameters:
+    """Generation parameters; the max-new-tokens slider ends at what the model's context leaves a first turn
+    (the chat's events move its top as the conversation grows)."""
     with gr.Accordion("Parameters", open=False):
         with gr.Row():
-            max_new_tokens = gr.Slider(1, 1024, value=128, step=1, label="max new tokens")
+            max_new_tokens = gr.Slider(
+                1,
+                max_new_tokens_top,
+                value=min(128, max_new_tokens_top),
+                step=1,
+                label="max new tokens",
+                info="at most what the model's context leaves for the answer",
+                elem_id="max-new-tokens",
+            )
             mode = gr.Radio(
                 [("one after the other (honest timings)", "sequential"), ("race (concurrent, contended)", "race")],
                 value="sequential",
@@ -219,15 +281,23 @@ class BenchmarkPanel:
     result: gr.Markdown
 
 
+TURN_AXIS = 200  # the timing chart orders turns 1..TURN_AXIS on its axis (later ones follow, unordered)
+
+
 def benchmark_panel() -> BenchmarkPanel:
     """The timing chart of the chat so far, and "Benchmark this turn"."""
     with gr.Accordion("Timing: chart and benchmark", open=False):
         timing_plot = gr.LinePlot(
-            pd.DataFrame({"turn": [], "seconds": [], "series": []}),
+            pd.DataFrame({"turn": pd.Series(dtype=str), "seconds": pd.Series(dtype=float), "series": []}),
             x="turn",
             y="seconds",
             color="series",
-            title="TTFT and total time per turn",
+            title="TTFT and total time per turn (1 run each)",
+            x_title="turn",
+            y_title="seconds",
+            # Turns are whole numbers: the turn is text (see `timing_rows`), in this order on the axis.
+            sort=[str(turn) for turn in range(1, TURN_AXIS + 1)],
+            y_lim=[0, None],  # from 0: a 10 ms gap must not look like a factor of two
             elem_id="timing-plot",
         )
         with gr.Row():
@@ -262,7 +332,8 @@ def search_panel(context: PageContext) -> SearchPanel:
             eta = gr.Number(search.eta, label="eta", info=f"default: {search.eta_source}", minimum=0)
             button = gr.Button("Search K", variant="primary", elem_id="search-k")
         result = gr.Markdown(elem_id="search-result")
-        plot = gr.Plot(label="KL vs K", elem_id="search-plot")
+        # No label chip: it would cover the figure's own title.
+        plot = gr.Plot(label="KL vs K", show_label=False, elem_id="search-plot")
     return SearchPanel(source, criterion, eta, button, result, plot)
 
 
@@ -282,10 +353,11 @@ def attention_panel() -> AttentionPanel:
                 [("baseline", "baseline"), ("VTW at the slider's K", "vtw")], value="baseline", label="model"
             )
             button = gr.Button("Analyse the current turn", elem_id="attention")
-        result = gr.Markdown()
+        result = gr.Markdown(elem_id="attention-result")
         with gr.Row():
-            prompt_plot = gr.Plot(label="last prompt token")
-            output_plot = gr.Plot(label="generated tokens")
+            # The figures carry their own titles; Gradio's label chip would cover them.
+            prompt_plot = gr.Plot(label="last prompt token", show_label=False, elem_id="attention-prompt")
+            output_plot = gr.Plot(label="generated tokens", show_label=False, elem_id="attention-output")
     return AttentionPanel(side, button, result, prompt_plot, output_plot)
 
 
@@ -317,14 +389,14 @@ class Page:
 
 
 def page_sections(context: PageContext) -> Page:
-    """All sections in page order, then the examples under them."""
+    """All sections in page order (the examples sit under the question box, in `question_row`)."""
     states = session_states()
     ask = question_row(context)
     panes = chat_panes(context)
     metrics = metrics_area()
-    params = parameters_panel()
+    room = context.room(ChatState())
+    params = parameters_panel(MAX_NEW_TOKENS if room is None else max(1, min(MAX_NEW_TOKENS, room)))
     timing = benchmark_panel()
     search = search_panel(context)
     attention = attention_panel()
-    gr.Examples(example_inputs(context.default_model), inputs=[ask.question], label="Examples")
     return Page(states, ask, panes, metrics, params, timing, search, attention)

@@ -16,7 +16,7 @@ from app.benchmark import describe_benchmark
 from app.errors import log_failure
 from app.search import calibration_for, describe_search
 from app.ui.context import ON_DEVICE, PRIVATE, PageContext, method_of
-from app.ui.layout import Page
+from app.ui.layout import Page, method_info
 from vtw_core.analysis.k_search import check_eta
 from vtw_core.analysis.plots import attention_figure, kl_curve_figure
 
@@ -35,21 +35,27 @@ def wire_panels(context: PageContext, page: Page) -> None:
         )
 
     def on_search(number, source, over, eta_value, chat, k_value, request: gr.Request, progress=gr.Progress()):
+        """The K search, saying its phase in the result line: the calibration set loads, then the samples run
+        (a progress bar from the first finished sample on, never one that sits at 0 %)."""
         session = request.session_hash
         try:
-            progress(0, desc="K search")
             eta_checked = check_eta(eta_value)
+            yield gr.skip(), "⏳ Preparing the calibration set…", gr.skip(), gr.skip()
             samples = calibration_for(source, chat)
             stop = sessions.flag(session, number)
+            yield gr.skip(), f"⏳ K search on {len(samples)} calibration sample(s)…", gr.skip(), ""
+
+            def report(done: int, total: int) -> None:
+                progress((done, total), desc="K search", unit="samples")
+
             with activity.running("a K search"):
-                result = context.device.search(
-                    samples, eta_checked, lambda done, total: progress((done, total)), over, stop.is_set
-                )
+                result = context.device.search(samples, eta_checked, report, over, stop.is_set)
         except Exception as error:
             message = log_failure(error, "Search K")
-            return gr.Slider(value=k_value), f"⚠️ {message}", None, ""
+            yield gr.Slider(value=k_value), f"⚠️ {message}", None, ""
+            return
         new_k = result["k"] if result["k"] is not None else k_value
-        return gr.Slider(value=new_k), describe_search(result, source), kl_curve_figure(result), ""
+        yield gr.Slider(value=new_k), describe_search(result, source, k_value), kl_curve_figure(result), ""
 
     search = page.search
     after_ticket(
@@ -85,6 +91,10 @@ def wire_panels(context: PageContext, page: Page) -> None:
             return f"⚠️ {message}", None, None
         output_plot = attention_figure(report, "generated") if report["generated"] else None
         return describe_attention(report), attention_figure(report, "prompt"), output_plot
+
+    # The line under the method menu says what the chosen method is (and where a schedule comes from).
+    ask.method.change(lambda choice: gr.Dropdown(info=method_info(choice)), ask.method, ask.method, queue=False,
+                      **PRIVATE)  # fmt: skip
 
     attention = page.attention
     attention.button.click(
