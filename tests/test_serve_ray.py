@@ -54,6 +54,20 @@ def load_config() -> dict:
     return yaml.safe_load((ROOT / "serve_config.yaml").read_text())
 
 
+def test_the_request_limits_reach_the_replicas_and_the_ingress_body_limit():
+    from vtw_core.serve.limits import DEFAULT_LIMITS
+    from vtw_core.serve.ray_app import build
+
+    application = build({"max_image_mb": 2, "max_images_per_request": 1, "max_pixels_per_request": 1_000_000,
+                         "threads": 1})  # fmt: skip
+    ingress = application._bound_deployment  # VTWIngress.bind(VTWServer.bind(**replica), **ingress)
+    ingress_kwargs, replica_kwargs = ingress.init_kwargs, ingress.init_args[0]._bound_deployment.init_kwargs
+    limits = replica_kwargs["limits"]
+    assert (limits.max_images, limits.max_image_bytes, limits.max_pixels) == (1, 2 * 2**20, 1_000_000)
+    assert ingress_kwargs["max_request_bytes"] == limits.max_request_bytes < DEFAULT_LIMITS.max_request_bytes
+    assert replica_kwargs["threads"] == 1
+
+
 def test_the_shipped_config_is_a_valid_serve_config():
     from ray.serve.schema import ServeDeploySchema
 

@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; 0 on success, 2 with `error: ...` on stderr when vtw_core refuses the request."""
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "threads"):  # the commands that load a model: vtw_core.runtime's rule, before they do
+            from vtw_core.runtime import configure_process
+
+            args.process = configure_process(args.threads)
         args.handler(args)
     except VTWError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -19,8 +19,23 @@ from vtw_core.models.defaults import require_model
 KL_OVER = ("prompt", "reply")
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        return value
+
+    return parse
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Which model to load and how: --model, --device, --dtype, --attention, --trust-remote-code."""
+    """Which model to load and how: --model, --device, --dtype, --attention, --trust-remote-code, --threads."""
     parser.add_argument("--model", help="hub id or local folder (default: the embedded default model)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
@@ -28,6 +43,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--attention", default="auto", help="auto (flash-attn if installed on CUDA, else sdpa), sdpa, eager, ..."
     )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    parser.add_argument("--threads", type=at_least(1),
+                        help="torch CPU threads in this process (default 1, or $VTW_THREADS; docs/engines.md, "
+                             "Threads)")  # fmt: skip
 
 
 def load_model(args: argparse.Namespace, random_weights: bool = False):

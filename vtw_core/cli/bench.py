@@ -22,7 +22,6 @@ def add_parser(subparsers: Any) -> None:
     )  # fmt: skip
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[64], help="one or more, e.g. 64 256")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per setting, interleaved across settings")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument(
         "--image",
         help="a real image (needs a processor); default: the first easy-vqa test question on the embedded default "
@@ -72,15 +71,6 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def _set_threads(threads: int | None) -> None:
-    import torch
-
-    if threads is not None:
-        if threads < 1:
-            raise VTWError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)  # before loading: a fixed count for every timed run
-
-
 def _inputs(args: argparse.Namespace, manager: Any) -> dict | None:
     """The prompt --video-frames, --synthetic-image-size or --image ask for (the embedded default model: an easy-vqa
     test question); None: run_bench's synthetic one-image prompt."""
@@ -120,7 +110,6 @@ def run(args: argparse.Namespace) -> None:
 
     from vtw_core.benchmarks.bench import PAPER_PEAK_MEMORY_RATIO, format_table, run_bench, weight_bytes
 
-    _set_threads(args.threads)
     manager = load_model(args, random_weights=args.random_weights)
     inputs = _inputs(args, manager)
     methods = parse_methods(args.method, manager.info.num_layers)

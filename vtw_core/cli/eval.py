@@ -31,6 +31,11 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--eta", type=float, help="KL threshold for --k auto (default: the model's)")
     add_kl_over_option(parser, help="--k auto: KL at the last prompt position (the paper) or over the baseline's reply")
     parser.add_argument("--all-k", action="store_true", help="also the accuracy at every K from 0 to N-1")
+    parser.add_argument(
+        "--turns", type=int, default=1,
+        help="ask each image's questions as chats of this many turns, the model's own replies in the history, "
+        "and report the accuracy per turn (default 1: every question alone)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
         "--no-shared-prefill", dest="shared_prefill", action="store_false",
@@ -47,16 +52,24 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from vtw_core.benchmarks.evaluate import auto_k, evaluate_side, load_items
+    from vtw_core.benchmarks.evaluate import auto_k, conversations_of, evaluate_side, evaluate_turns, load_items
 
     if args.plot_k and not args.all_k:
         raise VTWError("--plot-k needs --all-k")
+    if args.turns != 1 and (args.method or args.plot or args.plot_k):
+        raise VTWError("--turns takes neither --method, --plot nor --plot-k")
     items = load_items(args.data, args.split, args.limit)
+    conversations = conversations_of(items, args.turns) if args.turns != 1 else []
+    if args.turns != 1 and not conversations:
+        raise VTWError(f"no image has {args.turns} questions in the evaluated set")
     manager = load_model(args)
     require_processor(manager, "evaluation")
     model, processor = manager.model, manager.processor
     num_layers = manager.info.num_layers
     report: dict = {"num_layers": num_layers, "data": args.data, "split": args.split, "questions": len(items)}
+    if args.turns != 1:
+        report["turns"] = args.turns
+        report["conversations"] = len(conversations)
 
     def side(label: str, k: int | None, schedule=None):
         """One setting over every question, with a progress bar (none under --json)."""
@@ -64,8 +77,16 @@ def run(args: argparse.Namespace) -> None:
             return evaluate_side(model, processor, items, k, schedule=schedule, batch_size=args.batch_size,
                                  share_image_prefill=args.shared_prefill, progress=progress)  # fmt: skip
 
+    def chats(label: str, k: int | None) -> list[dict]:
+        """Every conversation at one K, turn by turn: one result per turn."""
+        with progress_bar(len(conversations), label, "chat", quiet=args.json, leave=False) as progress:
+            results = evaluate_turns(model, processor, conversations, k, batch_size=args.batch_size,
+                                     share_image_prefill=args.shared_prefill, progress=progress)  # fmt: skip
+        return [{"turn": turn, **result.to_dict()} for turn, result in enumerate(results, start=1)]
+
     def vtw_side(side_k: int | None):
-        return side("baseline" if side_k is None else f"VTW K={side_k}", side_k)
+        label = "baseline" if side_k is None else f"VTW K={side_k}"
+        return side(label, side_k).to_dict() if args.turns == 1 else chats(label, side_k)
 
     with manager.lock:
         k = args.k
@@ -79,11 +100,14 @@ def run(args: argparse.Namespace) -> None:
             k = search.k
         elif k is not None:
             k = int(k)
-        report["baseline"] = vtw_side(None).to_dict()
+        report["baseline"] = vtw_side(None)
         if k is not None:
-            report["vtw"] = vtw_side(k).to_dict()
+            report["vtw"] = vtw_side(k)
         if args.all_k:
-            report["accuracy_per_k"] = [{"k": i, **vtw_side(i).to_dict()} for i in range(num_layers)]
+            report["accuracy_per_k"] = [
+                {"k": i, **vtw_side(i)} if args.turns == 1 else {"k": i, "turns": vtw_side(i)}
+                for i in range(num_layers)
+            ]
         if args.method:
             methods = parse_methods(args.method, num_layers, auto_k=k if isinstance(k, int) else None)
             report["methods"] = [
@@ -97,6 +121,9 @@ def run(args: argparse.Namespace) -> None:
         print_json(report)
         return
     print(f"{manager.info.describe()}; {args.data} {args.split}: {len(items)} questions")
+    if args.turns != 1:
+        _print_turns(report)
+        return
     rows = [("baseline", report["baseline"])] + ([(f"VTW K={k}", report["vtw"])] if "vtw" in report else [])
     rows += [(f"VTW K={row['k']}", row) for row in report.get("accuracy_per_k", [])]
     rows += [(row["label"], row) for row in report.get("methods", [])]
@@ -106,3 +133,17 @@ def run(args: argparse.Namespace) -> None:
         ratio = row["prefill_flops"] / report["baseline"]["prefill_flops"]
         print(f"| {label} | {row['accuracy']:.4f} | {row['time_s']:.1f} | {format_flops(row['prefill_flops'])} "
               f"| {ratio:.3f} |")  # fmt: skip
+
+
+def _print_turns(report: dict) -> None:
+    print(f"{report['conversations']} conversations of {report['turns']} turns, the model's own replies in the history")
+    rows = [("baseline", report["baseline"])]
+    rows += [(report["vtw"][0]["method"], report["vtw"])] if "vtw" in report else []
+    rows += [(f"VTW K={row['k']}", row["turns"]) for row in report.get("accuracy_per_k", [])]
+    print("| setting | turn | accuracy | correct | time s | prefill FLOPs/question | FLOPs ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for label, turns in rows:
+        for row, base in zip(turns, report["baseline"], strict=True):
+            ratio = row["prefill_flops"] / base["prefill_flops"]
+            print(f"| {label} | {row['turn']} | {row['accuracy']:.4f} | {row['correct']}/{row['questions']} "
+                  f"| {row['time_s']:.1f} | {format_flops(row['prefill_flops'])} | {ratio:.3f} |")  # fmt: skip

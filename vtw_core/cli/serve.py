@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
 from typing import Any
 
-from vtw_core.cli.args import add_model_options, load_model
+from vtw_core.cli.args import add_model_options, at_least, load_model
 from vtw_core.errors import VTWError
 
 
@@ -24,21 +23,6 @@ def port_number(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, got {port}")
     return port
-
-
-def at_least(low: int) -> Callable[[str], int]:
-    """A whole number >= low."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
-        return value
-
-    return parse
 
 
 def milliseconds(text: str) -> float:
@@ -94,8 +78,6 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--method", default="default",
                         help="method when a request names none: default (vtw:auto where the checkpoint ships a K, "
                              "else baseline), baseline, vtw:K, fastv:K:R, schedule:NAME")  # fmt: skip
-    parser.add_argument("--threads", type=at_least(1),
-                        help="CPU threads for torch here (default: torch's choice, printed at start)")  # fmt: skip
     parser.add_argument("--max-batch-size", type=at_least(1), default=8,
                         help="requests per engine call (1: no batching)")  # fmt: skip
     parser.add_argument("--batch-wait-ms", type=milliseconds, default=5.0,
@@ -146,10 +128,6 @@ def run(args: argparse.Namespace) -> None:
         raise VTWError(f"--max-image-memory must hold one request at the image limits: at least "
                        f"{-(-limits.max_image_memory // 2**20)} MB")  # fmt: skip
     sock = bind_socket(args.host, args.port)  # before the model loads: a port in use fails now
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
     serve(load_model(args), host=args.host, port=args.port, model_id=args.served_model_name, method=args.method,
           max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
           allow_remote_images=args.allow_remote_images, allowed_media_domains=args.allowed_media_domains,

@@ -32,17 +32,23 @@ from ray.serve.handle import DeploymentHandle
 
 from vtw_core.generation.manager import ModelManager
 from vtw_core.models.defaults import require_model
+from vtw_core.runtime import THREADS_ENV, configure_process
 from vtw_core.serve.auth import api_key_from
 from vtw_core.serve.errors import from_exception
-from vtw_core.serve.openai_api import ChatService
+from vtw_core.serve.limits import DEFAULT_LIMITS, MAX_REQUEST_BYTES, RequestLimits
+from vtw_core.serve.openai_api import MAX_DECODING, ChatService
 from vtw_core.serve.ray_ingress import DEFAULT_MAX_ATTEMPTS, Relay, ingress_app
+from vtw_core.serve.remote_images import RemoteImagePolicy, parse_domains
 from vtw_core.serve.standalone import model_id_of
 
 logger = logging.getLogger("ray.serve")
 
 # Builder arguments for each model replica's constructor, for the ingress's, and deployment options.
 REPLICA_ARGS = ("model", "served_model_name", "method", "max_batch_size", "batch_wait_ms", "max_queue",
-                "allow_remote_images", "device", "dtype", "attention", "trust_remote_code")  # fmt: skip
+                "allow_remote_images", "allowed_media_domains", "device", "dtype", "attention", "trust_remote_code",
+                "threads", "max_decoding", "max_image_memory_mb")  # fmt: skip
+# The request limits, as `python -m vtw_core serve` names them; the ingress's body limit follows from them.
+LIMIT_ARGS = ("max_images_per_request", "max_image_mb", "max_pixels_per_request")
 INGRESS_ARGS = ("api_key", "docs", "max_attempts")
 DEPLOYMENT_ARGS = ("num_replicas", "num_cpus", "num_gpus")
 # A replica being stopped (Ctrl-C, scale-down, redeploy) gets this long to finish its requests before it is
@@ -108,8 +114,22 @@ class VTWServer:
         dtype: str = "auto",
         attention: str = "auto",
         trust_remote_code: bool = False,
+        allowed_media_domains: str | list[str] | None = None,
+        threads: int | None = None,
+        max_decoding: int = MAX_DECODING,
+        max_image_memory_mb: float | None = None,
+        limits: RequestLimits = DEFAULT_LIMITS,
     ):
         bind_replica_port_to_node_address()
+        # vtw_core.runtime's rule: $VTW_THREADS, else the CPUs Ray gave this replica (num_cpus), at least one.
+        assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        if threads is None and not os.environ.get(THREADS_ENV, "").strip():
+            threads = max(1, int(assigned))
+        configure_process(None if threads is None else int(threads))
+        domains = allowed_media_domains
+        if isinstance(domains, list | tuple):
+            domains = ",".join(domains)
+        policy = RemoteImagePolicy(allowed_domains=parse_domains(domains), max_bytes=limits.max_image_bytes)
         manager = ModelManager.load(require_model(model), device=device, dtype=dtype, attention=attention,
                                     trust_remote_code=_boolean(trust_remote_code))  # fmt: skip
         self.service: ChatService | None = ChatService(
@@ -120,6 +140,10 @@ class VTWServer:
             batch_wait_ms=float(batch_wait_ms),
             max_queue=int(max_queue),
             allow_remote_images=_boolean(allow_remote_images),
+            limits=limits,
+            max_decoding=int(max_decoding),
+            max_image_memory=None if max_image_memory_mb is None else int(float(max_image_memory_mb) * 2**20),
+            remote_policy=policy,
         )
         # Which replica answered: a response header, so clients and tests can see the load spread.
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -180,8 +204,10 @@ class VTWIngress:
         api_key: str | None = None,
         docs: bool = False,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ):
         bind_replica_port_to_node_address()
+        self.max_request_bytes = int(max_request_bytes)
         self.api_key = api_key_from(None if api_key is None else str(api_key))
         self.docs = _boolean(docs)
         self.relay = Relay(model, max_attempts=int(max_attempts))
@@ -189,7 +215,17 @@ class VTWIngress:
             logger.warning("no API key (api_key, or $VTW_API_KEY): whoever reaches the HTTP proxy can use the API")
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return ingress_app(self.relay, api_key=self.api_key, docs=self.docs)
+        return ingress_app(self.relay, api_key=self.api_key, docs=self.docs, max_bytes=self.max_request_bytes)
+
+
+def request_limits(args: dict[str, Any]) -> RequestLimits:
+    """The per-request caps the config names (max_images_per_request, max_image_mb, max_pixels_per_request)."""
+    given = {name: args[name] for name in LIMIT_ARGS if args.get(name) is not None}
+    return RequestLimits(
+        max_images=int(given.get("max_images_per_request", DEFAULT_LIMITS.max_images)),
+        max_image_bytes=int(float(given.get("max_image_mb", DEFAULT_LIMITS.max_image_bytes / 2**20)) * 2**20),
+        max_pixels=int(given.get("max_pixels_per_request", DEFAULT_LIMITS.max_pixels)),
+    )
 
 
 def build(args: dict[str, Any]) -> Application:
@@ -199,7 +235,7 @@ def build(args: dict[str, Any]) -> Application:
     config file overrides them (that is where autoscaling goes). `api_key` (else $VTW_API_KEY where the
     ingress runs), `docs` and `max_attempts` go to the ingress.
     """
-    known = (*REPLICA_ARGS, *INGRESS_ARGS, *DEPLOYMENT_ARGS)
+    known = (*REPLICA_ARGS, *LIMIT_ARGS, *INGRESS_ARGS, *DEPLOYMENT_ARGS)
     unknown = set(args) - set(known)
     if unknown:
         raise ValueError(f"unknown arguments {sorted(unknown)}; known: {', '.join(known)}")
@@ -209,7 +245,10 @@ def build(args: dict[str, Any]) -> Application:
         actor["num_gpus"] = float(args["num_gpus"])
     options["ray_actor_options"] = actor
     replica = {name: args[name] for name in REPLICA_ARGS if args.get(name) is not None}
+    limits = request_limits(args)
+    replica["limits"] = limits
     ingress = {name: args[name] for name in INGRESS_ARGS if args.get(name) is not None}
+    ingress["max_request_bytes"] = limits.max_request_bytes
     if int(ingress.get("max_attempts", DEFAULT_MAX_ATTEMPTS)) < 1:
         raise ValueError("max_attempts must be at least 1")
     return VTWIngress.bind(VTWServer.options(**options).bind(**replica), **ingress)

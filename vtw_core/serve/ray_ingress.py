@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vtw_core.serve.auth import check_api_key
 from vtw_core.serve.errors import APIError, from_exception
+from vtw_core.serve.limits import MAX_REQUEST_BYTES
 from vtw_core.serve.openai_api import install_error_handlers, read_json
 
 logger = logging.getLogger("ray.serve")
@@ -293,10 +294,13 @@ class RequireKey:
         await self.app(scope, receive, send)
 
 
-def ingress_app(relay: Relay, *, api_key: str | None = None, docs: bool = False) -> FastAPI:
+def ingress_app(
+    relay: Relay, *, api_key: str | None = None, docs: bool = False, max_bytes: int = MAX_REQUEST_BYTES
+) -> FastAPI:
     """The ingress's routes: /v1/chat/completions and /v1/models (key required if set), /health (open).
 
-    `docs`: serve /docs, /redoc and /openapi.json (behind the key too).
+    `docs`: serve /docs, /redoc and /openapi.json (behind the key too); `max_bytes`: the body limit, from the
+    model replicas' request limits.
     """
     app = FastAPI(
         title="VTW Chat OpenAI-compatible API (Ray Serve)",
@@ -317,6 +321,6 @@ def ingress_app(relay: Relay, *, api_key: str | None = None, docs: bool = False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await relay.chat(await read_json(request))
+        return await relay.chat(await read_json(request, max_bytes))
 
     return app

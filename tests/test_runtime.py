@@ -1,0 +1,83 @@
+"""vtw_core.runtime: one rule for a process's threads (--threads, else $VTW_THREADS, else one) and its allocator."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from vtw_core.errors import InputError
+from vtw_core.runtime import DEFAULT_THREADS, THREADS_ENV, configure_process, resolve_threads
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_threads_come_from_the_argument_then_the_environment_then_the_default(monkeypatch):
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert DEFAULT_THREADS == 1 and resolve_threads() == 1
+    monkeypatch.setenv(THREADS_ENV, " 3 ")
+    assert resolve_threads() == 3 and resolve_threads(2) == 2
+    monkeypatch.setenv(THREADS_ENV, "")
+    assert resolve_threads() == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_a_bad_environment_value_is_refused_with_its_name(monkeypatch, value):
+    monkeypatch.setenv(THREADS_ENV, value)
+    with pytest.raises(InputError, match=r"VTW_THREADS|at least 1"):
+        resolve_threads()
+
+
+@pytest.mark.parametrize("value", [0, -2, True, 1.5])
+def test_a_bad_count_is_refused(value):
+    with pytest.raises(InputError, match="at least 1"):
+        resolve_threads(value)
+
+
+def test_configure_process_sets_torch_threads(monkeypatch, restore_threads):
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    torch.set_num_threads(2)
+    settings = configure_process(retain_memory=False)
+    assert torch.get_num_threads() == 1 and settings.threads == 1 and settings.describe() == "1 CPU thread"
+    assert configure_process(2, retain_memory=False).describe() == "2 CPU threads" and torch.get_num_threads() == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_retained_on_glibc(restore_threads):
+    assert configure_process(1).retained_memory is True
+
+
+def test_every_command_that_loads_a_model_takes_threads_and_applies_the_rule(monkeypatch, restore_threads):
+    from vtw_core import cli
+
+    monkeypatch.setenv(THREADS_ENV, "2")
+    seen = {}
+
+    def handler(args):
+        seen[args.command] = (args.process.threads, torch.get_num_threads())
+
+    parser = cli.build_parser()
+    required = {"generate": ["--prompt", "x"], "attention": ["--prompt", "x"]}
+    for command in ("generate", "bench", "search-k", "attention", "schedule-search", "eval", "serve"):
+        assert parser.parse_args([command, "--threads", "1", *required.get(command, [])]).threads == 1
+    monkeypatch.setattr(cli, "build_parser", lambda: _Parser(parser, handler))
+    assert cli.main(["bench"]) == 0 and seen["bench"] == (2, 2)  # $VTW_THREADS
+    assert cli.main(["bench", "--threads", "1"]) == 0 and seen["bench"] == (1, 1)
+
+
+class _Parser:
+    """build_parser's parser with every handler replaced (the rule is applied before a handler runs)."""
+
+    def __init__(self, parser, handler):
+        self.parser, self.handler = parser, handler
+
+    def parse_args(self, argv):
+        args = self.parser.parse_args(argv)
+        args.handler = self.handler
+        return args
