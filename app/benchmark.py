@@ -107,22 +107,7 @@ def separated_better(baseline: dict[str, float], accelerated: dict[str, float], 
 def timing_rows(state: ChatState) -> list[dict[str, Any]]:
     """The chat so far for the timing chart: one row per turn, side and measure (TTFT, total).
 
-    The turn is text ("1", "2", ...: the chart's axis shows whole turns only), and the accelerated side's series
-    name its method and K as that turn ran them ("VTW K=5 TTFT"), from the turn's footer.
+    The turn is text ("1", "2", ...: the chart's axis shows whole turns only); each series names its side as the
+    turn ran it ("baseline TTFT", "VTW K=5 TTFT"), recorded with the timing (`app.turns.answer_last_turn`).
     """
-    rows = []
-    for row in state.timings:
-        series = row["series"]
-        if series.startswith("accelerated "):
-            series = f"{_turn_label(state, row['turn'])} {series.removeprefix('accelerated ')}"
-        rows.append({**row, "turn": str(row["turn"]), "series": series})
-    return rows
-
-
-def _turn_label(state: ChatState, turn: int) -> str:
-    """The accelerated side's settings in a turn, compact ("VTW K=5", "FastV K=2 R=0.5"), from its footer."""
-    footers = state.footers.get("vtw", [])
-    if not 1 <= turn <= len(footers) or not footers[turn - 1]:
-        return state.settings.label() if state.settings else "accelerated"
-    spoken = footers[turn - 1].split(" · engine")[0]  # TurnSettings.spoken(): "VTW K = 5", "FastV K = 2 · R = 0.5"
-    return spoken.replace(" = ", "=").replace(" · ", " ")
+    return [{**row, "turn": str(row["turn"])} for row in state.timings]

@@ -28,9 +28,15 @@ def error_message(error: BaseException) -> str:
 
 
 def log_failure(error: BaseException, where: str) -> str:
-    """One log line for a refused request (a traceback only for a real bug); returns the user's message."""
+    """One log line for a request that did not complete; returns the user's message.
+
+    A user's Stop (`Cancelled`) is no failure: "stopped", at info level. A refused request is a warning, and
+    only a real bug leaves a traceback.
+    """
     message = error_message(error)
-    if isinstance(error, VTWError):
+    if isinstance(error, Cancelled):
+        logger.info("%s stopped: %s", where, message)
+    elif isinstance(error, VTWError):
         logger.warning("%s refused: %s", where, message)
     else:
         logger.error("%s failed", where, exc_info=error)

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 from app.media import is_default_model
-from app.search import chosen_by_search
 from app.session import SIDES, ChatState, RunMode, TurnSettings
 from vtw_core.analysis.units import format_bytes, format_flops, format_per_frame, format_ratio, format_seconds
 from vtw_core.errors import InputError
@@ -121,7 +120,12 @@ def format_summary(
     label: str = "accelerated",
     first: str = "baseline",
 ) -> str:
-    """How the two sides ran (order, race) and, once both have answered, whether the answers are identical."""
+    """How the two sides ran (order, race) and, once both have answered, whether the answers are identical.
+
+    Empty until a side has answered: before the first turn (or after Clear) nothing ran, so no order is claimed.
+    """
+    if not any(results.get(side) for side in SIDES):
+        return ""
     if mode == "race":
         how = "**Race mode**: both sides ran at the same time on one device, so their timings are *contended*."
     else:
@@ -175,8 +179,8 @@ def footer(side: str, settings: TurnSettings, stats: dict[str, Any] | None, stat
         parts = [f"baseline (all {settings.num_layers} layers)", engine]
     else:
         parts = [settings.spoken(), engine]
-        # eta only where a K search at that eta chose this K; a K set by hand (or FastV, a schedule) has none.
-        if settings.method == "vtw" and chosen_by_search(settings.num_layers, settings.k, settings.eta):
+        # eta only where the session's K search chose this K; a K set by hand (or FastV, a schedule) has none.
+        if settings.method == "vtw" and settings.eta is not None:
             parts.append(f"K searched at eta {settings.eta:g}")
     if status not in ("done", "running"):
         parts.append(status)

@@ -25,6 +25,14 @@ from vtw_core.models.images import load_image
 
 
 @dataclass(frozen=True)
+class Searched:
+    """The K that a session's last K search chose (it moved the slider there), and that search's eta."""
+
+    k: int
+    eta: float
+
+
+@dataclass(frozen=True)
 class SearchSettings:
     """The K search's defaults for the loaded model, and one sentence saying why."""
 
@@ -33,6 +41,9 @@ class SearchSettings:
     eta: float
     eta_source: str
     explanation: str
+    # Where every session's `Searched` starts: the starting K and the eta of the search that chose it (the
+    # default model's shipped vtw.json); None when no search chose the starting K.
+    starting: Searched | None = None
 
 
 CRITERIA = [
@@ -41,20 +52,12 @@ CRITERIA = [
 ]
 # The calibration sets a search can run on without a chat (the page adds the current turn), and their names.
 CALIBRATION_SETS = {"easy-vqa": "easy-vqa train questions", "bundled": "the bundled photos"}
-# K = k and eta pairs a K search has chosen in this process (the shipped vtw.json's included): a footer names
-# eta only for a K that a search at that eta chose, never for a K set by hand.
-_SEARCHED: set[tuple[int, int, float]] = set()
 
 
-def remember_search(num_layers: int, k: int | None, eta: float) -> None:
-    """Record that a K search at `eta` chose `k` (a no-result search records nothing)."""
-    if k is not None:
-        _SEARCHED.add((num_layers, int(k), float(eta)))
-
-
-def chosen_by_search(num_layers: int, k: int, eta: float | None) -> bool:
-    """Whether a K search at `eta` chose this K (for this number of layers) in this process."""
-    return eta is not None and (num_layers, int(k), float(eta)) in _SEARCHED
+def searched_eta(k: int, searched: Searched | None) -> float | None:
+    """The eta to name with a turn's K: the eta of the session's own search when it chose this K; None for a K
+    set by hand (or by nothing this session searched), so that a footer names eta only for a searched K."""
+    return searched.eta if searched is not None and searched.k == k else None
 
 
 def check_criterion(value: Any) -> str:
@@ -81,8 +84,8 @@ def search_settings(manager: ModelManager) -> SearchSettings:
     if is_default_model(manager) and shipped:
         criterion = shipped.get("kl_over", "prompt")
         eta = float(shipped.get("kl_threshold", default_eta(manager.info.source)[0]))
-        if manager.info.searched_k is not None:  # the starting K is the shipped search's choice at this eta
-            remember_search(manager.info.num_layers, manager.info.searched_k, eta)
+        # The starting K is the shipped search's choice at this eta.
+        starting = Searched(manager.info.searched_k, eta) if manager.info.searched_k is not None else None
         reason = (
             "its replies open with a word read off the image (the shape or its colour), so the next token at the "
             "last prompt position depends on the image"
@@ -96,7 +99,7 @@ def search_settings(manager: ModelManager) -> SearchSettings:
             f"({dict((v, k) for k, v in CRITERIA)[criterion]}): {reason}."
         )
         return SearchSettings([("easy-vqa train questions (20)", "easy-vqa"), turn], criterion, eta,
-                              "the shipped vtw.json", why)  # fmt: skip
+                              "the shipped vtw.json", why, starting)  # fmt: skip
     eta, source = default_eta(manager.info.source)
     why = (
         "A real checkpoint is calibrated on the 20 bundled photos with the paper's criterion, the KL of the next "
@@ -170,7 +173,6 @@ def search_k_result(
         if should_stop is not None and should_stop():
             raise Cancelled("the K search was stopped before it started")
         result = search_k(manager.model, manager.processor, samples, eta=eta, progress=report, over=over)
-    remember_search(result.num_layers, result.k, result.eta)
     return {**result.to_dict(), "over": over}
 
 

@@ -43,7 +43,7 @@ class TurnSettings:
     method: str  # "vtw", "fastv:R" or "schedule:NAME", as the method control gives it
     k: int
     num_layers: int
-    eta: float | None = None  # the K search threshold on the page when the turn was asked
+    eta: float | None = None  # the eta of the session's K search that chose K; None for a K set by hand
 
     def label(self) -> str:
         """Short name of the accelerated side: "VTW K=9", "FastV K=3 R=0.5", "schedule g-search"."""

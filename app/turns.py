@@ -21,7 +21,7 @@ from vtw_core.generation.manager import ModelManager
 from vtw_core.generation.types import SamplingConfig
 from vtw_core.models.families import VIDEO_FAMILIES
 from vtw_core.models.images import load_image
-from vtw_core.models.prompts import build_model_inputs, user_message
+from vtw_core.models.prompts import prompt_length, user_message
 from vtw_core.models.videos import LIMITS, Video, check_num_frames
 from vtw_core.validation import check_k, check_max_new_tokens, check_text
 
@@ -139,8 +139,8 @@ def context_limit(manager: Any) -> int | None:
 def prompt_tokens(manager: Any, state: ChatState) -> int | None:
     """Prompt tokens of the chat's last turn on the longer side (each side sees its own earlier answers).
 
-    Counted as the engine will see it, by the model's own processor on the CPU, before any device work;
-    None where this process cannot count (no processor here).
+    Counted as the engine will see it, by the model's own processor on the CPU before any device work
+    (`vtw_core.models.prompts.prompt_length`); None where this process cannot count (no processor here).
     """
     try:
         processor = manager.processor
@@ -155,9 +155,7 @@ def prompt_tokens(manager: Any, state: ChatState) -> int | None:
         if side != SIDES[0] and conversations[SIDES[0]] == (messages, paths):
             counts[side] = counts[SIDES[0]]  # the same history: the same count
             continue
-        images = [load_image(path) for path in paths]
-        inputs = build_model_inputs(processor, [messages], [images], "cpu", manager.model.dtype, videos=[videos])
-        counts[side] = int(inputs["input_ids"].shape[-1])
+        counts[side] = prompt_length(processor, messages, [load_image(path) for path in paths], videos)
     return max(counts.values())
 
 
@@ -281,7 +279,8 @@ def answer_last_turn(
 
     The accelerated side runs `method` (vtw_core.engine.methods: "vtw" uses the slider's K, "fastv:R" FastV from
     layer K keeping 1 - R, "schedule:NAME" a saved schedule). With sampling, both sides get the same seed.
-    `stop_event` is anything with `is_set()`; a side that has not started when it is set is "skipped".
+    `stop_event` is anything with `is_set()`; a side that has not started when it is set is "skipped". `eta`
+    is the eta of the session's K search that chose `k` (the footer names it), None for a K set by hand.
     """
     if not state.turns:
         raise InputError("ask a question first")
@@ -308,7 +307,7 @@ def answer_last_turn(
         state.footers[side][-1] = footer(side, settings, stats, status)
         state.results[side] = {"text": event.text, "token_ids": event.token_ids, "stats": stats}
         if event.finished:
-            _record_timing(state, side, stats)
+            _record_timing(state, side, stats, settings)
         yield state, counters(state, mode)
     for side in SIDES:  # a side that never started (Stop pressed during the other) says so
         if state.status[side][-1] in ("waiting", "running"):
@@ -321,9 +320,11 @@ def _finished(reason: str | None) -> str:
     return "stopped" if reason == "stopped" else "done"
 
 
-def _record_timing(state: ChatState, side: str, stats: dict[str, Any]) -> None:
+def _record_timing(state: ChatState, side: str, stats: dict[str, Any], settings: TurnSettings) -> None:
+    """A finished side's TTFT and total time for the timing chart, in series named as the side ran
+    ("baseline TTFT", "VTW K=5 total"): a later turn, or Regenerate, at other settings never relabels them."""
     turn = len(state.turns)
-    label = "baseline" if side == "baseline" else "accelerated"
+    label = "baseline" if side == "baseline" else settings.label()
     for name, key in (("TTFT", "ttft_s"), ("total", "total_s")):
         if stats.get(key) is not None:
             state.timings.append({"turn": turn, "series": f"{label} {name}", "seconds": stats[key]})

@@ -8,6 +8,7 @@ states (text on the page, the device lock), never for fixed times, and assert no
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -171,6 +172,7 @@ def test_input_and_controls_visible_without_scrolling_on_a_laptop(page):
         box = page.locator(selector).bounding_box()
         assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= DESKTOP["height"], selector
     assert page.evaluate("() => window.scrollY") == 0
+    assert text_of(page, "#summary").strip() == ""  # nothing ran yet: no word on which side ran first
 
 
 def in_view(page, selector: str, viewport: dict[str, int]) -> None:
@@ -407,7 +409,35 @@ def test_search_k_moves_the_slider_and_shows_the_curve(page, app):
     assert page.locator("#search-plot img, #search-plot canvas, #search-plot svg").count() >= 1
 
 
+def test_only_the_session_whose_search_chose_k_names_its_eta(browser, app, image):
+    """A K search moves its page's slider, and that page's answers name the search's eta; another visitor who sets
+    the same K by hand gets no eta (what a search chose is the session's own, not the process's)."""
+    _, url = app
+    searched, by_hand = open_page(browser, url), open_page(browser, url)
+    try:
+        searched.get_by_text("Search K (the").click()
+        searched.locator("#search-k").click()
+        wait_for_text(searched, "#search-result", "K = ")
+        k = searched.locator("#k-slider input[type=number]").input_value()
+        eta = float(searched.locator("#search-eta input").input_value())
+        ask(searched, "What shape is this?", image)
+        wait_for_answers(searched)
+        assert f"VTW K = {k} · engine" in text_of(searched, "#vtw-chat")
+        assert f"K searched at eta {eta:g}" in text_of(searched, "#vtw-chat")
+        slider = by_hand.locator("#k-slider input[type=number]")
+        slider.fill(k)
+        slider.press("Enter")
+        wait_for_text(by_hand, "#vtw-chat", f"next turn: VTW K = {k}", 10_000)
+        ask(by_hand, "What shape is this?", image)
+        wait_for_answers(by_hand)
+        assert footers(by_hand, "vtw") == [f"VTW K = {k}"] and "eta" not in text_of(by_hand, "#vtw-chat")
+    finally:
+        searched.close()
+        by_hand.close()
+
+
 def test_a_search_k_whose_page_is_gone_is_cancelled(browser, app, slow, caplog):
+    caplog.set_level(logging.INFO, logger="vtw_chat")  # a stop is logged at info level, as "stopped"
     manager, url = app
     page = open_page(browser, url)
     page.get_by_text("Search K (the").click()
@@ -415,7 +445,8 @@ def test_a_search_k_whose_page_is_gone_is_cancelled(browser, app, slow, caplog):
     wait_until_running(manager)
     page.close()  # the visitor leaves mid-search
     wait_until_device_free(manager)
-    assert any("K search was stopped" in record.getMessage() for record in caplog.records)
+    stopped = [record for record in caplog.records if "K search was stopped" in record.getMessage()]
+    assert stopped and all(record.getMessage().startswith("Search K stopped: ") for record in stopped)
 
 
 # --- What the page says about timings, the K search, the method menu and the plots ------------------------------
@@ -450,6 +481,20 @@ PLACEHOLDER_FITS_JS = """() => {
 
 def svg_texts(page, selector: str) -> list[str]:
     return page.evaluate(f"() => Array.from(document.querySelectorAll('{selector} svg text')).map(t => t.textContent)")
+
+
+def axis_ticks(page, selector: str, axis: str) -> list[str]:
+    """The tick labels of a Vega chart's "X" or "Y" axis, in axis order (bottom to top, left to right)."""
+    return page.evaluate(
+        """([selector, axis]) => {
+          const group = document.querySelector(`${selector} svg [aria-label^="${axis}-axis"]`);
+          const labels = Array.from(group.querySelectorAll('.role-axis-label text'));
+          const at = (text) => text.getBoundingClientRect();
+          labels.sort((a, b) => axis === 'X' ? at(a).left - at(b).left : at(b).top - at(a).top);
+          return labels.map((text) => text.textContent);
+        }""",
+        [selector, axis],
+    )
 
 
 def test_on_a_phone_the_placeholder_fits_and_no_metrics_word_is_split(browser, app, image):
@@ -488,14 +533,10 @@ def test_timings_are_one_run_and_the_chart_counts_whole_turns_from_zero(page, ap
         f"Array.from(document.querySelectorAll('#timing-plot svg text')).some(t => t.textContent === 'VTW K={k} TTFT')",
         timeout=30_000,
     )
-    axes = page.evaluate(
-        """() => Array.from(document.querySelectorAll('#timing-plot svg [aria-label*="-axis titled"]'))
-                   .map((axis) => axis.getAttribute('aria-label'))"""
-    )
-    x_axis = next(label for label in axes if label.startswith("X-axis"))
-    y_axis = next(label for label in axes if label.startswith("Y-axis"))
-    assert x_axis.endswith("discrete scale with 2 values: 1, 2"), x_axis  # whole turns, not 1.0, 1.2, ...
-    assert "values from 0.0 to" in y_axis, y_axis  # the time axis starts at 0
+    x_ticks, y_ticks = axis_ticks(page, "#timing-plot", "X"), axis_ticks(page, "#timing-plot", "Y")
+    assert x_ticks == ["1", "2"], x_ticks  # whole turns, in order: not 1.0, 1.5, 2.0
+    seconds = [float(tick) for tick in y_ticks]  # however Vega formats them ("0.0", "0", "0.05", "1.5")
+    assert seconds[0] == 0 and seconds == sorted(seconds) and len(seconds) >= 2, y_ticks  # the axis starts at 0
     assert "accelerated TTFT" not in svg_texts(page, "#timing-plot")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import gradio as gr
 import pytest
 from PIL import Image
 
@@ -218,12 +219,15 @@ def test_every_answer_keeps_the_footer_of_its_settings(manager, uploads):
     engine = auto_engine(torch.device("cpu"), manager.info.attention)  # the decode engine "auto" runs here
     state = ChatState()
     turns.add_turn(state, "What?", [str(uploads / "image0.png")], [uploads])
-    list(turns.answer_last_turn(manager, state, 3, SamplingConfig(max_new_tokens=2), eta=0.003))
+    list(turns.answer_last_turn(manager, state, 3, SamplingConfig(max_new_tokens=2)))
     turns.add_turn(state, "And?", [], [uploads])
     list(turns.answer_last_turn(manager, state, 1, SamplingConfig(max_new_tokens=2), method="fastv:0.25", eta=1))
+    turns.add_turn(state, "Again?", [], [uploads])
+    list(turns.answer_last_turn(manager, state, 3, SamplingConfig(max_new_tokens=2), eta=0.003))
     assert state.footers["vtw"][0] == f"VTW K = 3 · engine {engine}"  # K set by hand: no eta
+    assert state.footers["vtw"][2] == f"VTW K = 3 · engine {engine} · K searched at eta 0.003"
     assert state.footers["vtw"][1] == f"FastV K = 1 · R = 0.25 · engine {engine}"
-    assert state.footers["baseline"] == [f"baseline (all 4 layers) · engine {engine}"] * 2
+    assert state.footers["baseline"] == [f"baseline (all 4 layers) · engine {engine}"] * 3
     assert state.display("vtw")[2]["content"].endswith(f"<sub>⚙ VTW K = 3 · engine {engine}</sub>")
     # The pane's title speaks of the next turn, never of answers already given.
     assert metrics.pane_label("vtw", 2, 0.5, 4) == "next turn: VTW K = 2"
@@ -442,6 +446,7 @@ def test_search_settings_fit_the_model_and_agree_with_the_cli_and_the_shipped_k(
     settings = search.search_settings(default)
     assert settings.calibration[0] == ("easy-vqa train questions (20)", "easy-vqa")
     assert settings.criterion == shipped["kl_over"] and settings.eta == shipped["kl_threshold"]
+    assert settings.starting == search.Searched(shipped["k"], settings.eta)  # the footers name eta at this K
     assert "easy-vqa" in settings.explanation and settings.explanation.count(". ") == 0  # one sentence
     samples = search.calibration_for(settings.calibration[0][1], ChatState())
     result = search.search_k_result(default, samples, settings.eta, over=settings.criterion)
@@ -458,6 +463,7 @@ def test_search_settings_for_a_real_checkpoint_and_a_search_that_stops(tiny_mode
     manager = ModelManager.load(str(tiny_model_path("llava", 8)), device="cpu")
     settings = search.search_settings(manager)
     assert settings.calibration[0][1] == "bundled" and settings.criterion == "prompt"
+    assert settings.starting is None  # nothing searched the starting K
     assert "paper" in settings.explanation
     samples = search.calibration_for("bundled", ChatState())
     reported = []
@@ -467,6 +473,112 @@ def test_search_settings_for_a_real_checkpoint_and_a_search_that_stops(tiny_mode
     assert reported == [1] and not manager.lock.locked()  # the device is free for the next request
     with pytest.raises(InputError, match="calibrate on"):
         search.calibration_for("everything", ChatState())
+
+
+# --- The page's events, called as Gradio calls them, on a built page -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo(manager):
+    """The page on the tiny model (no warm-up: nothing here times a turn)."""
+    from app.ui import page
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(page, "warm_up_on_device", lambda *args: None)
+        yield page.build_demo(manager)
+
+
+class Request:
+    """What a handler reads of Gradio's request: the browser session."""
+
+    def __init__(self, session_hash: str):
+        self.session_hash = session_hash
+
+
+def handler(demo, name: str):
+    """The page's event function called `name` (the same function for every event that runs it)."""
+    return next(block.fn for block in demo.fns.values() if block.name == name)
+
+
+def dependency(demo, name: str):
+    return next(block for block in demo.fns.values() if block.name == name)
+
+
+def test_every_queued_job_carries_its_own_ticket_and_no_click_is_dropped(demo):
+    """The frozen tab, for chat turns, K searches and benchmarks alike: a ticket read when the job starts (a
+    gr.State) ran a stopped job with a later click's ticket, and Gradio's "once" dropped that later click's job."""
+    for name in ("run_turn", "on_search", "on_benchmark"):
+        job = dependency(demo, name)
+        assert job.trigger_mode == "multiple", name
+        tickets = [block for block in job.inputs if isinstance(block, gr.Number) and not block.visible]
+        assert len(tickets) == 1, name  # a hidden component: the browser sends its value with the job
+        taking = [block for block in demo.fns.values() if tickets[0] in block.outputs and block.name != name]
+        assert taking and all(block.queue is False for block in taking), name  # taken at once, outside the queue
+
+
+def test_closing_the_tab_fires_the_sessions_tab_closed_event(demo, monkeypatch):
+    fired = []
+    original = session.Sessions.fire
+
+    def recording(self, name, event, ticket=None):
+        step = original(self, name, event, ticket)
+        fired.append((name, event, step))
+        return step
+
+    monkeypatch.setattr(session.Sessions, "fire", recording)
+    chat, *_, ticket = handler(demo, "on_submit")(
+        {"text": "What?", "files": [str(media.EXAMPLES / "chelsea.jpg")]}, ChatState(), None, 8, 4, Request("tab")
+    )
+    assert ticket is not None and fired[-1][2].after is session.Phase.QUEUED
+    handler(demo, "on_leave")(Request("tab"))
+    name, event, step = fired[-1]
+    assert (name, event, step.before, step.after) == ("tab", session.Event.TAB_CLOSED, session.Phase.QUEUED,
+                                                     session.Phase.IDLE)  # fmt: skip
+    run_turn = handler(demo, "run_turn")
+    updates = list(run_turn(chat, ticket, 2, "sequential", 4, False, 1, 1, 0, "vtw", 0.5, None, Request("tab")))
+    assert len(updates) == 1 and all(isinstance(value, type(gr.skip())) for value in updates[0])  # nothing ran
+
+
+def answered_footer(demo, session_hash: str, k: int, searched) -> str:
+    """A question asked and answered in `session_hash` at K = `k`; the accelerated answer's footer."""
+    chat, *_, ticket = handler(demo, "on_submit")(
+        {"text": "What?", "files": [str(media.EXAMPLES / "chelsea.jpg")]}, ChatState(), None, 8, 4,
+        Request(session_hash),
+    )  # fmt: skip
+    run_turn = handler(demo, "run_turn")
+    *_, last = run_turn(chat, ticket, k, "sequential", 4, False, 1, 1, 0, "vtw", 0.5, searched, Request(session_hash))
+    return last[0].footers["vtw"][-1]
+
+
+def test_the_footer_names_eta_only_for_the_sessions_own_searched_k(demo):
+    """One session's search chose K = 3 at eta 0.01; another set K = 3 by hand: only the first names eta."""
+    found = search.Searched(3, 0.01)
+    assert answered_footer(demo, "searched", 3, found).endswith("K searched at eta 0.01")
+    assert "eta" not in answered_footer(demo, "by hand", 3, None)
+    assert "eta" not in answered_footer(demo, "moved since", 2, found)  # the slider left the searched K
+
+
+def test_a_stop_is_logged_as_stopped_and_a_refusal_as_refused(caplog):
+    with caplog.at_level("INFO", logger="vtw_chat"):
+        shown = errors.log_failure(errors.Cancelled("the K search was stopped after 2 of 20 samples"), "Search K")
+        errors.log_failure(InputError("eta must be a finite number"), "Search K")
+    stopped, refused = [record for record in caplog.records if record.name == "vtw_chat"]
+    assert stopped.levelname == "INFO" and "refused" not in stopped.getMessage()
+    assert stopped.getMessage() == "Search K stopped: the K search was stopped after 2 of 20 samples"
+    assert shown == "the K search was stopped after 2 of 20 samples"
+    assert refused.levelname == "WARNING" and refused.getMessage() == "Search K refused: eta must be a finite number"
+
+
+def test_the_app_never_touches_tensors():
+    """Token counts, shapes and tensors stay in vtw_core: the app asks it for plain values."""
+    import re
+    from pathlib import Path
+
+    tensor_work = re.compile(r"\bimport torch\b|\bfrom torch\b|\.shape\b|input_ids|build_model_inputs")
+    root = Path(__file__).resolve().parent.parent
+    for path in [root / "app.py", *sorted((root / "app").rglob("*.py"))]:
+        found = tensor_work.findall(path.read_text(encoding="utf-8"))
+        assert not found, (path.relative_to(root).as_posix(), found)
 
 
 # --- Video turns, on a tiny LLaVA-NeXT-Video (its processor takes images and videos) ---------------------------

@@ -9,6 +9,7 @@ tests wait for states (text on the page, the gate being reached), never for fixe
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from test_app_browser import (
 )
 
 from app import search
+from app.session import Event, Sessions
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Chromium is not installed (CI installs it)")
@@ -227,6 +229,7 @@ def test_regenerate_while_queued_is_refused_and_the_turn_still_answers(tabs, gat
 
 
 def test_closing_the_searching_tab_frees_the_device_for_the_queued_one(tabs, gate, app, image, caplog):
+    caplog.set_level(logging.INFO, logger="vtw_chat")  # a stop is logged at info level
     a, b = tabs
     hold_the_device_with_a_search(b)
     ask(a, "What is it?", image)
@@ -263,3 +266,45 @@ def test_a_question_behind_your_own_search_says_so_and_answers(tabs, gate, image
     wait_for_text(a, "#status", "Queued: your question waits for the device (running now: your K search", 10_000)
     assert_answers_once_free(a, gate, answers=1)
     wait_for_text(a, "#search-result", "K = ", 30_000)
+
+
+@pytest.fixture()
+def stops(monkeypatch):
+    """Set each time the server has taken a Stop (it changes nothing on the page while only a search waits)."""
+    taken = threading.Event()
+    original = Sessions.fire
+
+    def fire(self, session, event, ticket=None):
+        step = original(self, session, event, ticket)
+        if event is Event.STOP:
+            taken.set()
+        return step
+
+    monkeypatch.setattr(Sessions, "fire", fire)
+    return taken
+
+
+def test_a_search_stopped_while_queued_stays_stopped_and_the_next_click_runs(tabs, gate, stops, caplog):
+    """The chat's freeze, for Search K: a search queued behind another tab's, stopped, then asked again at another
+    eta. The stopped search never runs and the new click's does, with its own eta. (With the ticket read when the
+    job started and Gradio's "once", the stopped job ran with the new ticket and the old eta, and the new click's
+    job was dropped.)"""
+    caplog.set_level(logging.INFO, logger="vtw_chat")
+    a, b = tabs
+    hold_the_device_with_a_search(b)
+    a.get_by_text("Search K (the").click()
+    a.locator("#search-k").click()
+    wait_for_text(a, "#status", "Queued: your request waits for the device (running now: a K search", 10_000)
+    a.locator("#stop").click()
+    assert stops.wait(10), "Stop never reached the server"
+    eta = a.locator("#search-eta input")
+    eta.fill("5")
+    eta.press("Enter")
+    a.locator("#search-k").click()  # queued too, behind B's search and the stopped one
+    wait_for_text(a, "#status", "Queued: your request waits", 10_000)
+    gate.set()
+    wait_for_text(b, "#search-result", "K = ", 30_000)
+    wait_for_text(a, "#search-result", "eta = 5 on", 60_000)  # the second click's search, with its own eta
+    stopped = [record for record in caplog.records if "stopped before it started" in record.getMessage()]
+    assert len(stopped) == 1 and stopped[0].levelname == "INFO"  # the first one never ran
+    assert "refused" not in stopped[0].getMessage()

@@ -149,12 +149,43 @@ def test_the_timing_chart_counts_whole_turns_from_zero_and_names_the_method(mana
     assert plot.y_lim == [0, None] and plot.sort[:3] == ["1", "2", "3"]
 
 
-def test_footer_names_eta_only_for_a_k_the_search_chose():
-    search.remember_search(12, 7, 0.01)
-    chosen, by_hand = TurnSettings("vtw", 7, 12, 0.01), TurnSettings("vtw", 6, 12, 0.01)
+def test_footer_names_eta_only_for_a_k_the_sessions_search_chose():
+    found = search.Searched(7, 0.01)  # this session's search chose K = 7 at eta 0.01
+    assert search.searched_eta(7, found) == 0.01
+    assert search.searched_eta(6, found) is None  # the slider moved by hand since
+    assert search.searched_eta(7, None) is None  # K = 7 set by hand: another session's search says nothing here
+    chosen = TurnSettings("vtw", 7, 12, search.searched_eta(7, found))
+    by_hand = TurnSettings("vtw", 6, 12, search.searched_eta(6, found))
     assert metrics.footer("vtw", chosen, None, "done").endswith("K searched at eta 0.01")
     assert "eta" not in metrics.footer("vtw", by_hand, None, "done")
-    assert "eta" not in metrics.footer("vtw", TurnSettings("vtw", 7, 12, 0.02), None, "done")  # another eta
+    assert "eta" not in metrics.footer("vtw", TurnSettings("fastv:0.5", 7, 12, 0.01), None, "done")  # not VTW
+
+
+def test_the_timing_chart_keeps_the_settings_each_run_had(manager):
+    """The series label is recorded with each timing: a Regenerate at another K never relabels the first run."""
+    state = turns.add_turn(ChatState(), "What?", [str(EXAMPLES / "chelsea.jpg")], [EXAMPLES])
+    list(turns.answer_last_turn(manager, state, 2, SamplingConfig(max_new_tokens=2)))
+    turns.drop_last_answers(state)  # Regenerate, now at K = 3
+    list(turns.answer_last_turn(manager, state, 3, SamplingConfig(max_new_tokens=2), method="fastv:0.5"))
+    assert [row["series"] for row in state.timings] == [
+        "baseline TTFT", "baseline total", "VTW K=2 TTFT", "VTW K=2 total",  # the first run: baseline first
+        "FastV K=3 R=0.5 TTFT", "FastV K=3 R=0.5 total", "baseline TTFT", "baseline total"]  # fmt: skip
+    assert {row["series"] for row in benchmark.timing_rows(state)} == {
+        "baseline TTFT", "baseline total", "VTW K=2 TTFT", "VTW K=2 total", "FastV K=3 R=0.5 TTFT",
+        "FastV K=3 R=0.5 total"}  # fmt: skip
+    assert {row["turn"] for row in benchmark.timing_rows(state)} == {"1"}
+
+
+def test_the_summary_says_nothing_before_a_side_has_answered():
+    assert metrics.format_summary({"baseline": None, "vtw": None}) == ""
+    assert metrics.format_summary({}, "race") == ""
+    assert metrics.counters()["summary"] == ""  # the page on load: no "the baseline ran first"
+    answered = {"baseline": {"token_ids": [1], "stats": {"finish_reason": None}}, "vtw": None}
+    assert "the baseline ran first" in metrics.format_summary(answered)  # once a side answers, the order shows
+    from app.ui.layout import metrics_area
+
+    with gr.Blocks():
+        assert metrics_area().summary.value == ""
 
 
 def test_the_search_result_says_what_its_floor_and_the_slider_did():

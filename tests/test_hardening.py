@@ -178,9 +178,19 @@ def test_served_compare_survives_hostile_parameters(served_app, tmp_path, capfd)
     ]:
         events = call_raw(url, "compare", f'{{"data": [{sent}, {question}, {k}, {tokens}]}}')
         assert "event: error" in events and message in events, (k, tokens, events[-300:])
-    for eta, message in [("Infinity", "eta must be a finite number"), ('"x"', "eta must be a number")]:
-        events = call_raw(url, "search_k", f'{{"data": [{eta}]}}')
-        assert "event: error" in events and message in events, (eta, events[-300:])
+    for eta, criterion, calibration, message in [
+        ("Infinity", '"prompt"', '"bundled"', "eta must be a finite number"),
+        ("NaN", '"prompt"', '"bundled"', "eta must be a finite number"),
+        ('"x"', '"prompt"', '"bundled"', "eta must be a number"),
+        ("-1", '"prompt"', '"bundled"', "eta must be in [0, 100]"),
+        ("0.003", '"everything"', '"bundled"', "criterion must be one of prompt, reply"),
+        ("0.003", '"prompt"', '"/etc/passwd"', "calibration must be one of easy-vqa, bundled"),
+        ("0.003", "null", "null", "criterion must be one of"),
+    ]:  # eta, criterion, calibration: every input is checked before a calibration set is read
+        events = call_raw(url, "search_k", f'{{"data": [{eta}, {criterion}, {calibration}]}}')
+        assert "event: error" in events and message in events, (eta, criterion, calibration, events[-300:])
+    events = call_raw(url, "search_k", '{"data": [Infinity]}')  # one input of three
+    assert "event: error" in events and "/search_k takes 3 inputs (eta, criterion, calibration), got 1" in events
     assert "Traceback" not in capfd.readouterr().err  # one log line per refusal, no traceback
     client = Client(url, verbose=False)
     result = client.predict(handle_file(str(image)), "What?", 8, 3, api_name="/compare")  # still serving

@@ -18,6 +18,7 @@ from app.benchmark import timing_rows
 from app.errors import log_failure
 from app.media import VideoRefused
 from app.metrics import counters, pane_label
+from app.search import searched_eta
 from app.session import ChatState, Event, Phase
 from app.turns import (
     add_turn,
@@ -33,7 +34,6 @@ from app.turns import (
 )
 from app.ui.context import ON_DEVICE, PRIVATE, PageContext, method_of, render
 from app.ui.layout import Page
-from vtw_core.analysis.k_search import check_eta
 from vtw_core.errors import InputError
 from vtw_core.validation import check_k
 
@@ -121,7 +121,7 @@ def wire_chat(context: PageContext, page: Page) -> None:
         return *render(chat, counters(), context.queued_note("your question")), step.ticket
 
     def run_turn(
-        chat, ticket, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio, eta_value,
+        chat, ticket, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio, searched,
         request: gr.Request,
     ):  # fmt: skip
         """In the queue: answer the turn behind `ticket` if it is still the session's turn, and say how it ended."""
@@ -137,29 +137,28 @@ def wire_chat(context: PageContext, page: Page) -> None:
         try:
             ended = yield from answer_on_device(
                 chat, number, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio,
-                eta_value, session,
+                searched, session,
             )  # fmt: skip
         finally:
             sessions.fire(session, ended, number)
 
     def answer_on_device(
-        chat, number, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio, eta_value,
+        chat, number, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio, searched,
         session,
     ):  # fmt: skip
         shown = counters(chat, mode_value)
         keep = (gr.skip(), gr.skip(), gr.skip())  # timing chart, question box, slider
         try:
-            check_k(k_value, info.num_layers)  # every parameter first: nothing runs if one is bad
+            k_checked = check_k(k_value, info.num_layers)  # every parameter first: nothing runs if one is bad
             sampling = sampling_config(tokens, sample, temp, nucleus, seed_value)
             method_value = method_of(choice, ratio)
-            eta_checked = check_eta(eta_value)
+            # The footer names eta only when this session's own K search chose this K (not one set by hand).
+            eta = searched_eta(k_checked, searched)
             with activity.running("a chat turn"):
                 first = run_order(chat.runs)[0] if mode_value == "sequential" else "both"
                 note = f"Answering: {'both sides at once' if first == 'both' else first + ' side first'}…"
                 stop = sessions.flag(session, number)
-                answers = context.device.stream_answers(
-                    chat, k_value, sampling, mode_value, stop, method_value, eta_checked
-                )
+                answers = context.device.stream_answers(chat, k_value, sampling, mode_value, stop, method_value, eta)
                 for chat, shown in answers:
                     if sessions.cleared(session, number):
                         continue  # Clear was pressed: finish quietly, never write the old chat back
@@ -201,7 +200,7 @@ def wire_chat(context: PageContext, page: Page) -> None:
         params.seed,
         ask.method,
         ask.fastv_ratio,
-        page.search.eta,
+        states.searched,
     ]
 
     def queue_turn(ticket_step: Any) -> None:

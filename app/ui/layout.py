@@ -98,11 +98,15 @@ class SessionStates:
     # browser sends its value with each queued job when the job is sent, so every job keeps its own turn's
     # ticket (a gr.State is read when the job starts, after later clicks may have changed it).
     ticket: gr.Number
-    job_ticket: gr.State  # the same for a K search or a benchmark
+    job_ticket: gr.Number  # the same, for a K search or a benchmark
+    searched: gr.State  # the K the session's last K search chose, and its eta (`app.search.Searched`), or None
 
 
-def session_states() -> SessionStates:
-    return SessionStates(gr.State(ChatState()), gr.Number(None, precision=0, visible=False), gr.State(None))
+def session_states(context: PageContext) -> SessionStates:
+    def hidden_ticket() -> gr.Number:
+        return gr.Number(None, precision=0, visible=False)
+
+    return SessionStates(gr.State(ChatState()), hidden_ticket(), hidden_ticket(), gr.State(context.search.starting))
 
 
 @dataclass(frozen=True)
@@ -329,7 +333,8 @@ def search_panel(context: PageContext) -> SearchPanel:
         with gr.Row():
             source = gr.Radio(search.calibration, value=search.calibration[0][1], label="calibrate on")
             criterion = gr.Radio(CRITERIA, value=search.criterion, label="criterion")
-            eta = gr.Number(search.eta, label="eta", info=f"default: {search.eta_source}", minimum=0)
+            eta = gr.Number(search.eta, label="eta", info=f"default: {search.eta_source}", minimum=0,
+                            elem_id="search-eta")  # fmt: skip
             button = gr.Button("Search K", variant="primary", elem_id="search-k")
         result = gr.Markdown(elem_id="search-result")
         # No label chip: it would cover the figure's own title.
@@ -390,7 +395,7 @@ class Page:
 
 def page_sections(context: PageContext) -> Page:
     """All sections in page order (the examples sit under the question box, in `question_row`)."""
-    states = session_states()
+    states = session_states(context)
     ask = question_row(context)
     panes = chat_panes(context)
     metrics = metrics_area()

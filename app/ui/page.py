@@ -64,7 +64,8 @@ def build_demo(manager: ModelManager, banner: str = "") -> gr.Blocks:
         wire_panels(context, page)
 
         def on_leave(request: gr.Request) -> None:
-            context.sessions.clear(request.session_hash)  # the page is gone: cancel its turn, benchmark or K search
+            """The tab was closed or reloaded: its tab-closed event cancels its turn, benchmark or K search."""
+            context.sessions.close(request.session_hash)
 
         demo.unload(on_leave)
         add_api(context)

@@ -171,6 +171,19 @@ def build_model_inputs(
     }
 
 
+def prompt_length(
+    processor: Any, messages: list[Message], images: list[Image.Image], videos: list[Video] | None = None
+) -> int:
+    """Tokens of one conversation as the model will see it (its images' and videos' tokens included).
+
+    Counted by `build_model_inputs` with the model's own processor, on the CPU and without the model: a caller
+    can check a prompt against the context before any device work, and never handles a tensor itself.
+    """
+    videos = list(videos or [])
+    inputs = build_model_inputs(processor, [messages], [list(images)], "cpu", torch.float32, videos=[videos])
+    return int(inputs["input_ids"].shape[1])
+
+
 def eos_token_ids_of(model: Any, processor: Any) -> set[int]:
     """The ids that end a reply: the model's generation config, else the tokenizer's end token."""
     eos = getattr(model.generation_config, "eos_token_id", None)
