@@ -21,28 +21,6 @@ def port_number(text: str) -> int:
     return port
 
 
-def retain_freed_memory() -> bool:
-    """Keep the memory one answer frees for the next (glibc's malloc; elsewhere nothing changes); True if set.
-
-    By default glibc gives a turn's large buffers back to the system when they are freed, and each thread that
-    runs a request gets its own pool: the side that runs first in the next turn then takes tens of megabytes
-    of fresh pages from the kernel (page faults, zero-filling) that the side after it, reusing them, does not
-    pay; its time to first token looks worse than its work. One pool, never trimmed, and large buffers from
-    the pool too, so both sides start every turn on memory that is already there.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    settings = ((m_arena_max, 1), (m_mmap_threshold, 256 << 20), (m_trim_threshold, 1 << 30))
-    return all(mallopt(option, value) == 1 for option, value in settings)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=os.environ.get("VTW_MODEL"), help="hub id or local folder (or VTW_MODEL)")
@@ -53,6 +31,7 @@ def main() -> int:
     parser.add_argument("--dtype", default=os.environ.get("VTW_DTYPE", "auto"), help="auto, bfloat16, ...")
     parser.add_argument("--attention", default=os.environ.get("VTW_ATTENTION", "auto"), help="auto, sdpa, eager, ...")
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default 1, or $VTW_THREADS; docs/engines.md)")
     parser.add_argument(
         "--backend-url",
         default=os.environ.get("VTW_BACKEND_URL"),
@@ -80,7 +59,11 @@ def main() -> int:
             demo = build_demo(manager, banner=f"Answers come from the server at {manager.base_url}.")
             serve(demo, args.host, args.port, args.share)
             return 0
-        retain_freed_memory()  # before the model's first buffers: see its docstring
+        from vtw_core.runtime import configure_process
+
+        # One thread unless asked (both sides of a turn then meet the same machine), and one malloc pool that keeps
+        # freed pages, so the side that runs first does not pay the page faults the other one skips.
+        configure_process(args.threads)
         manager = ModelManager.load(
             require_model(args.model),
             device=args.device,

@@ -59,9 +59,10 @@ def test_the_page_warms_up_on_its_first_example(manager, monkeypatch):
 
 
 FAULTS = """
-import resource, runpy, sys, threading
+import resource, sys, threading
 if sys.argv[1] == "retain":
-    assert runpy.run_path("app.py")["retain_freed_memory"]()
+    from vtw_core.runtime import retain_freed_memory
+    assert retain_freed_memory()
 faults = []
 def touch(record):
     before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
