@@ -346,7 +346,7 @@ def test_serve_reads_the_api_key_from_the_environment_and_sets_the_threads(monke
         options["sock"].close()
 
     monkeypatch.setattr(standalone, "serve", serve)
-    monkeypatch.setattr("vtw_core.cli.serve.load_model", lambda args: None)
+    monkeypatch.setattr("vtw_core.cli.serve.load_model", lambda args, **options: None)
     threads = torch.get_num_threads()
     port = str(_free_port())
     monkeypatch.setenv("VTW_API_KEY", "from-env")

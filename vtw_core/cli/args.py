@@ -48,8 +48,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "Threads)")  # fmt: skip
 
 
-def load_model(args: argparse.Namespace, random_weights: bool = False):
-    """The ModelManager that `add_model_options`' arguments name."""
+def load_model(args: argparse.Namespace, random_weights: bool = False, prefill_engine: str = "plain"):
+    """The ModelManager that `add_model_options`' arguments name (`prefill_engine`: its single answers')."""
     from vtw_core.generation.manager import ModelManager
 
     return ModelManager.load(
@@ -59,6 +59,7 @@ def load_model(args: argparse.Namespace, random_weights: bool = False):
         attention=args.attention,
         trust_remote_code=args.trust_remote_code,
         random_weights=random_weights,
+        prefill_engine=prefill_engine,
     )
 
 

@@ -41,7 +41,7 @@ def add_parser(subparsers: Any) -> None:
         help="decode engines to compare (auto: CUDA graph on CUDA, static on CPU)",
     )  # fmt: skip
     parser.add_argument(
-        "--prefill-engine", nargs="+", default=["plain"], choices=["plain", "bucketed", "graph"],
+        "--prefill-engine", nargs="+", default=["plain"], choices=["plain", "bucketed", "graph", "compiled"],
         help="prefill engines to compare (bucketed: fixed shapes; graph: those captured as CUDA graphs)",
     )  # fmt: skip
     parser.add_argument("--bandwidth-gb-s", type=float, help="device memory bandwidth, for the decode floor column")

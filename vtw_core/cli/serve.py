@@ -78,6 +78,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--method", default="default",
                         help="method when a request names none: default (vtw:auto where the checkpoint ships a K, "
                              "else baseline), baseline, vtw:K, fastv:K:R, schedule:NAME")  # fmt: skip
+    parser.add_argument("--prefill-engine", choices=["plain", "compiled"], default="plain",
+                        help="compiled: the layer loop through torch.compile, ~10%% faster on a CPU, compiled for the "
+                             "baseline and the default method at start (20-40 s each); docs/engines.md")  # fmt: skip
     parser.add_argument("--max-batch-size", type=at_least(1), default=8,
                         help="requests per engine call (1: no batching)")  # fmt: skip
     parser.add_argument("--batch-wait-ms", type=milliseconds, default=5.0,
@@ -128,7 +131,8 @@ def run(args: argparse.Namespace) -> None:
         raise VTWError(f"--max-image-memory must hold one request at the image limits: at least "
                        f"{-(-limits.max_image_memory // 2**20)} MB")  # fmt: skip
     sock = bind_socket(args.host, args.port)  # before the model loads: a port in use fails now
-    serve(load_model(args), host=args.host, port=args.port, model_id=args.served_model_name, method=args.method,
+    manager = load_model(args, prefill_engine=args.prefill_engine)
+    serve(manager, host=args.host, port=args.port, model_id=args.served_model_name, method=args.method,
           max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
           allow_remote_images=args.allow_remote_images, allowed_media_domains=args.allowed_media_domains,
           limits=limits, max_decoding=args.max_decoding, max_image_memory=args.max_image_memory,

@@ -23,6 +23,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from vtw_core import validation
 from vtw_core.engine import flops
+from vtw_core.engine.compiled_prefill import compiled_prefill
 from vtw_core.engine.decoder import (
     DecodeState,
     PositionMode,
@@ -51,7 +52,8 @@ from vtw_core.models.prompts import Message, build_model_inputs, eos_token_ids_o
 from vtw_core.models.videos import Video
 
 DecodeEngine = Literal["auto", "plain", "static", "graph"]
-PrefillChoice = PrefillEngine | Literal["shared"]
+PrefillChoice = PrefillEngine | Literal["shared", "compiled"]
+PREFILL_CHOICES = ("plain", "bucketed", "graph", "shared", "compiled")
 
 
 def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -153,7 +155,8 @@ def generate_rows(
     `tokens_per_row`, when given, receives each row's real prompt tokens per layer after prefill, so batched
     callers can account every row on its own (vtw_core.generation.batch_stream).
     `prefill_engine`: "plain" (the layer loop), "bucketed" or "graph" (fixed shapes, vtw_core.engine.fast_prefill),
-    "shared" (rows showing one image run its prefix once, vtw_core.engine.shared_prefill); `stats.prefill_engine` says
+    "shared" (rows showing one image run its prefix once, vtw_core.engine.shared_prefill), "compiled" (the layer
+    loop traced by torch.compile, vtw_core.engine.compiled_prefill); `stats.prefill_engine` says
     which ran, with the reason when it fell back to plain.
     """
     sampling.validate()
@@ -272,8 +275,8 @@ def _prefill(
     engine: PrefillChoice,
 ) -> tuple[torch.Tensor, DecodeState, str]:
     """Logits, decode state and the prefill engine that ran (with the reason when it fell back to plain)."""
-    if engine not in ("plain", "bucketed", "graph", "shared"):
-        raise InputError(f"prefill engine must be plain, bucketed, graph or shared; got {engine!r}")
+    if engine not in PREFILL_CHOICES:
+        raise InputError(f"prefill engine must be one of {', '.join(PREFILL_CHOICES)}; got {engine!r}")
     if engine == "shared":
         reason = why_not_shared(model, model_inputs, selector, position_mode)
         shared = shared_prefill(model, model_inputs, selector) if reason is None else None
@@ -283,6 +286,8 @@ def _prefill(
     prompt = embed_prompt(model, model_inputs)
     if engine in ("bucketed", "graph"):
         return fast_prefill(model, prompt, selector, position_mode, engine)
+    if engine == "compiled":
+        return compiled_prefill(model, prompt, selector, position_mode)
     return (*prefill(model, prompt, selector, position_mode), engine)
 
 
@@ -398,10 +403,12 @@ def stream_generate(
     stop_event: threading.Event | None = None,
     engine: DecodeEngine = "auto",
     schedule: Schedule | None = None,
+    prefill_engine: PrefillChoice = "plain",
 ) -> Iterator[StreamEvent]:
     """Answer one conversation, yielding text deltas with live stats; the last event has finished=True.
 
-    `videos`: vtw_core.models.videos.read_video results for the conversation's "video" slots, in order.
+    `videos`: vtw_core.models.videos.read_video results for the conversation's "video" slots, in order;
+    `prefill_engine` as in `generate_tokens`.
     """
     start = time.perf_counter()
     device = model.device
@@ -426,6 +433,7 @@ def stream_generate(
             stats=stats,
             engine=engine,
             schedule=schedule,
+            prefill_engine=prefill_engine,
         )
         _video_stats(model, model_inputs, list(videos or []), stats)
         for tokens in steps:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +19,20 @@ from vtw_core.engine.schedules import Schedule
 from vtw_core.errors import InputError, VTWError
 from vtw_core.generation.batch_stream import stream_generate_batch
 from vtw_core.generation.concurrent import interleave
-from vtw_core.generation.generate import DecodeEngine, check_method, generate, stream_generate
+from vtw_core.generation.generate import (
+    PREFILL_CHOICES,
+    DecodeEngine,
+    PrefillChoice,
+    check_method,
+    generate,
+    stream_generate,
+)
 from vtw_core.generation.streaming import model_placement
 from vtw_core.generation.types import GenerationResult, SamplingConfig, StreamEvent
 from vtw_core.models.configs import shipped_config_path
 from vtw_core.models.families import SUPPORTED_FAMILIES, model_family, num_decoder_layers
 from vtw_core.models.processors import load_processor
-from vtw_core.models.prompts import Message
+from vtw_core.models.prompts import Message, user_message
 from vtw_core.models.videos import Video
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -133,7 +140,12 @@ def _reason(error: BaseException) -> str:
 class ModelManager:
     """Holds one copy of the weights on one device; `lock` serialises every use of that device."""
 
-    def __init__(self, model: torch.nn.Module, processor: Any, source: str, random_weights: bool = False):
+    def __init__(self, model: torch.nn.Module, processor: Any, source: str, random_weights: bool = False,
+                 prefill_engine: PrefillChoice = "plain"):  # fmt: skip
+        """`prefill_engine`: how single answers (`stream`, `generate`, `race`) prefill (generate_tokens' choice)."""
+        if prefill_engine not in PREFILL_CHOICES:
+            raise InputError(f"prefill engine must be one of {', '.join(PREFILL_CHOICES)}; got {prefill_engine!r}")
+        self.prefill_engine = prefill_engine
         self.model = model.eval()
         self.processor = processor
         self.lock = threading.Lock()
@@ -156,6 +168,7 @@ class ModelManager:
         attention: str = "auto",
         trust_remote_code: bool = False,
         random_weights: bool = False,
+        prefill_engine: PrefillChoice = "plain",
     ) -> ModelManager:
         """Load from a hub id or local folder; `random_weights` builds the architecture from its config only."""
         torch_device = resolve_device(device)
@@ -192,7 +205,7 @@ class ModelManager:
             except Exception as error:  # no tokenizer, a broken tokenizer.json, no image processor, ...
                 message = f"cannot load the tokenizer and image processor of {source!r}: {_reason(error)}"
                 raise VTWError(message) from error
-        return cls(model, processor, source, random_weights=random_weights)
+        return cls(model, processor, source, random_weights=random_weights, prefill_engine=prefill_engine)
 
     def _require_processor(self) -> None:
         if self.processor is None:
@@ -238,6 +251,7 @@ class ModelManager:
                 stop_event=stop_event,
                 engine=engine,
                 schedule=schedule,
+                prefill_engine=self.prefill_engine,
             )
 
     def stream_batch(
@@ -282,7 +296,8 @@ class ModelManager:
         self._require_processor()
 
         def starter(options: dict[str, Any]):
-            return lambda stop: stream_generate(self.model, self.processor, stop_event=stop, **options)
+            return lambda stop: stream_generate(self.model, self.processor, stop_event=stop,
+                                                prefill_engine=self.prefill_engine, **options)  # fmt: skip
 
         streams = {}
         for name, options in requests.items():
@@ -292,7 +307,16 @@ class ModelManager:
         with self.lock:
             yield from interleave(streams)
 
+    def warm_up(self, ks: Iterable[int | None]) -> None:
+        """One short answer per K about a blank image, so no request pays a one-time cost (the compiled prefill
+        traces and compiles its graph per K at its first use)."""
+        image = Image.new("RGB", (64, 64), "white")
+        for k in dict.fromkeys(ks):  # each K once, in order
+            self.generate([user_message("What is in the image?")], [image], k=k,
+                          sampling=SamplingConfig(max_new_tokens=2))  # fmt: skip
+
     def generate(self, messages: list[Message], images: list[Image.Image], **options: Any) -> GenerationResult:
         self._check_request(options.get("k"), options.get("schedule"), options.get("sampling", SamplingConfig()))
         with self.lock:
-            return generate(self.model, self.processor, messages, images, **options)
+            return generate(self.model, self.processor, messages, images,
+                            **{"prefill_engine": self.prefill_engine, **options})  # fmt: skip

@@ -103,6 +103,10 @@ def serve(
         remote_policy=policy,
     )
     sock = sock or bind_socket(host, port)
+    if manager.prefill_engine == "compiled":
+        ks = (None, service.resolve_method(service.default_method).k)
+        print("compiling the prefill for the baseline and the default method...", flush=True)
+        manager.warm_up(ks)
     key = "API key required" if api_key else "no API key"
     print(f"serving {service.model_id} ({manager.info.describe()}) on http://{host}:{port}/v1, default method "
           f"{service.default_method}, {torch.get_num_threads()} CPU threads, {key}", flush=True)  # fmt: skip
