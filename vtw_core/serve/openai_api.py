@@ -15,13 +15,10 @@ stops its request: at once while it waits, at the next decode step while it runs
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
-import time
-import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -38,7 +35,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vtw_core.engine.methods import Method, parse_method
 from vtw_core.generation.manager import ModelManager
-from vtw_core.generation.types import StreamEvent
 from vtw_core.models.defaults import default_model
 from vtw_core.serve.admission import Admission, BodyBudget
 from vtw_core.serve.auth import check_api_key
@@ -54,8 +50,8 @@ from vtw_core.serve.protocol import (
     plan_chat_request,
 )
 from vtw_core.serve.remote_images import RemoteImagePolicy, fetch_image
+from vtw_core.serve.replies import Reply, Ticket
 
-FINISH_REASONS = {"eos": "stop", "length": "length", "stopped": "stop"}
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 MAX_DECODING = 2  # requests decoding images at a time
 THREADPOOL_JSON_BYTES = 2**20  # bigger bodies are parsed off the event loop
@@ -74,41 +70,6 @@ def source_name(source: str) -> str:
 def client_gone() -> APIError:
     """The request of a client that closed its connection (nginx's 499): nobody reads the answer."""
     return APIError(499, "the client closed the connection; the request was stopped", code="client_closed_request")
-
-
-class Ticket:
-    """A request's events, handed from the batcher's thread to the event loop without blocking either."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.queue: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
-
-    def deliver(self, item: StreamEvent | BaseException) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown): nobody is waiting any more
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    async def next(self) -> StreamEvent:
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-
-class StopText:
-    """OpenAI `stop` sequences: the visible text ends before the first one; text that may start one is held."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-
-    def visible(self, text: str, final: bool) -> tuple[str, bool]:
-        """(the text that can be shown now, whether a stop sequence was hit)."""
-        hits = [index for index in (text.find(stop) for stop in self.stops) if index >= 0]
-        if hits:
-            return text[: min(hits)], True
-        if final:
-            return text, False
-        held = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
-        return text[: len(text) - held], False
 
 
 class ChatService:
@@ -240,7 +201,7 @@ class ChatService:
             job = Job(request.messages, request.images, method, request.sampling, ticket.deliver, stop=stop)
             slot.job = job
             self.batcher.submit(job)
-            reply = _Reply(self.model_id, spec, method, request, job, on_close=slot.release)
+            reply = Reply(self.model_id, spec, method, request, job, on_close=slot.release)
             weakref.finalize(reply, _abandon, stop, slot)  # a stream dropped before it started still ends
             first = await ticket.next()  # errors before the first token still get their HTTP status
             if request.stream:
@@ -294,92 +255,6 @@ class ChatService:
 def _abandon(stop: threading.Event, slot: Any) -> None:
     stop.set()
     slot.release()
-
-
-class _Reply:
-    """The response's fixed parts and its JSON / SSE shapes."""
-
-    def __init__(
-        self,
-        model_id: str,
-        spec: str,
-        method: Method,
-        request: ChatRequest,
-        job: Job,
-        on_close: Callable[[], None] | None = None,
-    ):
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model_id, self.spec, self.method, self.request, self.job = model_id, spec, method, request, job
-        self.stop_text = StopText(request.stop)
-        self.on_close = on_close
-
-    def usage(self, event: StreamEvent) -> dict[str, Any]:
-        stats = event.stats.to_dict()
-        extra = {"method": self.spec, "label": self.method.label, "batch_size": self.job.batch_size,
-                 "queue_s": self.job.queue_s}  # fmt: skip
-        return {
-            "prompt_tokens": stats["prompt_tokens"],
-            "completion_tokens": len(event.token_ids),
-            "total_tokens": stats["prompt_tokens"] + len(event.token_ids),
-            "vtw": {**extra, **stats},
-        }
-
-    def finish_reason(self, event: StreamEvent, hit: bool) -> str:
-        return "stop" if hit else FINISH_REASONS.get(event.stats.finish_reason or "length", "stop")
-
-    def completion(self, text: str, event: StreamEvent, hit: bool) -> dict[str, Any]:
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": self.finish_reason(event, hit),
-            "logprobs": None,
-        }
-        if self.request.return_token_ids:
-            choice["token_ids"] = list(event.token_ids)
-        return {
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model_id,
-            "choices": [choice],
-            "usage": self.usage(event),
-        }
-
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None, **extra}
-        return self._sse_line({"choices": [choice]})
-
-    def _sse_line(self, payload: dict[str, Any]) -> str:
-        full = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_id}
-        return f"data: {json.dumps({**full, **payload}, ensure_ascii=False)}\n\n"
-
-    async def sse(self, ticket: Ticket, first: StreamEvent) -> AsyncIterator[str]:
-        """Server-sent events as OpenAI sends them: role, text deltas, finish reason, usage, [DONE]."""
-        try:
-            yield self.chunk({"role": "assistant", "content": ""})
-            sent, event = "", first
-            while True:
-                text, hit = self.stop_text.visible(event.text, event.finished)
-                if len(text) > len(sent):
-                    yield self.chunk({"content": text[len(sent) :]})
-                    sent = text
-                if hit or event.finished:
-                    break
-                event = await ticket.next()
-            extra = {"token_ids": list(event.token_ids)} if self.request.return_token_ids else {}
-            yield self.chunk({}, self.finish_reason(event, hit), **extra)
-            if self.request.include_usage:
-                yield self._sse_line({"choices": [], "usage": self.usage(event)})
-        except Exception as error:  # the status line has gone out: report the error in the stream
-            api_error = from_exception(error)
-            log_refusal(api_error, "POST", "/v1/chat/completions (stream)")
-            yield f"data: {json.dumps(api_error.body())}\n\n"
-        finally:
-            self.job.stop.set()  # the client left, or the reply is complete: the engine may stop this row
-            if self.on_close is not None:
-                self.on_close()
-        yield "data: [DONE]\n\n"
 
 
 def _media_type(headers: Headers) -> str:
