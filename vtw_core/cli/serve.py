@@ -83,8 +83,9 @@ def add_parser(subparsers: Any) -> None:
                              "baseline and the default method at start (20-40 s each); docs/engines.md")  # fmt: skip
     parser.add_argument("--max-batch-size", type=at_least(1), default=8,
                         help="requests per engine call (1: no batching)")  # fmt: skip
-    parser.add_argument("--batch-wait-ms", type=milliseconds, default=5.0,
-                        help="how long a batch waits for more requests (default 5)")  # fmt: skip
+    parser.add_argument("--batch-wait-ms", type=milliseconds, default=0.0,
+                        help="how long a batch waits for more requests after its first (default 0: it takes "
+                             "those already waiting when the device frees)")  # fmt: skip
     parser.add_argument("--max-queue", type=at_least(1), default=64,
                         help="requests waiting (reading and decoding images too) before answering 503")  # fmt: skip
     parser.add_argument("--max-images-per-request", type=at_least(0), default=MAX_IMAGES_PER_REQUEST,

@@ -1,8 +1,8 @@
 """Batching inside one replica: concurrent requests with the same method go through one engine call.
 
 One worker thread owns the model manager. It takes the oldest waiting request, then for up to
-`batch_wait_ms` gathers later requests with the same method and sampling settings (up to
-`max_batch_size`; `max_tokens` may differ, each row stops at its own) and answers them together with
+`batch_wait_ms` (default 0: those already waiting) gathers later requests with the same method and sampling
+settings (up to `max_batch_size`; `max_tokens` may differ, each row stops at its own) and answers them with
 `ModelManager.stream_batch` (left-padded). Greedy rows give the tokens they would give alone. Sampled requests
 run one at a time, so a seed gives the same reply as the CLI. A request that arrives while a batch runs waits
 for the next one: batches never grow mid-way, but they shrink: a row that ends (end token, its own limit) or
@@ -68,7 +68,7 @@ class Batcher:
     """Owns the device through the manager; `submit` queues a job, the worker answers it (maybe batched)."""
 
     def __init__(
-        self, manager: ModelManager, *, max_batch_size: int = 8, batch_wait_ms: float = 5.0, max_queue: int = 64
+        self, manager: ModelManager, *, max_batch_size: int = 8, batch_wait_ms: float = 0.0, max_queue: int = 64
     ):
         if max_batch_size < 1 or batch_wait_ms < 0 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1, batch_wait_ms >= 0")

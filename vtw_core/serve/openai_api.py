@@ -82,7 +82,7 @@ class ChatService:
         model_id: str,
         default_method: str = "default",
         max_batch_size: int = 8,
-        batch_wait_ms: float = 5.0,
+        batch_wait_ms: float = 0.0,
         max_queue: int = 64,
         allow_remote_images: bool = False,
         limits: RequestLimits = DEFAULT_LIMITS,

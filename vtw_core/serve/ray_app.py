@@ -107,7 +107,7 @@ class VTWServer:
         served_model_name: str | None = None,
         method: str = "default",
         max_batch_size: int = 8,
-        batch_wait_ms: float = 5.0,
+        batch_wait_ms: float = 0.0,
         max_queue: int = 64,
         allow_remote_images: bool = False,
         device: str = "auto",
