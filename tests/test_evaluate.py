@@ -5,7 +5,16 @@ from __future__ import annotations
 import json
 import re
 
-from vtw_core.benchmarks.evaluate import evaluate_side, load_items, train_calibration
+import pytest
+
+from vtw_core.benchmarks import evaluate
+from vtw_core.benchmarks.evaluate import (
+    conversations_of,
+    evaluate_side,
+    evaluate_turns,
+    load_items,
+    train_calibration,
+)
 from vtw_core.cli import main
 from vtw_core.generation.manager import ModelManager
 from vtw_core.training.data import load_split as load_train_images
@@ -140,3 +149,67 @@ def test_eval_shares_each_images_prefill_unless_told_not_to(capsys, tiny_model_p
         assert (shared["correct"], shared["questions"]) == (full["correct"], full["questions"])
         assert shared["prefill_flops"] == full["prefill_flops"] and shared["decode_flops"] == full["decode_flops"]
         assert (shared["prefill"], full["prefill"]) == ("shared", "plain")
+
+
+def test_conversations_of_groups_each_images_questions_in_order():
+    items = load_items("easy-vqa", "test", limit=25)  # image 0: 11 questions, image 1: 7, image 2: the first 7
+    chats = conversations_of(items, 3)
+    assert [len(chat) for chat in chats] == [3] * 7
+    assert [chat[0].image for chat in chats] == [items[0].image] * 3 + [items[11].image] * 2 + [items[18].image] * 2
+    assert [item for chat in chats[:3] for item in chat] == items[:9]  # consecutive, the last 2 of 11 left out
+    assert conversations_of(items, 1) == [[item] for item in items]
+    with pytest.raises(Exception, match="positive"):
+        conversations_of(items, 0)
+
+
+def test_evaluate_turns_sends_the_chat_with_the_models_own_replies(tiny_model_path, monkeypatch):
+    """Turn t's prompt is the chat so far as the app builds it: the image in the first user message only and the
+    model's own earlier replies, verbatim, as assistant messages. Turn 1 is the single-question evaluation."""
+    manager = ModelManager.load(str(tiny_model_path("llava", 8)), device="cpu")
+    chats = conversations_of(load_items("easy-vqa", "test", limit=18), 3)  # 3 + 2 chats about two images
+    sent = []
+    real = evaluate.generate_batch
+
+    def recording(model, processor, conversations, images, **options):
+        outputs = real(model, processor, conversations, images, **options)
+        sent.append((conversations, outputs, options["prefill_engine"]))
+        return outputs
+
+    monkeypatch.setattr(evaluate, "generate_batch", recording)
+    results = evaluate_turns(manager.model, manager.processor, chats, 2)
+    assert [result.questions for result in results] == [5, 5, 5] and all(result.k == 2 for result in results)
+    assert len(sent) == 6 and {engine for *_, engine in sent} == {"shared"}  # 2 images x 3 turns
+    tokenizer = manager.processor.tokenizer
+    conversations = sent[2][0]  # the first image's third turn
+    for chat, conversation in zip(chats[:3], conversations, strict=True):
+        assert [message["role"] for message in conversation] == ["user", "assistant"] * 2 + ["user"]
+        assert [item["type"] for item in conversation[0]["content"]] == ["image", "text"]
+        assert all(item["type"] == "text" for message in conversation[1:] for item in message["content"])
+        assert [message["content"][-1]["text"] for message in conversation[::2]] == [i.question for i in chat]
+    for turn in (0, 1):
+        replies = [tokenizer.decode(ids, skip_special_tokens=True) for ids in sent[turn][1]]
+        assert [conversation[2 * turn + 1]["content"][0]["text"] for conversation in conversations] == replies
+    assert results[1].prefill_flops > results[0].prefill_flops  # a longer prompt each turn
+    single = evaluate_side(manager.model, manager.processor, [chat[0] for chat in chats], 2)
+    assert (single.correct, single.prefill_flops) == (results[0].correct, results[0].prefill_flops)
+    plain = evaluate_turns(manager.model, manager.processor, chats, 2, share_image_prefill=False, batch_size=4)
+    assert [result.correct for result in plain] == [result.correct for result in results]
+    assert {result.prefill for result in plain} == {"plain"}
+
+
+def test_eval_command_turns(capsys, tiny_model_path):
+    model = str(tiny_model_path("llava", 8))
+    argv = ["eval", "--model", model, "--limit", "18", "--turns", "3", "--k", "3"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (report["turns"], report["conversations"], report["questions"]) == (3, 5, 18)
+    for side, k in (("baseline", None), ("vtw", 3)):
+        assert [row["turn"] for row in report[side]] == [1, 2, 3]
+        assert all(row["questions"] == 5 and row["k"] == k for row in report[side])
+    assert report["vtw"][0]["prefill_flops"] < report["baseline"][0]["prefill_flops"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "5 conversations of 3 turns" in table and "| VTW K=3 | 3 |" in table
+    assert main([*argv, "--method", "vtw:2"]) == 2 and "--turns takes neither" in capsys.readouterr().err
+    assert main([*argv[:-4], "--limit", "2", "--turns", "5"]) == 2
+    assert "no image has 5 questions" in capsys.readouterr().err

@@ -10,13 +10,16 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
+from vtw_core.models.prompts import assistant_message, build_model_inputs, user_message
 from vtw_core.training.data import (
     MAX_SHIFT,
     _batch,
     augment,
     build_processor,
+    encode_image_conversations,
     encode_image_questions,
     rebalance_yes_no,
+    split_conversations,
     training_replies,
 )
 from vtw_core.training.data import load_split as load_images
@@ -145,6 +148,80 @@ def test_a_packed_row_computes_each_question_as_its_own_single_turn_prompt():
             # The packed segment starts after the shared prefix and ends with </s>, which the text lacks.
             assert torch.allclose(mine[:-1], alone[len(alone) - len(mine) + 1 :], atol=1e-5)
     assert packed.shape[0] == len(ids)
+
+
+CHAT = [
+    ("what is the red shape?", "Triangle."),
+    ("what color is the shape?", "Red."),
+    ("is there a blue shape?", "Red. Is it blue? No."),
+]
+
+
+def test_a_conversation_row_is_the_chat_the_app_sends():
+    """A conversation is trained on the very tokens the app sends for a chat (`build_model_inputs` on
+    `user_message`s, the image in the first one only, the earlier replies as `assistant_message`s): every turn's
+    prompt is a prefix of the row, every reply follows it as the model generates it, and the labels are the
+    replies and their </s>, also where the row goes on with the next turn."""
+    processor = build_processor()
+    tokenizer = processor.tokenizer
+    image = Image.open(load_images("test")[0][0]).convert("RGB")
+    ids, labels, positions, segments = encode_image_conversations(processor, [CHAT])
+    first = segments.index(1)  # the conversation follows the shared prefix "<s> USER: <image x 576> \\n"
+    assert positions == list(range(len(ids))) and segments == [0] * first + [1] * (len(ids) - first)
+    assert VISION_TOKENS < first <= VISION_TOKENS + 4
+    messages, ends = [], []
+    for turn, (question, reply) in enumerate(CHAT):
+        messages.append(user_message(question, 1 if turn == 0 else 0))
+        prompt = build_model_inputs(processor, [messages], [[image]], "cpu", torch.float32)["input_ids"][0].tolist()
+        assert ids[: len(prompt)] == prompt  # the app's prompt for this turn, vision tokens expanded
+        generated = tokenizer(" " + reply, add_special_tokens=False)["input_ids"]
+        assert ids[len(prompt) : len(prompt) + len(generated)] == generated
+        assert labels[len(prompt) : len(prompt) + len(generated)] == generated
+        assert tokenizer.decode(generated) == reply
+        ends.append(len(prompt) + len(generated))
+        messages.append(assistant_message(reply))
+    eos = tokenizer.eos_token_id
+    assert [labels[end] for end in ends] == [eos] * 3  # the reply ends there at inference
+    assert ids[ends[-1]] == eos and len(ids) == ends[-1] + 1
+    assert tokenizer.convert_ids_to_tokens(ids[ends[0]]) == "▁USER:"  # the history goes on with the next turn
+    answer_positions = {index for end in ends for index in range(end - 8, end + 1) if labels[index] != -100}
+    assert {index for index, label in enumerate(labels) if label != -100} == answer_positions
+
+
+def test_packed_conversations_compute_each_turn_as_the_chat_alone():
+    """Two conversations and a single question behind one image: each is computed as its own chat (logits of a
+    separate forward pass of the last turn's whole prompt + reply), blind to the others."""
+    processor = build_processor()
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(
+        build_config(processor.tokenizer, layers=2, hidden=32, vision_hidden=32, vision_layers=1)
+    ).eval()
+    image = Image.open(load_images("test")[0][0]).convert("RGB")
+    pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]
+    conversations = [CHAT, [("what shape is in the image?", "Triangle.")], CHAT[1:]]
+    ids, labels, positions, segments = encode_image_conversations(processor, conversations)
+    batch = _batch([(pixels[0], ids, labels, positions, segments)], processor.tokenizer.pad_token_id)
+    inputs = {name: value for name, value in batch.items() if name not in ("labels", "segments")}
+    with torch.no_grad():
+        packed = model(**inputs, attention_mask=segment_mask(batch["segments"])).logits[0]
+        segment_ids = torch.tensor(segments)
+        for number, turns in enumerate(conversations, start=1):
+            alone_ids, *_ = encode_image_conversations(processor, [turns])
+            alone = model(input_ids=torch.tensor([alone_ids]), pixel_values=pixels).logits[0]
+            mine = packed[segment_ids == number]
+            assert torch.allclose(mine, alone[len(alone) - len(mine) :], atol=1e-5)
+    # A one-turn conversation is exactly the blind single-question segment.
+    single = [("what color is the shape?", "Red."), ("is there a circle?", "Triangle. Is it a circle? No.")]
+    one_turn_each = encode_image_conversations(processor, [[pair] for pair in single])
+    assert encode_image_questions(processor, single) == one_turn_each
+
+
+def test_split_conversations_keeps_the_order_and_evens_the_lengths():
+    pairs = [(f"q{i}", f"r{i}") for i in range(13)]
+    chats = split_conversations(pairs, 12)
+    assert [len(chat) for chat in chats] == [7, 6] and [pair for chat in chats for pair in chat] == pairs
+    assert split_conversations(pairs[:5], 12) == [pairs[:5]]
+    assert [len(chat) for chat in split_conversations(pairs[:7], 3)] == [3, 2, 2]
 
 
 def _small_packed_batch(rows: int = 2):

@@ -14,6 +14,7 @@ from PIL import Image
 from transformers import LlamaTokenizer, LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from vtw_core.models.prompts import assistant_message, render_prompt, user_message
 from vtw_core.testing.templates import LLAVA_CHAT_TEMPLATE
 from vtw_core.testing.tokenizers import LLAVA_IMAGE_TOKEN, llava_tokenizer
 from vtw_core.training import easyvqa
@@ -22,6 +23,7 @@ from vtw_core.training.model import IMAGE_SIZE, PATCH_SIZE, VISION_TOKENS
 
 BPE_PIECES = 640  # upper bound for the trained BPE (specials + 256 bytes + merges); it stops earlier
 MAX_SHIFT = 4  # pixels (of 72) an augmented image moves in each direction
+MAX_TURNS = 12  # turns per training conversation: 12 easy-vqa turns + the image stay well inside 1,024 positions
 
 
 def load_split(split: str) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -77,33 +79,72 @@ def encode_image_questions(
     With `segment_mask` each segment attends only to the prefix and to itself, and its positions continue
     from the prefix, so every segment is computed exactly as the single-turn prompt + answer it came from
     (no question sees another's answer), while the image is encoded once per row. Labels are -100 except on
-    the answer tokens and their </s>.
+    the answer tokens and their </s>. This is `encode_image_conversations` with one turn per conversation.
+    """
+    return encode_image_conversations(processor, [[pair] for pair in pairs])
+
+
+def encode_image_conversations(
+    processor: LlavaProcessor, conversations: list[list[tuple[str, str]]]
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Conversations about one image packed into one training row: (ids, labels, positions, segments).
+
+    Each conversation is a list of (question, reply) turns, rendered exactly as the app and the server send a
+    chat to the model (`vtw_core.models.prompts.render_prompt` with the model's own chat template): the image in
+    the first user message only, the earlier replies as plain assistant text, so turn 3 reads
+    "<s>USER: <image>\\n{q1} ASSISTANT: {r1} USER: {q2} ASSISTANT: {r2} USER: {q3} ASSISTANT: {r3}</s>".
+    The row is the shared prefix "<s>USER: <image>\\n" (segment 0, the image placeholder expanded to
+    VISION_TOKENS tokens), then one segment per conversation (1, 2, ...); with `segment_mask` a segment is causal
+    over the prefix and itself only, and its positions continue from the prefix, so every turn's reply is
+    computed exactly as the model computes it when that turn is asked, with the conversation so far as its
+    prompt. Labels cover every reply's tokens and what ends it at inference, </s>: after an earlier turn's
+    reply the row goes on with " USER:" (the history as the app re-sends it), but the label there is </s>,
+    the token the model must emit to end that reply when it was the last turn. Everything else is -100.
     """
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN)
+    eos = tokenizer.eos_token_id
     prefix: list[int] | None = None
     ids: list[int] = []
     labels: list[int] = []
     segments: list[int] = []
-    for number, (question, reply) in enumerate(pairs, start=1):
-        message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-        prompt = processor.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        full = tokenizer(prompt + " " + reply)["input_ids"] + [tokenizer.eos_token_id]
-        if full[: len(prompt_ids)] != prompt_ids:
-            raise RuntimeError(f"the prompt does not tokenize as a prefix of its answer: {prompt!r}")
-        cut = prompt_ids.index(image_id) + 2  # <s> USER: <image> \n: the same for every question
+    for number, turns in enumerate(conversations, start=1):
+        if not turns:
+            raise ValueError("an empty conversation")
+        messages: list[dict] = []
+        turn_ids: list[tuple[list[int], list[int]]] = []  # (prompt, prompt + reply) of each turn, as tokenized
+        for turn, (question, reply) in enumerate(turns):
+            messages.append(user_message(question, 1 if turn == 0 else 0))
+            prompt = render_prompt(processor, messages)
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            with_reply = tokenizer(prompt + " " + reply)["input_ids"]
+            if with_reply[: len(prompt_ids)] != prompt_ids:
+                raise RuntimeError(f"the prompt does not tokenize as a prefix of its answer: {prompt!r}")
+            turn_ids.append((prompt_ids, with_reply))
+            messages.append(assistant_message(reply))
+        full = turn_ids[-1][1] + [eos]
+        for _prompt_ids, with_reply in turn_ids:
+            # Each turn's prompt, and the reply the model generates after it, are what the later turns re-send.
+            if full[: len(with_reply)] != with_reply:
+                raise RuntimeError(f"a reply does not tokenize the same in the history: {turns!r}")
+        answered = [(len(prompt_ids), len(with_reply)) for prompt_ids, with_reply in turn_ids]
+        cut = full.index(image_id) + 2  # <s> USER: <image> \n: the same for every conversation
         if prefix is None:
             prefix = full[:cut]
         elif full[:cut] != prefix:
-            raise RuntimeError(f"unexpected prompt prefix for {question!r}")
+            raise RuntimeError(f"unexpected prompt prefix for {turns[0][0]!r}")
+        row_labels = [-100] * len(full)
+        for start, end in answered:
+            row_labels[start:end] = full[start:end]
+            if end < len(full):
+                row_labels[end] = eos  # the reply ends here at inference
         ids += full[cut:]
-        labels += [-100] * (len(prompt_ids) - cut) + full[len(prompt_ids) :]
+        labels += row_labels[cut:]
         segments += [number] * (len(full) - cut)
-    assert prefix is not None, "no questions"
+    assert prefix is not None, "no conversations"
     expanded = [token for token in prefix for _ in range(VISION_TOKENS if token == image_id else 1)]
     positions = list(range(len(expanded)))
-    for number in range(1, len(pairs) + 1):
+    for number in range(1, len(conversations) + 1):
         positions += range(len(expanded), len(expanded) + segments.count(number))
     return (
         expanded + ids,
@@ -111,6 +152,15 @@ def encode_image_questions(
         positions,
         [0] * len(expanded) + segments,
     )
+
+
+def split_conversations(replies: list[tuple[str, str]], max_turns: int = MAX_TURNS) -> list[list[tuple[str, str]]]:
+    """An image's (question, reply) pairs as consecutive conversations of at most `max_turns` turns, as even
+    in length as possible (13 pairs with max_turns 12: 7 + 6)."""
+    count = -(-len(replies) // max_turns)
+    sizes = [len(replies) // count + (index < len(replies) % count) for index in range(count)]
+    starts = [sum(sizes[:index]) for index in range(count)]
+    return [replies[start : start + size] for start, size in zip(starts, sizes, strict=True)]
 
 
 def _pixel_values(processor: LlavaProcessor, paths: list[str]) -> torch.Tensor:

@@ -14,13 +14,15 @@ from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaP
 
 from vtw_core.testing.tokenizers import LLAVA_IMAGE_TOKEN
 from vtw_core.training.data import (
+    MAX_TURNS,
     _batch,
     _pixel_values,
     augment,
     build_processor,
-    encode_image_questions,
+    encode_image_conversations,
     load_split,
     rebalance_yes_no,
+    split_conversations,
     training_replies,
 )
 from vtw_core.training.easyvqa import image_attributes
@@ -67,8 +69,20 @@ def train(
     threads: int | None = 2,
     log_every: int = 20,
     checkpoint_every: int | None = None,
+    init: str | Path | None = None,
+    conversation_share: float = 0.0,
+    max_turns: int = MAX_TURNS,
 ) -> dict:
-    """Train from scratch and save the model + processor to `out` (fp16 weights). Returns a summary dict."""
+    """Train from scratch (or fine-tune the model in `init`) and save the model + processor to `out` (fp16
+    weights). Returns a summary dict.
+
+    `init`: start stage 2 from these weights (a model this module saved, e.g. the shipped one); stage 1 is
+    skipped, the tower keeps `vision_lr_scale`, and the architecture options are the saved model's.
+    `conversation_share`: the share of rows whose questions are asked as conversations of up to `max_turns`
+    turns (`encode_image_conversations`: each reply sees the earlier questions and replies, as in a chat)
+    instead of one blind segment per question (`encode_image_questions`). 0 draws nothing from the random
+    streams, so the recipe without conversations is unchanged.
+    """
     started = time.time()
     if threads:
         torch.set_num_threads(threads)
@@ -80,15 +94,29 @@ def train(
     if limit_images is not None:
         data = data[:limit_images]
     pixels = _pixel_values(processor, [path for path, _pairs in data])
-    config = build_config(
-        tokenizer,
-        layers=layers,
-        hidden=hidden,
-        vision_hidden=vision_hidden,
-        vision_layers=vision_layers,
-        vision_heads=vision_heads,
-    )
-    model = LlavaForConditionalGeneration(config).float()
+    init_summary = None
+    if init is not None:
+        model = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+        saved_vocabulary = LlavaProcessor.from_pretrained(init).tokenizer.get_vocab()
+        if saved_vocabulary != tokenizer.get_vocab():
+            raise RuntimeError(f"{init}: its tokenizer is not the one this module trains")
+        text_config, vision_config = model.config.text_config, model.config.vision_config
+        layers, hidden = text_config.num_hidden_layers, text_config.hidden_size
+        vision_hidden, vision_layers = vision_config.hidden_size, vision_config.num_hidden_layers
+        vision_heads = vision_config.num_attention_heads
+        vision_epochs = token_epochs = 0.0
+        summary_file = Path(init) / "training.json"
+        init_summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    else:
+        config = build_config(
+            tokenizer,
+            layers=layers,
+            hidden=hidden,
+            vision_hidden=vision_hidden,
+            vision_layers=vision_layers,
+            vision_heads=vision_heads,
+        )
+        model = LlavaForConditionalGeneration(config).float()
     model.config._attn_implementation = "sdpa"
     model.train()
     generator = torch.Generator().manual_seed(seed)
@@ -107,7 +135,8 @@ def train(
     # initialised projector and decoder cannot wash out its shape features in the first steps.
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
-        in_tower = name.startswith("model.vision_tower.") and (vision_epochs > 0 or token_epochs > 0)
+        pretrained = vision_epochs > 0 or token_epochs > 0 or init is not None
+        in_tower = name.startswith("model.vision_tower.") and pretrained
         decays = parameter.ndim >= 2 and "embed" not in name
         groups.setdefault((in_tower, decays), []).append(parameter)
     optimizer = torch.optim.AdamW(
@@ -146,7 +175,11 @@ def train(
                 pairs = rebalance_yes_no(pairs, labels[index], rng, yes_no_match_share)
             replies = training_replies(pairs, labels[index])
             rng.shuffle(replies)
-            samples.append((augmented[row], *encode_image_questions(processor, replies)))
+            if conversation_share > 0 and rng.random() < conversation_share:
+                conversations = split_conversations(replies, max_turns)  # a chat: each turn sees the earlier ones
+            else:
+                conversations = [[reply] for reply in replies]  # each question blind to the others
+            samples.append((augmented[row], *encode_image_conversations(processor, conversations)))
         batch = _batch(samples, tokenizer.pad_token_id)
         image_start = int((batch["input_ids"][0] == image_id).nonzero()[0])  # the same prefix in every row
         # Curriculum: a sparse random subset of the vision tokens first (cheap: each carries the whole image
@@ -195,11 +228,17 @@ def train(
         "vision_stage_s": round(vision_started - started, 1),
         "vision_stage_cached": vision_cached,
         "yes_no_match_share": yes_no_match_share,
+        "conversation_share": conversation_share,
+        "max_turns": max_turns,
+        "warmup": warmup,
+        "init": None if init is None else str(init),
         "train_images": len(data),
         "parameters": sum(p.numel() for p in model.parameters()),
         "wall_s": round(time.time() - started, 1),
         "threads": torch.get_num_threads(),
     }
+    if init_summary is not None:
+        summary["init_training"] = init_summary  # how the starting weights were trained
     _save(model, processor, Path(out), summary)
     return summary
 

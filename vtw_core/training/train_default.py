@@ -2,8 +2,9 @@
 
     python -m vtw_core.training.train_default --out assets/default-model
 
-reproduces the shipped weights (seeded; see docs/default-model.md for the time it took and on which hardware).
-Only the train split is read; the test split is never seen here.
+trains v3 from scratch (seeded; see docs/default-model.md for the time it took and on which hardware). The
+shipped v4 is v3 fine-tuned for conversations by two more runs of this command (`--init`, `--conversation-share`;
+the exact commands are in docs/default-model.md). Only the train split is read; the test split is never seen here.
 
 The model is a stock `LlavaForConditionalGeneration` with LLaVA-1.5's proportions: a CLIP vision tower over 72x72
 images (easy-vqa's 64x64 images are resized by the CLIP image processor) cut into 3x3 patches, so 576 vision
@@ -28,13 +29,19 @@ Stages, all on the train split only:
    text needs out of the vision tokens in its first layers, which is what VTW assumes of LLaVA.
    Yes/no questions are rebalanced (`rebalance_yes_no`) so that 30% of them name the image's own shape or colour.
 Both stages see randomly flipped and shifted images (`augment`).
+3. (v4) `--init FOLDER` starts stage 2 from saved weights instead (stage 1 skipped), and `--conversation-share S`
+   asks that share of the rows as chats (`encode_image_conversations`): an image's questions in one conversation
+   of up to `--max-turns` turns, rendered with the model's chat template exactly as the app sends a chat (the
+   image in the first user message, the earlier replies as plain assistant text), so that follow-up questions
+   are answered as well as a first one. The other rows keep the blind packing below.
 
 Training packs all questions of one image into one row (`encode_image_questions`): the image's vision tokens are
 shared by its ~10 questions, and a block attention mask with per-segment positions (`segment_mask`) makes every
-question + answer exactly the single-turn prompt used at inference, blind to the other questions. The question
-order is shuffled every epoch; the loss is taken on the answer tokens (and their </s>) only. AdamW, cosine
-schedule with warm-up, seeded. `--vision-cache FILE` saves stage 1 (or reloads it when the settings match, with
-the random streams as they were), so stage 2 can be re-run alone with the same result.
+question + answer exactly the single-turn prompt used at inference, blind to the other questions. A conversation
+(stage 3) is one segment, causal over itself: each turn sees the earlier questions and replies, as in the app.
+The question order is shuffled every epoch; the loss is taken on the answer tokens (and their </s>) only. AdamW,
+cosine schedule with warm-up, seeded. `--vision-cache FILE` saves stage 1 (or reloads it when the settings match,
+with the random streams as they were), so stage 2 can be re-run alone with the same result.
 
 This module is the command; the recipe lives beside it: `model` (the architecture), `data` (tokenizer, processor,
 question sampling, augmentation, packing), `loss` (`segment_mask`, `packed_loss`), `vision` (stage 1) and `loop`
@@ -46,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from vtw_core.training.data import MAX_TURNS
 from vtw_core.training.loop import SAMPLED_VISION_TOKENS, WITHDRAW_LAYERS, train
 from vtw_core.training.model import HIDDEN, LAYERS, VISION_HEADS, VISION_HIDDEN, VISION_LAYERS
 
@@ -86,6 +94,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision-heads", type=int, default=VISION_HEADS)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the result depends on it)")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="also save every N steps")
+    parser.add_argument(
+        "--init", default=None, help="fine-tune the model in this folder (skips stage 1; its architecture is kept)"
+    )
+    parser.add_argument(
+        "--conversation-share", type=float, default=0.0, help="share of rows asked as conversations (chats)"
+    )
+    parser.add_argument("--max-turns", type=int, default=MAX_TURNS, help="turns per training conversation")
+    parser.add_argument("--warmup", type=int, default=60, help="warm-up steps of the stage-2 schedule")
     args = parser.parse_args(argv)
     summary = train(
         args.out,
@@ -111,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
         vision_heads=args.vision_heads,
         threads=args.threads,
         checkpoint_every=args.checkpoint_every,
+        init=args.init,
+        conversation_share=args.conversation_share,
+        max_turns=args.max_turns,
+        warmup=args.warmup,
     )
     print(json.dumps(summary))
 
