@@ -11,6 +11,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # Tiny models gain nothing from threads, and on a shared 2-core machine two OpenMP threads can stall each other.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Read once, when Ray is first imported (by whichever test file is collected first): a local cluster's every
+# process on 127.0.0.1 rather than on the machine's network address, and no usage report.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 from collections.abc import Callable
 from pathlib import Path

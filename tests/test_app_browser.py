@@ -184,6 +184,7 @@ def in_view(page, selector: str, viewport: dict[str, int]) -> None:
 def test_the_examples_sit_under_the_question_and_the_box_stays_in_view(browser, app, viewport):
     page = open_page(browser, app[1], viewport)
     try:
+        page.wait_for_selector("#examples button", timeout=30_000)  # rendered after the question box
         examples = page.locator("#examples button")
         assert examples.count() >= 3
         if viewport is DESKTOP:  # both on screen at once, without scrolling
