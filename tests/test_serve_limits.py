@@ -245,15 +245,17 @@ def test_the_image_memory_budget_answers_503():
 class FakeBody:
     """A request body as Starlette hands it over: headers, then chunks."""
 
-    def __init__(self, chunks: list[bytes], declared: bool = True):
+    def __init__(self, chunks: list[bytes], declared: bool = True, pause: float = 0.0):
         from starlette.datastructures import Headers
 
         size = {"content-length": str(sum(map(len, chunks)))} if declared else {}
         self.headers = Headers({"content-type": "application/json", **size})
         self.chunks = chunks
+        self.pause = pause  # seconds before each chunk: a slow client
 
     async def stream(self):
         for chunk in self.chunks:
+            await asyncio.sleep(self.pause)
             yield chunk
 
 
@@ -270,3 +272,16 @@ def test_the_bodies_being_received_at_once_are_bounded():
         with pytest.raises(APIError) as caught:
             asyncio.run(read_json(FakeBody(body, declared), budget=budget))
         assert caught.value.status == 503 and budget.held == 60
+
+
+def test_a_body_that_trickles_in_is_cut_off_and_gives_its_budget_back():
+    """A client that sends a byte now and then cannot hold the body budget (and so refuse everyone) for long."""
+    from vtw_core.serve.admission import BodyBudget
+    from vtw_core.serve.openai_api import read_json
+
+    budget = BodyBudget(100)
+    body = [b'{"a":', b" ", b"1}"]
+    with pytest.raises(APIError) as caught:
+        asyncio.run(read_json(FakeBody(body, pause=0.2), budget=budget, seconds=0.3))
+    assert caught.value.status == 408 and "within 0.3 s" in str(caught.value) and budget.held == 0
+    assert asyncio.run(read_json(FakeBody(body, pause=0.01), budget=budget, seconds=0.3)) == {"a": 1}

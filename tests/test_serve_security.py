@@ -120,6 +120,51 @@ def test_cross_origin_browser_requests_do_not_run(server):
     assert "access-control-allow-origin" not in simple.headers
 
 
+def test_a_client_that_trickles_its_body_gets_408_and_others_are_served(tiny_manager, monkeypatch):
+    """Slowloris on the body: a client that sends a byte now and then is cut off after the body deadline with a
+    408 (in OpenAI's format), and the server answers the next client meanwhile and after."""
+    import select
+    import socket
+
+    import uvicorn
+
+    from vtw_core.serve import openai_api
+
+    monkeypatch.setattr(openai_api, "BODY_SECONDS", 1.0)
+    service = openai_api.ChatService(tiny_manager, model_id="tiny")
+    config = uvicorn.Config(openai_api.build_app(service), host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n{")  # fmt: skip
+        started = time.monotonic()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            assert client.get("/v1/models").status_code == 200  # served while the slow body is pending
+            reply = b""
+            while not reply.rstrip().endswith(b"}"):
+                if not reply:
+                    slow.sendall(b" ")  # a byte every 0.2 s: the connection never idles
+                if select.select([slow], [], [], 0.2)[0]:
+                    chunk = slow.recv(4096)
+                    if not chunk:
+                        break
+                    reply += chunk
+                assert time.monotonic() - started < 10, reply
+            assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply, reply
+            assert client.get("/v1/models").status_code == 200
+    finally:
+        slow.close()
+        server.should_exit = True
+        thread.join(timeout=10)
+        service.close()
+
+
 def _local_port(response: httpx.Response) -> int:
     return response.extensions["network_stream"].get_extra_info("client_addr")[1]
 

@@ -55,6 +55,9 @@ from vtw_core.serve.replies import Reply, Ticket
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 MAX_DECODING = 2  # requests decoding images at a time
 THREADPOOL_JSON_BYTES = 2**20  # bigger bodies are parsed off the event loop
+# A body must arrive whole within this time (the largest legal one at 1 MB/s): a client that trickles bytes
+# would otherwise hold its share of the body budget, and a few of them would refuse everyone else.
+BODY_SECONDS = 60.0
 BODIES_RECEIVED_AT_ONCE = 4  # the largest legal bodies one process receives at a time (smaller ones: more)
 BODY_BUDGET = BodyBudget(BODIES_RECEIVED_AT_ONCE * MAX_REQUEST_BYTES)  # the process's, unless an app has its own
 
@@ -261,9 +264,13 @@ def _media_type(headers: Headers) -> str:
     return headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_json(request: Request, max_bytes: int = MAX_REQUEST_BYTES, budget: BodyBudget | None = None) -> Any:
+async def read_json(
+    request: Request, max_bytes: int = MAX_REQUEST_BYTES, budget: BodyBudget | None = None,
+    seconds: float | None = None,
+) -> Any:  # fmt: skip
     """The JSON body, read with a size limit (bodies may come chunked, without a length) within the bytes that
-    the process may be receiving at once (`budget`, else BODY_BUDGET: 503 past it).
+    the process may be receiving at once (`budget`, else BODY_BUDGET: 503 past it) and within `seconds` (else
+    BODY_SECONDS: 408 past it).
 
     Only `Content-Type: application/json` is read (415 otherwise): a browser page on another origin can send
     text/plain without asking the server first (a CORS "simple request"), but not JSON.
@@ -277,18 +284,24 @@ async def read_json(request: Request, max_bytes: int = MAX_REQUEST_BYTES, budget
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise too_large
     budget = budget or BODY_BUDGET
+    seconds = BODY_SECONDS if seconds is None else seconds
     data, taken = bytearray(), 0
     try:
         if declared is not None and declared.isdigit():
             budget.take(int(declared))  # the declared length at once: the body cannot be longer than declared
             taken = int(declared)
-        async for chunk in request.stream():
-            data.extend(chunk)
-            if len(data) > max_bytes:
-                raise too_large
-            if len(data) > taken:
-                budget.take(len(data) - taken)
-                taken = len(data)
+        try:
+            async with asyncio.timeout(seconds):
+                async for chunk in request.stream():
+                    data.extend(chunk)
+                    if len(data) > max_bytes:
+                        raise too_large
+                    if len(data) > taken:
+                        budget.take(len(data) - taken)
+                        taken = len(data)
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {seconds:g} s",
+                           code="request_timeout") from None  # fmt: skip
         if len(data) > THREADPOOL_JSON_BYTES:
             return await run_in_threadpool(_loads, data)
         return _loads(data)
