@@ -107,6 +107,48 @@ def test_with_the_key_the_routes_answer_and_the_docs_are_off(server):
         assert httpx.get(url + path, headers=AUTH).status_code == 404, path
 
 
+def test_a_page_that_rebinds_its_name_to_loopback_is_refused(server):
+    """DNS rebinding: a page whose own host name now resolves to 127.0.0.1 sends requests with `Host: its name`. A
+    server on loopback answers only this machine's names, whatever the key (here given, as a stolen one would be)."""
+    url, _, log = server
+    port = url.rsplit(":", 1)[1]
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
+        for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.nip.io", "0.0.0.0"):
+            refused = client.get("/v1/models", headers={"Host": host})
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_host", host
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST"):
+            assert client.get("/v1/models", headers={"Host": host}).status_code == 200, host
+    assert "-> 400 invalid_host" in log.read_text()
+
+
+def test_host_names_and_the_allowed_hosts_switch(tiny_manager):
+    from fastapi.testclient import TestClient
+
+    from vtw_core.cli import main
+    from vtw_core.serve.auth import host_name
+    from vtw_core.serve.openai_api import ChatService, build_app
+
+    assert [host_name(h) for h in ("[::1]:8000", "A.Example:80", "localhost", " x ")] == [
+        "::1",
+        "a.example",
+        "localhost",
+        "x",
+    ]
+    service = ChatService(tiny_manager, model_id="tiny")
+    try:
+        cases = [(["api.example.com"], "api.example.com:443", 200), (["api.example.com"], "b.example", 400),
+                 (["*"], "b.example", 200), (None, "b.example", 200)]  # fmt: skip
+        for allowed, host, status in cases:
+            with TestClient(build_app(service, allowed_hosts=allowed)) as client:
+                assert client.get("/v1/models", headers={"Host": host}).status_code == status, (allowed, host)
+    finally:
+        service.close()
+    for bad in ("https://a.example", "a.example/x", ","):
+        with pytest.raises(SystemExit) as exit:  # argparse's own refusal
+            main(["serve", "--allowed-hosts", bad, "--port", "1"])
+        assert exit.value.code == 2
+
+
 def test_cross_origin_browser_requests_do_not_run(server):
     url, _, _ = server
     preflight = httpx.options(f"{url}/v1/chat/completions", headers={

@@ -66,6 +66,17 @@ def origins(text: str) -> list[str]:
     return found
 
 
+def host_names(text: str) -> list[str]:
+    """`api.example.com,gpu-box` -> the names (no scheme, port or path), or ["*"]."""
+    found = [name.strip().lower() for name in text.split(",") if name.strip()]
+    for name in found:
+        if name != "*" and (not name or any(character in name for character in "/ @")):
+            raise argparse.ArgumentTypeError(f"{name!r} is not a host name such as api.example.com")
+    if not found:
+        raise argparse.ArgumentTypeError("name at least one host, or * for any")
+    return found
+
+
 def add_parser(subparsers: Any) -> None:
     from vtw_core.serve.limits import DEFAULT_LIMITS, MAX_IMAGES_PER_REQUEST
 
@@ -109,6 +120,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--allowed-origins", type=origins, default=[],
                         help="comma-separated web origins whose pages may call the API from a browser (CORS); "
                              "default none")  # fmt: skip
+    parser.add_argument("--allowed-hosts", type=host_names, default=None,
+                        help="comma-separated host names the server answers to besides localhost, 127.0.0.1 and "
+                             "[::1] (a reverse proxy's public name), or * for any; default: only those three on "
+                             "a loopback --host, any on others")  # fmt: skip
     parser.add_argument("--docs", action="store_true", help="serve the API's /docs, /redoc and /openapi.json pages")
     parser.add_argument("--allow-remote-images", action="store_true",
                         help="also read http(s) image URLs (public addresses only; the server fetches what "
@@ -138,4 +153,4 @@ def run(args: argparse.Namespace) -> None:
           allow_remote_images=args.allow_remote_images, allowed_media_domains=args.allowed_media_domains,
           limits=limits, max_decoding=args.max_decoding, max_image_memory=args.max_image_memory,
           api_key=api_key_from(args.api_key), allowed_origins=args.allowed_origins, docs=args.docs,
-          sock=sock)  # fmt: skip
+          allowed_hosts=args.allowed_hosts, sock=sock)  # fmt: skip

@@ -37,7 +37,7 @@ from vtw_core.engine.methods import Method, parse_method
 from vtw_core.generation.manager import ModelManager
 from vtw_core.models.defaults import default_model
 from vtw_core.serve.admission import Admission, BodyBudget
-from vtw_core.serve.auth import check_api_key
+from vtw_core.serve.auth import allowed_host, check_api_key, check_host
 from vtw_core.serve.batching import Batcher, Job
 from vtw_core.serve.errors import APIError, bad_request, from_exception, log_refusal, logger
 from vtw_core.serve.protocol import (
@@ -359,15 +359,18 @@ class _CatchAll:
 
 
 class APIKeyMiddleware:
-    """`Authorization: Bearer KEY` on every route but /health (vtw_core.serve.auth), else 401."""
+    """The `Host` header (400 for a name not allowed) and `Authorization: Bearer KEY` on every route but /health
+    (401), `vtw_core.serve.auth`."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None):
-        self.app, self.api_key = app, api_key
+    def __init__(self, app: ASGIApp, api_key: str | None, allowed_hosts: frozenset[str] | None = None):
+        self.app, self.api_key, self.allowed_hosts = app, api_key, allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.api_key is not None:
+        if scope["type"] == "http" and (self.api_key is not None or self.allowed_hosts is not None):
             try:
-                check_api_key(self.api_key, scope["path"], Headers(scope=scope))
+                headers = Headers(scope=scope)
+                check_host(self.allowed_hosts, headers)
+                check_api_key(self.api_key, scope["path"], headers)
             except APIError as error:
                 log_refusal(error, scope["method"], scope["path"])
                 await error_response(error)(scope, receive, send)
@@ -404,11 +407,13 @@ def build_app(
     api_key: str | None = None,
     allowed_origins: Iterable[str] = (),
     docs: bool = False,
+    allowed_hosts: Iterable[str] | None = None,
 ) -> FastAPI:
     """The FastAPI app for one process (uvicorn); the Ray Serve app declares the same routes per replica.
 
     `api_key`: required on every route but /health (None: no key); `allowed_origins`: the web pages (origins)
-    whose browsers may call the API (none by default); `docs`: serve /docs, /redoc and /openapi.json.
+    whose browsers may call the API (none by default); `docs`: serve /docs, /redoc and /openapi.json;
+    `allowed_hosts`: the only names the `Host` header may carry (None or a "*" among them: any).
     """
 
     @asynccontextmanager
@@ -424,7 +429,9 @@ def build_app(
         openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
-    app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    hosts = None if allowed_hosts is None else frozenset(allowed_host(host) for host in allowed_hosts)
+    hosts = None if hosts is None or "*" in hosts else hosts
+    app.add_middleware(APIKeyMiddleware, api_key=api_key, allowed_hosts=hosts)
     # Outermost: preflights are answered (and refused for other origins) before the key is asked for.
     app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                        allow_headers=["Authorization", "Content-Type"], max_age=600)  # fmt: skip

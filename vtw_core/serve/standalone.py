@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from vtw_core.errors import VTWError
 from vtw_core.generation.manager import ModelManager
+from vtw_core.serve.auth import LOOPBACK_NAMES
 from vtw_core.serve.errors import logger
 from vtw_core.serve.openai_api import MAX_DECODING, ChatService, build_app, source_name
 from vtw_core.serve.protocol import DEFAULT_LIMITS, RequestLimits
@@ -77,9 +78,13 @@ def serve(
     api_key: str | None = None,
     allowed_origins: Iterable[str] = (),
     docs: bool = False,
+    allowed_hosts: Iterable[str] | None = None,
     sock: socket.socket | None = None,
 ) -> None:
-    """Serve until interrupted (Ctrl-C or SIGTERM); `sock`: the address bound beforehand (`bind_socket`)."""
+    """Serve until interrupted (Ctrl-C or SIGTERM); `sock`: the address bound beforehand (`bind_socket`).
+
+    `allowed_hosts`: names the `Host` header may carry besides this machine's (`localhost`, `127.0.0.1`, `[::1]`),
+    "*" for any; None: this machine's names on a loopback address (no DNS rebinding), any name on others."""
     import torch
     import uvicorn
 
@@ -113,5 +118,9 @@ def serve(
     if api_key is None and not is_loopback(host):
         print(f"warning: {host} takes requests from the network and no --api-key is set: anyone who reaches the "
               "port can use the model", file=sys.stderr, flush=True)  # fmt: skip
-    app = build_app(service, api_key=api_key, allowed_origins=allowed_origins, docs=docs)
+    if allowed_hosts is not None:
+        allowed_hosts = LOOPBACK_NAMES | frozenset(allowed_hosts)
+    elif is_loopback(host):
+        allowed_hosts = LOOPBACK_NAMES
+    app = build_app(service, api_key=api_key, allowed_origins=allowed_origins, docs=docs, allowed_hosts=allowed_hosts)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+from vtw_core.models.checkpoint import save_in_hub_layout
 from vtw_core.testing.tokenizers import LLAVA_IMAGE_TOKEN
 from vtw_core.training.data import (
     MAX_TURNS,
@@ -244,7 +245,8 @@ def train(
 
 
 def _save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: Path, summary: dict) -> None:
-    """Save an fp16 copy of the weights (the training model stays fp32), the processor and a summary."""
+    """Save an fp16 copy of the weights (the training model stays fp32) under the hub's names, the processor and a
+    summary."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = processor.tokenizer
     with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the training's random stream
@@ -258,5 +260,6 @@ def _save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: 
         do_sample=False,
     )
     copy.half().save_pretrained(out)
+    save_in_hub_layout(out)  # the hub's tensor names, which vLLM loads too
     processor.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
