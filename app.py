@@ -10,18 +10,9 @@ import os
 import sys
 
 
-def port_number(text: str) -> int:
-    """A TCP port, 1..65535, checked before the model loads."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, got {port}")
-    return port
-
-
 def main() -> int:
+    from vtw_core.cli.args import at_least, port_number  # light: argument types only
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=os.environ.get("VTW_MODEL"), help="hub id or local folder (or VTW_MODEL)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
@@ -31,7 +22,8 @@ def main() -> int:
     parser.add_argument("--dtype", default=os.environ.get("VTW_DTYPE", "auto"), help="auto, bfloat16, ...")
     parser.add_argument("--attention", default=os.environ.get("VTW_ATTENTION", "auto"), help="auto, sdpa, eager, ...")
     parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default 1, or $VTW_THREADS; docs/engines.md)")
+    parser.add_argument("--threads", type=at_least(1),
+                        help="torch CPU threads (default 1, or $VTW_THREADS; docs/engines.md)")  # fmt: skip
     parser.add_argument(
         "--backend-url",
         default=os.environ.get("VTW_BACKEND_URL"),

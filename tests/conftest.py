@@ -24,10 +24,18 @@ from PIL import Image, ImageDraw
 
 from vtw_core.testing.tiny import build_tiny_model
 
-# The two longest test files (about 4.5 and 2.5 minutes of one core) first, one to each of the first two parallel
-# workers (pytest-xdist, one file per worker at a time, `--no-loadscope-reorder`): the workers then finish close
-# together instead of one of them starting a long file last.
-SLOWEST_FIRST = ("test_lmms_eval.py", "test_default_model.py")
+# The longest test files first, longest to shortest (1-2 minutes each on one core, from pytest --durations),
+# handed to the parallel workers as they free up (pytest-xdist, one file per worker at a time,
+# `--no-loadscope-reorder`): the workers then finish close together instead of one starting a long file last.
+SLOWEST_FIRST = (
+    "test_app_browser.py",
+    "test_default_model.py",
+    "test_app_tabs.py",
+    "test_lmms_eval.py",
+    "test_serve_ray_cluster.py",
+    "test_serve_ray.py",
+    "test_compiled_prefill.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

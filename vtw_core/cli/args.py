@@ -19,6 +19,17 @@ from vtw_core.models.defaults import require_model
 KL_OVER = ("prompt", "reply")
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 1..65535, checked before a model loads (the app's --port too)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, got {port}")
+    return port
+
+
 def at_least(low: int) -> Callable[[str], int]:
     """An argparse type: a whole number >= low."""
 

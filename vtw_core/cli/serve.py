@@ -10,19 +10,8 @@ import argparse
 import math
 from typing import Any
 
-from vtw_core.cli.args import add_model_options, at_least, load_model
+from vtw_core.cli.args import add_model_options, at_least, load_model, port_number
 from vtw_core.errors import VTWError
-
-
-def port_number(text: str) -> int:
-    """A TCP port, 1..65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, got {port}")
-    return port
 
 
 def milliseconds(text: str) -> float:
