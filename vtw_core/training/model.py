@@ -15,8 +15,9 @@ IMAGE_SIZE = 72
 PATCH_SIZE = 3
 VISION_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 576, a 24x24 grid as in LLaVA-1.5
 
-# Sizes of the shipped model (v3): LLaVA-1.5's proportions, so that VTW's saving shows on a CPU. The decoder is
-# wide enough that a layer's arithmetic outweighs the fixed cost of calling it (v2, 128 wide, was not).
+# Sizes of the shipped model (v3, and v4, its chat fine-tune): LLaVA-1.5's proportions, so that VTW's saving
+# shows on a CPU. The decoder is wide enough that a layer's arithmetic outweighs the fixed cost of calling it
+# (v2, 128 wide, was not).
 HIDDEN = 256
 LAYERS = 16
 HEADS = 4
