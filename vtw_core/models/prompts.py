@@ -50,7 +50,10 @@ def count_image_items(messages: list[Message], kind: str = "image") -> int:
 
 @lru_cache(maxsize=16)
 def _reserved_pattern(reserved: tuple[str, ...]) -> re.Pattern[str]:
-    return re.compile("|".join(re.escape(text) for text in sorted(reserved, key=len, reverse=True)))
+    # In any case: a template may change the case of user text (the default model's lowers it), and `<IMAGE>`
+    # must not become `<image>` there.
+    alternatives = "|".join(re.escape(text) for text in sorted(reserved, key=len, reverse=True))
+    return re.compile(alternatives, re.IGNORECASE)
 
 
 def reserved_strings(processor: Any) -> tuple[str, ...]:
@@ -65,7 +68,7 @@ def as_plain_text(text: str, reserved: tuple[str, ...]) -> str:
     """`text` with every reserved string broken by an invisible word joiner, so it tokenises as plain text.
 
     The template's own special tokens and role markers are then the only ones in the prompt: a user who types
-    `</s>` or `USER:` cannot end the turn or forge another one.
+    `</s>` or `USER:` (or `<IMAGE>`, for a template that lowers the case) cannot end the turn or forge another one.
     """
     if not reserved:
         return text

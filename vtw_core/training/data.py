@@ -15,7 +15,6 @@ from transformers import LlamaTokenizer, LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from vtw_core.models.prompts import assistant_message, render_prompt, user_message
-from vtw_core.testing.templates import LLAVA_CHAT_TEMPLATE
 from vtw_core.testing.tokenizers import LLAVA_IMAGE_TOKEN, llava_tokenizer
 from vtw_core.training import easyvqa
 from vtw_core.training.easyvqa import COLOURS, SHAPES, YES_NO, answer_sentence, image_attributes, yes_no_subject
@@ -55,6 +54,25 @@ def build_tokenizer() -> LlamaTokenizer:
     return llava_tokenizer(tuple(_corpus()), BPE_PIECES, exact=False)
 
 
+# LLaVA-1.5's template, with the user's text in lower case: easy-vqa's questions are, and so is everything the
+# model was trained on, so "What shape is in the image?" reaches it as the question it knows (the tokenizer,
+# trained on that text, would otherwise spell the capitals byte by byte). Replies keep their case.
+DEFAULT_MODEL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}"
+    "{{ (message['content'] | lower if message['role'] == 'user' else message['content']) + ' ' }}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ (content['text'] | lower if message['role'] == 'user' else content['text']) + ' ' }}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
 def build_processor() -> LlavaProcessor:
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
@@ -65,7 +83,7 @@ def build_processor() -> LlavaProcessor:
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by the "default" strategy
-        chat_template=LLAVA_CHAT_TEMPLATE,
+        chat_template=DEFAULT_MODEL_CHAT_TEMPLATE,
     )
 
 
