@@ -122,23 +122,35 @@ def test_training_replies_say_what_the_image_shows_before_yes_or_no():
     assert training_replies(pairs, ("circle", None)) == [("what shape is in the image?", "Circle.")]
 
 
-def test_a_packed_row_computes_each_question_as_its_own_single_turn_prompt():
-    """Training packs ~10 questions behind one image with a block mask; each must see exactly what the
-    single-turn prompt at inference sees, so the logits of every segment equal a separate forward pass."""
+def tiny_model_and_image():
+    """The default model's processor, a seeded 2-layer model of its shape, the first test image and its pixels."""
     processor = build_processor()
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(
         build_config(processor.tokenizer, layers=2, hidden=32, vision_hidden=32, vision_layers=1)
     ).eval()
     image = Image.open(load_images("test")[0][0]).convert("RGB")
-    pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]
-    pairs = [("what color is the shape?", "Red."), ("is there a circle?", "Triangle. Is it a circle? No.")]
-    ids, labels, positions, segments = encode_image_questions(processor, pairs)
-    batch = _batch([(pixels[0], ids, labels, positions, segments)], processor.tokenizer.pad_token_id)
+    return processor, model, image, processor.image_processor([image], return_tensors="pt")["pixel_values"]
+
+
+def packed_logits(processor, model, pixels, row) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of one packed training row (ids, labels, positions, segments) under its block mask, and the
+    segment number of each position."""
+    batch = _batch([(pixels[0], *row)], processor.tokenizer.pad_token_id)
     inputs = {name: value for name, value in batch.items() if name not in ("labels", "segments")}
     with torch.no_grad():
         packed = model(**inputs, attention_mask=segment_mask(batch["segments"])).logits[0]
-        segment_ids = torch.tensor(segments)
+    return packed, torch.tensor(row[3])
+
+
+def test_a_packed_row_computes_each_question_as_its_own_single_turn_prompt():
+    """Training packs ~10 questions behind one image with a block mask; each must see exactly what the
+    single-turn prompt at inference sees, so the logits of every segment equal a separate forward pass."""
+    processor, model, image, pixels = tiny_model_and_image()
+    pairs = [("what color is the shape?", "Red."), ("is there a circle?", "Triangle. Is it a circle? No.")]
+    row = encode_image_questions(processor, pairs)
+    packed, segment_ids = packed_logits(processor, model, pixels, row)
+    with torch.no_grad():
         for number, (question, reply) in enumerate(pairs, start=1):
             message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
             prompt = processor.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
@@ -147,7 +159,7 @@ def test_a_packed_row_computes_each_question_as_its_own_single_turn_prompt():
             mine = packed[segment_ids == number]
             # The packed segment starts after the shared prefix and ends with </s>, which the text lacks.
             assert torch.allclose(mine[:-1], alone[len(alone) - len(mine) + 1 :], atol=1e-5)
-    assert packed.shape[0] == len(ids)
+    assert packed.shape[0] == len(row[0])
 
 
 CHAT = [
@@ -191,20 +203,11 @@ def test_a_conversation_row_is_the_chat_the_app_sends():
 def test_packed_conversations_compute_each_turn_as_the_chat_alone():
     """Two conversations and a single question behind one image: each is computed as its own chat (logits of a
     separate forward pass of the last turn's whole prompt + reply), blind to the others."""
-    processor = build_processor()
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(
-        build_config(processor.tokenizer, layers=2, hidden=32, vision_hidden=32, vision_layers=1)
-    ).eval()
-    image = Image.open(load_images("test")[0][0]).convert("RGB")
-    pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]
+    processor, model, _image, pixels = tiny_model_and_image()
     conversations = [CHAT, [("what shape is in the image?", "Triangle.")], CHAT[1:]]
-    ids, labels, positions, segments = encode_image_conversations(processor, conversations)
-    batch = _batch([(pixels[0], ids, labels, positions, segments)], processor.tokenizer.pad_token_id)
-    inputs = {name: value for name, value in batch.items() if name not in ("labels", "segments")}
+    row = encode_image_conversations(processor, conversations)
+    packed, segment_ids = packed_logits(processor, model, pixels, row)
     with torch.no_grad():
-        packed = model(**inputs, attention_mask=segment_mask(batch["segments"])).logits[0]
-        segment_ids = torch.tensor(segments)
         for number, turns in enumerate(conversations, start=1):
             alone_ids, *_ = encode_image_conversations(processor, [turns])
             alone = model(input_ids=torch.tensor([alone_ids]), pixel_values=pixels).logits[0]
