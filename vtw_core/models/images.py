@@ -85,7 +85,7 @@ def image_header_size(
         if formats:
             kinds = " or ".join([", ".join(formats[:-1]), formats[-1]] if len(formats) > 1 else formats)
             raise InputError(f"{name} is not a {kinds} image") from error
-        raise InputError(f"{name} is not an image PIL can read") from error
+        raise InputError(f"{name} is not an image (PNG, JPEG, WebP, ...)") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise InputError(f"{name} is corrupt or truncated ({error})") from error
     _check_size(size, max_pixels, name)
