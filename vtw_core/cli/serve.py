@@ -59,7 +59,7 @@ def host_names(text: str) -> list[str]:
     """`api.example.com,gpu-box` -> the names (no scheme, port or path), or ["*"]."""
     found = [name.strip().lower() for name in text.split(",") if name.strip()]
     for name in found:
-        if name != "*" and (not name or any(character in name for character in "/ @")):
+        if name != "*" and any(character in name for character in "/ @"):
             raise argparse.ArgumentTypeError(f"{name!r} is not a host name such as api.example.com")
     if not found:
         raise argparse.ArgumentTypeError("name at least one host, or * for any")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from vtw_core.serve.errors import APIError
 
@@ -53,9 +53,13 @@ def host_name(header: str) -> str:
     return header.partition(":")[0]
 
 
-def allowed_host(name: str) -> str:
-    """A configured host name as `host_name` gives it: lower case, an IPv6 address without brackets."""
-    return name.strip().lower().removeprefix("[").removesuffix("]")
+def host_allowlist(names: Iterable[str] | None) -> frozenset[str] | None:
+    """Configured host names as `host_name` gives them (lower case, an IPv6 address without brackets); None, or a
+    "*" among them: any host."""
+    if names is None:
+        return None
+    allowed = frozenset(name.strip().lower().removeprefix("[").removesuffix("]") for name in names)
+    return None if "*" in allowed else allowed
 
 
 def check_host(allowed: frozenset[str] | None, headers: Mapping[str, str]) -> None:

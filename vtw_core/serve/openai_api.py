@@ -37,7 +37,7 @@ from vtw_core.engine.methods import Method, parse_method
 from vtw_core.generation.manager import ModelManager
 from vtw_core.models.defaults import default_model
 from vtw_core.serve.admission import Admission, BodyBudget
-from vtw_core.serve.auth import allowed_host, check_api_key, check_host
+from vtw_core.serve.auth import check_api_key, check_host, host_allowlist
 from vtw_core.serve.batching import Batcher, Job
 from vtw_core.serve.errors import APIError, bad_request, from_exception, log_refusal, logger
 from vtw_core.serve.protocol import (
@@ -290,21 +290,20 @@ async def read_json(
         if declared is not None and declared.isdigit():
             budget.take(int(declared))  # the declared length at once: the body cannot be longer than declared
             taken = int(declared)
-        try:
-            async with asyncio.timeout(seconds):
-                async for chunk in request.stream():
-                    data.extend(chunk)
-                    if len(data) > max_bytes:
-                        raise too_large
-                    if len(data) > taken:
-                        budget.take(len(data) - taken)
-                        taken = len(data)
-        except TimeoutError:
-            raise APIError(408, f"the request body did not arrive within {seconds:g} s",
-                           code="request_timeout") from None  # fmt: skip
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                data.extend(chunk)
+                if len(data) > max_bytes:
+                    raise too_large
+                if len(data) > taken:
+                    budget.take(len(data) - taken)
+                    taken = len(data)
         if len(data) > THREADPOOL_JSON_BYTES:
             return await run_in_threadpool(_loads, data)
         return _loads(data)
+    except TimeoutError:  # only the timeout above raises it
+        raise APIError(408, f"the request body did not arrive within {seconds:g} s",
+                       code="request_timeout") from None  # fmt: skip
     finally:
         budget.give(taken)
 
@@ -358,7 +357,7 @@ class _CatchAll:
                 await error_response(api_error)(scope, receive, send)
 
 
-class APIKeyMiddleware:
+class AccessMiddleware:
     """The `Host` header (400 for a name not allowed) and `Authorization: Bearer KEY` on every route but /health
     (401), `vtw_core.serve.auth`."""
 
@@ -429,9 +428,7 @@ def build_app(
         openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
-    hosts = None if allowed_hosts is None else frozenset(allowed_host(host) for host in allowed_hosts)
-    hosts = None if hosts is None or "*" in hosts else hosts
-    app.add_middleware(APIKeyMiddleware, api_key=api_key, allowed_hosts=hosts)
+    app.add_middleware(AccessMiddleware, api_key=api_key, allowed_hosts=host_allowlist(allowed_hosts))
     # Outermost: preflights are answered (and refused for other origins) before the key is asked for.
     app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                        allow_headers=["Authorization", "Content-Type"], max_age=600)  # fmt: skip

@@ -14,17 +14,22 @@ def _media_items(image: str, video: str) -> str:
     )
 
 
-def _user_assistant_template(media: str) -> str:
+def _user_assistant_template(media: str, lower_user_text: bool = False) -> str:
     """LLaVA's "USER: {media}{text} ASSISTANT:" turns; `media` is the Jinja loop that writes a turn's images and
-    videos before its text."""
+    videos before its text. `lower_user_text`: the user's text in lower case (replies keep theirs)."""
+
+    def text(value: str) -> str:
+        return f"({value} | lower if message['role'] == 'user' else {value})" if lower_user_text else value
+
+    whole, part = text("message['content']"), text("content['text']")
     return (
         "{% for message in messages %}"
         "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
-        "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+        f"{{% if message['content'] is string %}}{{{{ {whole} + ' ' }}}}"
         "{% else %}"
         f"{media}"
         "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-        "{{ content['text'] + ' ' }}"
+        f"{{{{ {part} + ' ' }}}}"
         "{% endfor %}"
         "{% endif %}"
         "{% endfor %}"
@@ -46,9 +51,12 @@ def _chatml_template(image: str, video: str) -> str:
 
 # llava-hf/llava-1.5-7b-hf's template ("USER: <image>\n{text} ASSISTANT:"; images of a turn first, then its
 # text), extended to accept plain-string content.
-LLAVA_CHAT_TEMPLATE = _user_assistant_template(
+_LLAVA_IMAGES = (
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
 )
+LLAVA_CHAT_TEMPLATE = _user_assistant_template(_LLAVA_IMAGES)
+# The same with the user's text in lower case: the embedded default model's (vtw_core/training/data.py says why).
+LLAVA_LOWER_CASE_CHAT_TEMPLATE = _user_assistant_template(_LLAVA_IMAGES, lower_user_text=True)
 
 # Qwen/Qwen2-VL-7B-Instruct's ChatML template (also used by Qwen2.5-VL), verbatim.
 QWEN_CHAT_TEMPLATE = (

@@ -15,6 +15,7 @@ from transformers import LlamaTokenizer, LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from vtw_core.models.prompts import assistant_message, render_prompt, user_message
+from vtw_core.testing.templates import LLAVA_LOWER_CASE_CHAT_TEMPLATE
 from vtw_core.testing.tokenizers import LLAVA_IMAGE_TOKEN, llava_tokenizer
 from vtw_core.training import easyvqa
 from vtw_core.training.easyvqa import COLOURS, SHAPES, YES_NO, answer_sentence, image_attributes, yes_no_subject
@@ -57,20 +58,7 @@ def build_tokenizer() -> LlamaTokenizer:
 # LLaVA-1.5's template, with the user's text in lower case: easy-vqa's questions are, and so is everything the
 # model was trained on, so "What shape is in the image?" reaches it as the question it knows (the tokenizer,
 # trained on that text, would otherwise spell the capitals byte by byte). Replies keep their case.
-DEFAULT_MODEL_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
-    "{% if message['content'] is string %}"
-    "{{ (message['content'] | lower if message['role'] == 'user' else message['content']) + ' ' }}"
-    "{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ (content['text'] | lower if message['role'] == 'user' else content['text']) + ' ' }}"
-    "{% endfor %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+DEFAULT_MODEL_CHAT_TEMPLATE = LLAVA_LOWER_CASE_CHAT_TEMPLATE
 
 
 def build_processor() -> LlavaProcessor:

@@ -135,8 +135,8 @@ def train(
     # Stage 2, end to end. The pretrained tower moves more slowly (vision_lr_scale) so that the randomly
     # initialised projector and decoder cannot wash out its shape features in the first steps.
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    pretrained = vision_epochs > 0 or token_epochs > 0 or init is not None
     for name, parameter in model.named_parameters():
-        pretrained = vision_epochs > 0 or token_epochs > 0 or init is not None
         in_tower = name.startswith("model.vision_tower.") and pretrained
         decays = parameter.ndim >= 2 and "embed" not in name
         groups.setdefault((in_tower, decays), []).append(parameter)
