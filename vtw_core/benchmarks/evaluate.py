@@ -74,51 +74,22 @@ def evaluate_side(
     progress: Progress | None = None,
     share_image_prefill: bool = True,
 ) -> SideResult:
-    """Greedy replies for every item at one K (None: baseline), scored, timed, with analytic FLOPs.
+    """Greedy replies for every item at one K (None: baseline), scored, timed, with analytic FLOPs: the
+    one-turn case of `evaluate_turns`, each item a conversation of its own.
 
     `share_image_prefill`: consecutive questions about one image form a batch that runs the image's prefix once
     (vtw_core.engine.shared_prefill; schedules cannot, and batch as usual). FLOPs stay those of one question alone.
     """
-    known = answers()
-    vocabulary = known if all(item.answer in known for item in items[:50]) else []
-    tokenizer = getattr(processor, "tokenizer", processor)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
-    correct = 0
-    prefill_flops = decode_flops = 0
-    started = time.perf_counter()
-    share = share_image_prefill and schedule is None
-    done = 0
-    ran: dict[str, None] = {}  # in order of first use
-    for chunk in batches(items, batch_size, by_image=share):
-        conversations = [[user_message(item.question, 1)] for item in chunk]
-        images = [[_image(item.image)] for item in chunk]
-        stats = GenerationStats(k=k, num_layers=num_decoder_layers(model.config))
-        outputs = generate_batch(
-            model,
-            processor,
-            conversations,
-            images,
-            k=k,
-            sampling=sampling,
-            stats=stats,
-            schedule=schedule,
-            prefill_engine="shared" if share else "plain",
-        )
-        ran.setdefault(stats.prefill_engine, None)
-        prefill_flops += stats.prefill_flops
-        decode_flops += stats.decode_flops
-        for item, ids in zip(chunk, outputs, strict=True):
-            correct += is_correct(tokenizer.decode(ids, skip_special_tokens=True), item.answer, vocabulary)
-        done += len(chunk)
-        if progress is not None:
-            progress(done, len(items))
-    elapsed = time.perf_counter() - started
-    count = max(len(items), 1)
-    label = schedule.name if schedule is not None else ("baseline" if k is None else f"VTW K={k}")
-    return SideResult(
-        k, label, correct / count, correct, len(items), elapsed, prefill_flops / count, decode_flops / count,
-        "; ".join(ran) or "plain",
-    )  # fmt: skip
+    if not items:
+        return SideResult(k, _label(k, schedule), 0.0, 0, 0, 0.0, 0.0, 0.0, "plain")
+    (result,) = evaluate_turns(model, processor, [[item] for item in items], k, schedule=schedule,
+                               batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                               share_image_prefill=share_image_prefill)  # fmt: skip
+    return result
+
+
+def _label(k: int | None, schedule: Schedule | None) -> str:
+    return schedule.name if schedule is not None else ("baseline" if k is None else f"VTW K={k}")
 
 
 def conversations_of(items: Sequence[VQAItem], turns: int) -> list[list[VQAItem]]:
@@ -142,6 +113,7 @@ def evaluate_turns(
     conversations: Sequence[Sequence[VQAItem]],
     k: int | None,
     *,
+    schedule: Schedule | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 16,
     progress: Progress | None = None,
@@ -153,8 +125,9 @@ def evaluate_turns(
     one only, the model's own earlier replies as `assistant_message`s) and as the model's chat template writes
     it; VTW withdraws the image after layer K for that whole prompt, the follow-up question included. Every
     reply is scored like a single question (`is_correct`). A batch holds conversations about one image when
-    `share_image_prefill` (they share its prefix, `vtw_core.engine.shared_prefill`), else up to `batch_size`
-    of any. FLOPs per question are those of the turn's whole prompt, alone.
+    `share_image_prefill` (they share its prefix, `vtw_core.engine.shared_prefill`; schedules cannot), else up to
+    `batch_size` of any. FLOPs per question are those of the turn's whole prompt, alone; a turn's wall time is
+    everything it took (turn 1's includes reading the images).
     """
     if not conversations:
         raise InputError("no conversations to evaluate (fewer questions per image than turns?)")
@@ -170,16 +143,17 @@ def evaluate_turns(
     prefill_flops = [0.0] * turns
     decode_flops = [0.0] * turns
     elapsed = [0.0] * turns
-    ran: list[dict[str, None]] = [{} for _ in range(turns)]
+    ran: list[dict[str, None]] = [{} for _ in range(turns)]  # in order of first use
+    share = share_image_prefill and schedule is None
     done = 0
-    for group in _conversation_batches(conversations, batch_size, share_image_prefill):
+    for group in _conversation_batches(conversations, batch_size, share):
+        started = time.perf_counter()
         images = [[_image(conversation[0].image)] for conversation in group]
         chats: list[list] = [[] for _ in group]
         for turn in range(turns):
             for chat, conversation in zip(chats, group, strict=True):
                 chat.append(user_message(conversation[turn].question, 1 if turn == 0 else 0))
             stats = GenerationStats(k=k, num_layers=num_decoder_layers(model.config))
-            started = time.perf_counter()
             outputs = generate_batch(
                 model,
                 processor,
@@ -188,9 +162,9 @@ def evaluate_turns(
                 k=k,
                 sampling=sampling,
                 stats=stats,
-                prefill_engine="shared" if share_image_prefill else "plain",
+                schedule=schedule,
+                prefill_engine="shared" if share else "plain",
             )
-            elapsed[turn] += time.perf_counter() - started
             ran[turn].setdefault(stats.prefill_engine, None)
             prefill_flops[turn] += stats.prefill_flops
             decode_flops[turn] += stats.decode_flops
@@ -198,11 +172,14 @@ def evaluate_turns(
                 reply = tokenizer.decode(ids, skip_special_tokens=True)
                 correct[turn] += is_correct(reply, conversation[turn].answer, vocabulary)
                 chat.append(assistant_message(reply))  # the model's own reply, as the app keeps it
+            now = time.perf_counter()
+            elapsed[turn] += now - started
+            started = now
         done += len(group)
         if progress is not None:
             progress(done, len(conversations))
     count = len(conversations)
-    label = "baseline" if k is None else f"VTW K={k}"
+    label = _label(k, schedule)
     results = []
     for turn in range(turns):
         results.append(
