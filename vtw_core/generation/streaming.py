@@ -1,5 +1,5 @@
 """The bookkeeping every streamed reply shares, alone (`generate.stream_generate`) or in a batch
-(`batch_stream.stream_generate_batch`): its stats, its text as transformers' streamer cuts it into words, the
+(`batch_stream.stream_generate_batch`): its stats, its text as soon as each token's text is whole, the
 events it yields, its timings, how it ends, and the device running out of memory.
 """
 
@@ -65,7 +65,52 @@ def out_of_memory_as_resource_error(device: torch.device, advice: str) -> Iterat
         raise ResourceError(f"the device ran out of memory; {advice}") from error
 
 
-class TextCollector(TextStreamer):
+class TextCollector:
+    """A reply's text, handed out as soon as each token's text is whole, as vLLM and TGI stream it.
+
+    After each token the reply is decoded whole and the text past what went out is handed out, unless it ends in
+    a character whose bytes are still arriving (U+FFFD); at the end whatever is held goes out. For any reply that
+    decodes to text, the pieces add up to `tokenizer.decode` of the reply. (transformers' streamer decodes whole
+    too, but holds each word until the next one starts: a one-word answer arrived a decode step late.)
+    Tokenizers whose decoding cleans up spaces around punctuation, which changes text already out, keep that
+    streamer.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = 0  # characters handed out so far
+        self.pending = ""
+        self.words = _WordCollector(tokenizer) if getattr(tokenizer, "clean_up_tokenization_spaces", False) else None
+
+    def put(self, token: int) -> None:
+        if self.words is not None:
+            self.words.put(torch.tensor([token]))
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self._catch_up(text)
+
+    def end(self) -> None:
+        if self.words is not None:
+            self.words.end()
+        else:
+            self._catch_up(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def take(self) -> str:
+        if self.words is not None:
+            self.pending += self.words.take()
+        text, self.pending = self.pending, ""
+        return text
+
+    def _catch_up(self, text: str) -> None:
+        if len(text) > self.sent:
+            self.pending += text[self.sent :]
+            self.sent = len(text)
+
+
+class _WordCollector(TextStreamer):
     """transformers' streamer decides where words end; we collect its text instead of printing it."""
 
     def __init__(self, tokenizer: Any):
@@ -97,7 +142,7 @@ class TextStream:
             self.stats.finish_reason = "eos"
             self.done = True
         else:
-            self.collector.put(torch.tensor([token]))
+            self.collector.put(token)
         return self._event()
 
     def finish(self, reason: str | None) -> StreamEvent:
