@@ -51,7 +51,7 @@ def main() -> int:
             demo = build_demo(manager, banner=f"Answers come from the server at {manager.base_url}.")
             serve(demo, args.host, args.port, args.share)
             return 0
-        from vtw_core.runtime import configure_process
+        from vtw_core.runtime import configure_process, release_openmp_threads
 
         # One thread unless asked (both sides of a turn then meet the same machine), and one malloc pool that keeps
         # freed pages, so the side that runs first does not pay the page faults the other one skips.
@@ -67,6 +67,7 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     demo = build_demo(manager)
+    release_openmp_threads()  # the page's worker threads compute from now on, not the one that warmed up
     try:
         serve(demo, args.host, args.port, args.share)
     except OSError as error:  # the port is taken, or the host cannot be bound

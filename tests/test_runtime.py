@@ -81,3 +81,26 @@ class _Parser:
         args = self.parser.parse_args(argv)
         args.handler = self.handler
         return args
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts the threads in /proc")
+def test_idle_openmp_workers_are_handed_back():
+    """The loading thread's OpenMP workers go (so the serving thread's workers spin between operators, not sleep);
+    the next parallel operator starts a team again. With one thread there is nothing to release."""
+    import subprocess
+
+    code = (
+        "import os, torch\n"
+        "from vtw_core.runtime import release_openmp_threads\n"
+        "def threads(): return len(os.listdir('/proc/self/task'))\n"
+        "torch.set_num_threads(1)\n"
+        "print(release_openmp_threads())\n"
+        "torch.set_num_threads(2)\n"
+        "torch.ones(1_000_000).mul_(2)\n"  # a parallel operator: this thread's team of workers starts
+        "before = threads()\n"
+        "print(release_openmp_threads(), before - threads())\n"
+        "torch.ones(1_000_000).mul_(2)\n"
+        "print(threads() - before)\n"
+    )
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert lines == ["False", "True", "1", "0"]

@@ -32,7 +32,7 @@ from ray.serve.handle import DeploymentHandle
 
 from vtw_core.generation.manager import ModelManager
 from vtw_core.models.defaults import require_model
-from vtw_core.runtime import THREADS_ENV, configure_process
+from vtw_core.runtime import THREADS_ENV, configure_process, release_openmp_threads
 from vtw_core.serve.auth import api_key_from
 from vtw_core.serve.errors import from_exception
 from vtw_core.serve.limits import DEFAULT_LIMITS, MAX_REQUEST_BYTES, RequestLimits
@@ -145,6 +145,7 @@ class VTWServer:
             max_image_memory=None if max_image_memory_mb is None else int(float(max_image_memory_mb) * 2**20),
             remote_policy=policy,
         )
+        release_openmp_threads()  # the batcher's thread computes from now on (vtw_core.runtime)
         # Which replica answered: a response header, so clients and tests can see the load spread.
         self.replica = serve.get_replica_context().replica_id.unique_id
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from vtw_core.errors import VTWError
 from vtw_core.generation.manager import ModelManager
+from vtw_core.runtime import release_openmp_threads
 from vtw_core.serve.auth import LOOPBACK_NAMES
 from vtw_core.serve.errors import logger
 from vtw_core.serve.openai_api import MAX_DECODING, ChatService, build_app, source_name
@@ -112,6 +113,7 @@ def serve(
         ks = (None, service.resolve_method(service.default_method).k)
         print("compiling the prefill for the baseline and the default method...", flush=True)
         manager.warm_up(ks)
+    release_openmp_threads()  # the batcher's thread computes from now on (vtw_core.runtime)
     key = "API key required" if api_key else "no API key"
     print(f"serving {service.model_id} ({manager.info.describe()}) on http://{host}:{port}/v1, default method "
           f"{service.default_method}, {torch.get_num_threads()} CPU threads, {key}", flush=True)  # fmt: skip
