@@ -15,6 +15,10 @@ shared machine hits every target alike; each target's ratio to the first target 
 round) and given as median [min-max]. The answers must agree, or the table says which differ. Then, for each
 client count, a closed loop (each client sends its next request as soon as the last one ends) runs
 `--seconds` per target in turn, `--rounds` times: requests/s, median of the rounds.
+
+`--gap` seconds pass before every timed request and every closed-loop run. Some servers keep a core busy after a
+reply: vLLM's CPU worker spins for about 0.4 s after each one. With the servers sharing cores, a request sent
+during another server's spin would be timed against that spin; the default gap (1 s) lets it end first.
 """
 
 from __future__ import annotations
@@ -141,12 +145,16 @@ def main() -> None:
                         help="client counts of the throughput table (none: skip it)")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=20.0, help="length of one closed-loop run")
     parser.add_argument("--rounds", type=int, default=3, help="closed-loop runs per target and client count")
+    parser.add_argument("--gap", type=float, default=1.0,
+                        help="seconds of quiet before each timed request and each closed-loop run")  # fmt: skip
     parser.add_argument("--api-key", default=os.environ.get("VTW_API_KEY"), help="sent as a Bearer token")
     args = parser.parse_args()
     if len({name for name, _, _ in args.target}) != len(args.target):
         parser.error("target names must differ")
     if args.repeats < 1 or args.warmup < 0 or args.max_tokens < 1 or any(c < 1 for c in args.clients):
         parser.error("--repeats, --max-tokens and --clients must be >= 1, --warmup >= 0")
+    if not args.gap >= 0:
+        parser.error("--gap must be >= 0 seconds")
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     image_url = "data:image/png;base64," + base64.b64encode(args.image.read_bytes()).decode()
@@ -161,6 +169,7 @@ def main() -> None:
         for round_index in range(args.repeats):
             shift = round_index % len(targets)
             for target in targets[shift:] + targets[:shift]:
+                time.sleep(args.gap)
                 seconds, text = streamed(client, target, bodies[target.name], headers)
                 ttft[target.name].append(seconds)
                 answers.setdefault(target.name, text)
@@ -170,7 +179,7 @@ def main() -> None:
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
     print(
         f"time to first token: median [min-max] of {args.repeats} interleaved rounds after {args.warmup} "
-        "untimed requests per target; ratios paired by round"
+        f"untimed requests per target, {args.gap:g} s apart; ratios paired by round"
     )
     print(f"| target | model | method | TTFT ms | vs {reference} | answer |")
     print("|---|---|---|---|---|---|")
@@ -197,6 +206,7 @@ def main() -> None:
     for clients in args.clients:
         for _ in range(args.rounds):
             for target in targets:
+                time.sleep(args.gap)
                 rates[target.name][clients].append(
                     closed_loop(target, plain[target.name], headers, clients, args.seconds)
                 )
