@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import NUM_LAYERS, build_model, prompt_inputs
+from test_engine import NUM_LAYERS, build_model, processor_inputs, prompt_inputs, sample_image
 from test_fast_prefill import generated
 
 from vtw_core.engine.compiled_prefill import compiled_prefill, fallback_reason
@@ -25,6 +25,21 @@ def llava():
 @pytest.mark.parametrize("k", [None, 0, 2])
 def test_logits_and_decode_state_match_the_plain_prefill(llava, k):
     model, inputs = llava
+    assert_matches_the_plain_prefill(model, inputs, k)
+
+
+@pytest.mark.parametrize("k", [None, 0, 2])
+def test_a_left_padded_batch_matches_the_plain_prefill(llava, k):
+    """Rows with 0, 1 and 2 images: every row has its own length and, from K, its own count of kept tokens."""
+    model, _ = llava
+    inputs = processor_inputs("llava", [[], [sample_image()], [sample_image(), sample_image(seed=1)]])
+    assert not bool(inputs["attention_mask"].all())  # really left-padded
+    assert_matches_the_plain_prefill(model, inputs, k)
+    same = {name: torch.cat([value, value]) for name, value in llava[1].items()}  # equal rows: no padding, no mask
+    assert_matches_the_plain_prefill(model, same, k)
+
+
+def assert_matches_the_plain_prefill(model, inputs, k):
     prompt = embed_prompt(model, inputs)
     selector = withdrawal_selector(k, NUM_LAYERS)
     plain_logits, plain_state = prefill(model, prompt, selector)
@@ -72,11 +87,9 @@ def test_what_it_cannot_trace_falls_back_to_the_plain_prefill(llava):
 
     assert fallback_reason(model, prompt, ScheduleSelector(model, schedule, NUM_LAYERS), "original") == "schedule"
     assert fallback_reason(model, prompt, None, "rearrange") == "rearranged positions"
-    batch = {name: torch.cat([value, value]) for name, value in inputs.items()}
-    two = embed_prompt(model, batch)
-    logits, _, ran = compiled_prefill(model, two, Withdrawal(2))
-    assert ran == "plain (several or padded prompts)"
-    assert torch.equal(logits, prefill(model, two, Withdrawal(2))[0])
+    logits, _, ran = compiled_prefill(model, prompt, Withdrawal(2), "rearrange")
+    assert ran == "plain (rearranged positions)"
+    assert torch.equal(logits, prefill(model, prompt, Withdrawal(2), "rearrange")[0])
 
 
 def test_multimodal_rotary_positions_fall_back():
@@ -102,6 +115,29 @@ def test_the_default_model_answers_easy_vqa_questions_the_same(default_manager_c
             assert ours.stats.prefill_engine == "compiled" and ours.token_ids == theirs.token_ids, item.question
 
 
+def test_a_batch_of_test_questions_gets_the_replies_each_gets_alone(default_manager_compiled):
+    """The server's batches: questions of different lengths, left-padded, through the compiled prefill."""
+    from vtw_core.generation.types import SamplingConfig
+    from vtw_core.models.images import load_image
+    from vtw_core.models.prompts import user_message
+    from vtw_core.training.easyvqa import load_split
+
+    compiled, plain = default_manager_compiled
+    items = load_split("test")[12:20]
+    conversations = [[user_message(item.question)] for item in items]
+    images = [[load_image(item.image)] for item in items]
+    assert len({len(item.question) for item in items}) > 1
+    sampling = SamplingConfig(max_new_tokens=6)
+    for k in (None, 5):
+        batched = {}
+        for row, event in compiled.stream_batch(conversations, images, k=k, sampling=sampling):
+            if event.finished:
+                batched[row] = (event.token_ids, event.stats.prefill_engine)
+        for row, item in enumerate(items):
+            alone = plain.generate(conversations[row], images[row], k=k, sampling=sampling)
+            assert batched[row] == (alone.token_ids, "compiled"), item.question
+
+
 @pytest.fixture(scope="module")
 def default_manager_compiled():
     from vtw_core.generation.manager import ModelManager
@@ -119,7 +155,31 @@ def test_serve_compiles_the_baseline_and_its_default_method_before_listening(def
 
     compiled, _ = default_manager_compiled
     warmed = []
-    monkeypatch.setattr(type(compiled), "warm_up", lambda self, ks: warmed.append(list(ks)))
+    monkeypatch.setattr(type(compiled), "warm_up", lambda self, ks, batches: warmed.append((list(ks), batches)))
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
     standalone.serve(compiled, port=0, sock=standalone.bind_socket("127.0.0.1", 0))
-    assert warmed == [[None, compiled.info.searched_k]]  # the default method: VTW at the shipped K
+    standalone.serve(compiled, port=0, sock=standalone.bind_socket("127.0.0.1", 0), max_batch_size=1)
+    k = compiled.info.searched_k  # the default method: VTW at the shipped K
+    assert warmed == [([None, k], True), ([None, k], False)]  # batches too, unless the server never batches
+
+
+def test_a_warm_up_leaves_nothing_to_compile_for_a_batch(default_manager_compiled):
+    """After `warm_up(..., batches=True)`, batches of equal and of left-padded prompts run without recompiling."""
+    import torch._dynamo
+
+    from vtw_core.engine import compiled_prefill as module
+    from vtw_core.generation.types import SamplingConfig
+    from vtw_core.models.images import load_image
+    from vtw_core.models.prompts import user_message
+    from vtw_core.training.easyvqa import load_split
+
+    compiled, _ = default_manager_compiled
+    compiled.warm_up([None], batches=True)
+    items = load_split("test")[:3]
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for rows in (items[:1], [items[0]] * 3, items):
+        conversations, images = [[user_message(i.question)] for i in rows], [[load_image(i.image)] for i in rows]
+        for _ in compiled.stream_batch(conversations, images, sampling=SamplingConfig(max_new_tokens=2)):
+            pass
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+    assert module._compiled_loop._torchdynamo_orig_callable is module._layer_loop

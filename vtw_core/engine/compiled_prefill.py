@@ -6,13 +6,15 @@ activations in memory. Compiled, inductor fuses them into a few loops per layer;
 on the same library kernels. Same layers, same arithmetic order per element: logits agree with the plain prefill
 to a few ulps (tests: greedy tokens equal, logits within 1e-4).
 
-The pass is the plain one restricted to what can be traced without reading a tensor's value: one prompt without
-padding (so every layer attends causally, as the plain prefill does with no mask) and VTW's withdrawal at K,
-whose kept positions are computed before the pass and handed to it. The sequence length is a symbolic size, so
-prompts of any length share one compiled graph per K (the first call compiles: ~20-40 s on two cores; later
-lengths reuse it). Anything else falls back to the plain prefill, with the reason in the engine's name: batches
-of several prompts, schedules (FastV, G-Search), rearranged positions, flash attention, multimodal rotary
-positions (Qwen2-VL's 3-D ids) and per-layer vision additions (Qwen3-VL).
+The pass is the plain one restricted to what can be traced without reading a tensor's value: VTW's withdrawal at K,
+whose kept tokens, rotary cos and sin and attention masks are computed before the pass and handed to it. One
+prompt, or a batch of equal ones, attends without a mask (causally, as the plain prefill's sdpa call does); a
+left-padded batch takes the plain prefill's masks. The sequence length is a symbolic size, so prompts of any length
+share a compiled graph per K (one for a single prompt, one for equal rows and one for padded rows of a batch; each
+compiles at its first use, ~15-50 s on two cores, and `ModelManager.warm_up` runs them before a server listens).
+Anything else falls back to the plain prefill, with the reason in the engine's name: schedules (FastV, G-Search),
+rearranged positions, flash attention, multimodal rotary positions (Qwen2-VL's 3-D ids) and per-layer vision
+additions (Qwen3-VL).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from vtw_core.engine.decoder import (
     _logits,
     _run_layer,
     attention_implementation,
+    attention_mask_for,
     prefill,
 )
 from vtw_core.engine.embed import PromptEmbeddings
@@ -39,20 +42,25 @@ from vtw_core.models.families import language_model, num_decoder_layers
 def _layer_loop(
     model: nn.Module,
     hidden_states: torch.Tensor,
-    rotary: tuple[torch.Tensor, torch.Tensor],
+    full: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
+    deep: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     k: int | None,
-    kept: torch.Tensor,
+    kept: torch.Tensor | None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Logits and every layer's keys and values for one unpadded prompt (1, tokens, hidden) and its rotary cos and
-    sin (1, tokens, head_dim); at layer `k` only the positions `kept` (1-D, ascending) go on."""
+    """Logits and every layer's keys and values for a left-padded batch of prompts (batch, tokens, hidden).
+
+    `full`: the rotary cos and sin (batch, tokens, head_dim) and the attention mask (None: causal, no padding) of
+    the layers before `k`; at layer `k` the tokens `kept` (batch, kept tokens: indices into the prompt) go on,
+    with `deep`'s cos, sin and mask."""
     decoder = language_model(model)
     cache = RecordingCache(len(decoder.layers))
     group = None
     for layer_idx, layer in enumerate(decoder.layers):
         if layer_idx == k:
-            hidden_states, rotary, group = hidden_states[:, kept], (rotary[0][:, kept], rotary[1][:, kept]), None
-        if group is None:  # no mask: one unpadded prompt attends causally, as the plain prefill's sdpa call does
-            group = LayerGroup(layer_idx, None, None, None, rotary, None)
+            hidden_states = hidden_states.gather(1, kept[..., None].expand(-1, -1, hidden_states.shape[-1]))
+            group = LayerGroup(layer_idx, None, None, deep[2], deep[:2], None)
+        elif group is None:
+            group = LayerGroup(layer_idx, None, None, full[2], full[:2], None)
         hidden_states = _run_layer(layer, hidden_states, group, cache)
     return _logits(model, decoder, hidden_states), cache.keys, cache.values
 
@@ -65,8 +73,6 @@ _compiled_loop = torch.compile(_layer_loop, dynamic=True, options={"cpp_wrapper"
 def fallback_reason(model: nn.Module, prompt: PromptEmbeddings, selector: TokenSelector | None,
                     position_mode: PositionMode) -> str | None:  # fmt: skip
     """Why the compiled pass cannot run this prefill (None: it can)."""
-    if prompt.inputs_embeds.shape[0] != 1 or not bool(prompt.attention_mask.all()):
-        return "several or padded prompts"
     if selector is not None and not isinstance(selector, Withdrawal):
         return "schedule"
     if position_mode != "original":
@@ -86,7 +92,7 @@ def compiled_prefill(
     selector: TokenSelector | None = None,
     position_mode: PositionMode = "original",
 ) -> tuple[torch.Tensor, DecodeState, str]:
-    """Prefill through the compiled layer loop; returns logits (1, vocab), the decode state and the engine that
+    """Prefill through the compiled layer loop; returns logits (batch, vocab), the decode state and the engine that
     ran ("compiled", or "plain (reason)" when it fell back)."""
     if isinstance(selector, Withdrawal) and selector.k >= num_decoder_layers(model.config):
         selector = None
@@ -94,28 +100,41 @@ def compiled_prefill(
     if reason is not None:
         return (*prefill(model, prompt, selector, position_mode), f"plain ({reason})")
     k = selector.k if isinstance(selector, Withdrawal) else None
-    length = prompt.inputs_embeds.shape[1]
-    keep = ~prompt.vision_mask[0]
-    keep[-1] = True  # the last prompt token yields the logits (as in engine.decoder.run_decoder)
-    kept = keep.nonzero()[:, 0]
-    # Compiled code cannot take inference tensors (the embeddings come from inference mode): normal copies.
-    # The rotary cos and sin are computed here, once: traced, inductor recomputes them inside every layer's
-    # rotary kernel (a sine and a cosine per query and key element, 16 times over: ~7 ms of 190 at one thread).
-    with torch.inference_mode():
-        rotary = language_model(model).rotary_emb(prompt.inputs_embeds, prompt.position_ids)
-    with torch.inference_mode(False), torch.no_grad():
-        hidden_states, cos, sin, kept = (t.clone() for t in (prompt.inputs_embeds, *rotary, kept))
-        logits, keys, values = _compiled_loop(model, hidden_states, (cos, sin), k, kept)
-    # The decode state's layer groups: every token from layer 0, the kept ones from K (from 0 when K = 0).
-    index = torch.arange(length, device=kept.device)[None]
-    groups = [(0, index)] if k != 0 else []
+    decoder = language_model(model)
+    batch, length = prompt.attention_mask.shape
+    valid = prompt.attention_mask.bool()
+    # The layer groups, as the plain prefill forms them (engine.decoder.run_decoder and _pack_kept): every token
+    # from layer 0; from K each row's non-vision tokens (and its last one, which yields the logits), right-aligned.
+    groups = []  # (first layer, each slot's index in the prompt, valid slots)
+    if k != 0:
+        groups.append((0, torch.arange(length, device=valid.device).expand(batch, -1), valid))
     if k is not None:
-        groups.append((k, index[:, kept]))
+        keep = valid & ~prompt.vision_mask
+        keep[:, -1] = True
+        order = torch.argsort(keep.long(), dim=1, stable=True)[:, -int(keep.sum(1).max()) :]
+        groups.append((k, order, keep.gather(1, order)))
+    positions = [prompt.position_ids.gather(1, slots) for _, slots, _ in groups]
+    implementation, dtype = attention_implementation(decoder), prompt.inputs_embeds.dtype
+    # Each group's rotary cos and sin are computed here, once: traced, inductor recomputes them inside every
+    # layer's rotary kernel (a sine and a cosine per query and key element, 16 times over: ~7 ms of 190 at one
+    # thread). The masks are None without padding (sdpa's causal path, as in the plain prefill).
+    with torch.inference_mode():
+        inputs = []
+        for (_, _, ok), place in zip(groups, positions, strict=True):
+            mask = attention_mask_for(ok, ok.shape[1], implementation, dtype)
+            inputs.append((*decoder.rotary_emb(prompt.inputs_embeds, place), mask))
+    # Compiled code cannot take inference tensors (the embeddings come from inference mode): normal copies.
+    with torch.inference_mode(False), torch.no_grad():
+        hidden_states = prompt.inputs_embeds.clone()
+        inputs = [tuple(None if t is None else t.clone() for t in group) for group in inputs]
+        full = inputs[0] if k != 0 else None
+        deep, kept = (inputs[-1], groups[-1][1].clone()) if k is not None else (None, None)
+        logits, keys, values = _compiled_loop(model, hidden_states, full, deep, k, kept)
     outputs = PrefillOutputs(
         logits, keys, values,
-        valid=[torch.ones_like(slots, dtype=torch.bool) for _, slots in groups],
-        positions=[prompt.position_ids.gather(1, slots) for _, slots in groups],
-        prompt_index=[slots for _, slots in groups],
-        first_layers=[first for first, _ in groups],
+        valid=[ok for _, _, ok in groups],
+        positions=positions,
+        prompt_index=[slots for _, slots, _ in groups],
+        first_layers=[first for first, _, _ in groups],
     )  # fmt: skip
     return logits, decode_state_from(model, outputs, copy=False), "compiled"

@@ -29,6 +29,7 @@ from vtw_core.engine.decoder import PositionMode
 from vtw_core.engine.schedules import Schedule
 from vtw_core.generation.generate import (
     DecodeEngine,
+    PrefillChoice,
     generate_rows,
     prompt_inputs_within_context,
     row_limits,
@@ -73,6 +74,7 @@ def stream_generate_batch(
     max_new_tokens: Sequence[int] | None = None,
     engine: DecodeEngine = "auto",
     schedule: Schedule | None = None,
+    prefill_engine: PrefillChoice = "plain",
 ) -> Iterator[tuple[int, StreamEvent]]:
     """Yield (row, event) as the rows' tokens come; each row ends with one event that has finished=True.
 
@@ -83,7 +85,8 @@ def stream_generate_batch(
     compute: its keys and values leave the batch (vtw_core.generation.generate.generate_rows).
 
     Sampling draws every row from one generator, so seeded sampled rows differ from the same requests run
-    alone: callers that promise reproducible seeds run sampled requests one at a time.
+    alone: callers that promise reproducible seeds run sampled requests one at a time. `prefill_engine` as in
+    `generate_rows`.
     """
     start = time.perf_counter()
     device = model.device
@@ -111,6 +114,7 @@ def stream_generate_batch(
             engine=engine,
             schedule=schedule,
             tokens_per_row=tokens_per_row,
+            prefill_engine=prefill_engine,
         )
         rows = _new_rows(model, tokenizer, model_inputs, images, k)
         dims = flops.DecoderDims.from_config(model.config)
@@ -176,7 +180,7 @@ def _advance(
 ) -> StreamEvent:
     """Take the row's next token: text, timings and the FLOPs and KV bytes of its tokens so far."""
     stats = row.stats
-    stats.engine = batch_stats.engine
+    stats.engine, stats.prefill_engine = batch_stats.engine, batch_stats.prefill_engine
     stats.new_tokens = len(row.token_ids) + 1  # this token included
     record_token_time(stats, now)
     # A row's decode steps come after its first token; its cache holds the prompt plus the tokens fed back.

@@ -142,7 +142,7 @@ class ModelManager:
 
     def __init__(self, model: torch.nn.Module, processor: Any, source: str, random_weights: bool = False,
                  prefill_engine: PrefillChoice = "plain"):  # fmt: skip
-        """`prefill_engine`: how single answers (`stream`, `generate`, `race`) prefill (generate_tokens' choice)."""
+        """`prefill_engine`: how answers (`stream`, `stream_batch`, `generate`, `race`) prefill (see generate_rows)."""
         if prefill_engine not in PREFILL_CHOICES:
             raise InputError(f"prefill engine must be one of {', '.join(PREFILL_CHOICES)}; got {prefill_engine!r}")
         self.prefill_engine = prefill_engine
@@ -285,6 +285,7 @@ class ModelManager:
                 stop_events=stop_events,
                 max_new_tokens=max_new_tokens,
                 schedule=schedule,
+                prefill_engine=self.prefill_engine,
             )
 
     def race(self, requests: dict[str, dict[str, Any]]) -> Iterator[tuple[str, StreamEvent]]:
@@ -307,13 +308,18 @@ class ModelManager:
         with self.lock:
             yield from interleave(streams)
 
-    def warm_up(self, ks: Iterable[int | None]) -> None:
+    def warm_up(self, ks: Iterable[int | None], batches: bool = False) -> None:
         """One short answer per K about a blank image, so no request pays a one-time cost (the compiled prefill
-        traces and compiles its graph per K at its first use)."""
+        traces and compiles its graph per K at its first use); `batches`: also two batches of two per K, one of
+        equal prompts and one left-padded (a batch compiles graphs of its own, with and without padding masks)."""
         image = Image.new("RGB", (64, 64), "white")
+        sampling = SamplingConfig(max_new_tokens=2)
+        questions = ["What is in the image?", "What color is the shape in the image?"]
         for k in dict.fromkeys(ks):  # each K once, in order
-            self.generate([user_message("What is in the image?")], [image], k=k,
-                          sampling=SamplingConfig(max_new_tokens=2))  # fmt: skip
+            self.generate([user_message(questions[0])], [image], k=k, sampling=sampling)
+            for pair in ([questions[0]] * 2, questions) if batches else ():
+                for _ in self.stream_batch([[user_message(q)] for q in pair], [[image]] * 2, k=k, sampling=sampling):
+                    pass
 
     def generate(self, messages: list[Message], images: list[Image.Image], **options: Any) -> GenerationResult:
         self._check_request(options.get("k"), options.get("schedule"), options.get("sampling", SamplingConfig()))

@@ -111,8 +111,10 @@ def serve(
     sock = sock or bind_socket(host, port)
     if manager.prefill_engine == "compiled":
         ks = (None, service.resolve_method(service.default_method).k)
-        print("compiling the prefill for the baseline and the default method...", flush=True)
-        manager.warm_up(ks)
+        batches = max_batch_size > 1
+        print(f"compiling the prefill for the baseline and the default method{', alone and in batches' * batches}...",
+              flush=True)  # fmt: skip
+        manager.warm_up(ks, batches=batches)
     release_openmp_threads()  # the batcher's thread computes from now on (vtw_core.runtime)
     key = "API key required" if api_key else "no API key"
     print(f"serving {service.model_id} ({manager.info.describe()}) on http://{host}:{port}/v1, default method "
