@@ -32,7 +32,9 @@ from vtw_core.engine.decoder import (
     _run_layer,
     attention_implementation,
     attention_mask_for,
+    kept_order,
     prefill,
+    withdrawn_keep,
 )
 from vtw_core.engine.embed import PromptEmbeddings
 from vtw_core.engine.fast_prefill import PrefillOutputs, RecordingCache, decode_state_from
@@ -104,14 +106,13 @@ def compiled_prefill(
     batch, length = prompt.attention_mask.shape
     valid = prompt.attention_mask.bool()
     # The layer groups, as the plain prefill forms them (engine.decoder.run_decoder and _pack_kept): every token
-    # from layer 0; from K each row's non-vision tokens (and its last one, which yields the logits), right-aligned.
+    # from layer 0; from K the tokens VTW keeps, right-aligned.
     groups = []  # (first layer, each slot's index in the prompt, valid slots)
     if k != 0:
         groups.append((0, torch.arange(length, device=valid.device).expand(batch, -1), valid))
     if k is not None:
-        keep = valid & ~prompt.vision_mask
-        keep[:, -1] = True
-        order = torch.argsort(keep.long(), dim=1, stable=True)[:, -int(keep.sum(1).max()) :]
+        keep = withdrawn_keep(valid, prompt.vision_mask)
+        order = kept_order(keep)
         groups.append((k, order, keep.gather(1, order)))
     positions = [prompt.position_ids.gather(1, slots) for _, slots, _ in groups]
     implementation, dtype = attention_implementation(decoder), prompt.inputs_embeds.dtype

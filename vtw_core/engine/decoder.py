@@ -159,13 +159,28 @@ def attention_mask_for(
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def withdrawn_keep(valid: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+    """The tokens VTW keeps from K (batch, tokens): each row's real non-vision tokens and its last prompt token,
+    which yields the logits (as `run_decoder` keeps it for any selector)."""
+    keep = valid & ~vision
+    keep[:, -1] = True
+    return keep
+
+
+def kept_order(keep: torch.Tensor, kept_length: int | None = None) -> torch.Tensor:
+    """Per row, the prompt indices (batch, kept_length) that right-align its `keep` tokens in prompt order, so the
+    batch stays left-padded; `kept_length` defaults to the most tokens any row keeps (a read of the tensor)."""
+    if kept_length is None:
+        kept_length = int(keep.sum(1).max())
+    # A stable sort of the keep flags puts dropped tokens first and kept ones last, each in prompt order.
+    return torch.argsort(keep.long(), dim=1, stable=True)[:, -kept_length:]
+
+
 def _pack_kept(
     hidden_states: torch.Tensor, tokens: TokenState, keep: torch.Tensor, position_mode: PositionMode
 ) -> tuple[torch.Tensor, TokenState]:
     """Keep the `keep` tokens of each row, right-aligned in prompt order (so the batch stays left-padded)."""
-    kept_length = int(keep.sum(1).max())
-    # A stable sort of the keep flags puts dropped tokens first and kept ones last, each in prompt order.
-    order = torch.argsort(keep.long(), dim=1, stable=True)[:, -kept_length:]
+    order = kept_order(keep)
     valid = keep.gather(1, order)
     hidden_states = hidden_states.gather(1, order[..., None].expand(-1, -1, hidden_states.shape[-1]))
     if position_mode == "rearrange":

@@ -40,7 +40,9 @@ from vtw_core.engine.decoder import (
     _logits,
     _run_layer,
     attention_implementation,
+    kept_order,
     prefill,
+    withdrawn_keep,
 )
 from vtw_core.engine.embed import PromptEmbeddings
 from vtw_core.errors import InputError
@@ -135,10 +137,8 @@ def static_prefill(model: nn.Module, prompt: PromptEmbeddings, k: int | None, ke
     for layer_idx, layer in enumerate(decoder.layers):
         withdraw = k is not None and layer_idx == k
         if withdraw:
-            keep = valid & ~vision
-            keep[:, -1] = True  # every row's last prompt token yields the logits (as in engine.run_decoder)
-            # Dropped tokens first, kept ones last, each in prompt order; the slice keeps `kept_length` slots.
-            order = torch.argsort(keep.long(), dim=1, stable=True)[:, -kept_length:]
+            keep = withdrawn_keep(valid, vision)
+            order = kept_order(keep, kept_length)
             hidden_states = hidden_states.gather(1, order[..., None].expand(-1, -1, hidden_states.shape[-1]))
             valid, prompt_index = keep.gather(1, order), prompt_index.gather(1, order)
             if positions.ndim == 3:
@@ -214,8 +214,7 @@ def _shape(prompt: PromptEmbeddings, selector: TokenSelector | None) -> tuple[in
     k = selector.k if isinstance(selector, Withdrawal) else None
     if k is None:
         return bucket, bucket, None
-    kept = (prompt.attention_mask.bool() & ~prompt.vision_mask).clone()
-    kept[:, -1] = True
+    kept = withdrawn_keep(prompt.attention_mask.bool(), prompt.vision_mask)
     return bucket, kept_bucket(int(kept.sum(1).max()), bucket), k
 
 
