@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from vtw_core.generation.manager import ModelManager
-from vtw_core.generation.streaming import TextCollector
+from vtw_core.generation.streaming import text_collector
 from vtw_core.generation.types import SamplingConfig
 from vtw_core.models.defaults import DEFAULT_MODEL_DIR, require_model
 from vtw_core.models.images import load_image
@@ -34,7 +34,7 @@ def tokenizer_of(name: str):
 
 def streamed(tokenizer, ids: list[int]) -> list[str]:
     """The text handed out after each token, and after the end (the last item)."""
-    collector = TextCollector(tokenizer)
+    collector = text_collector(tokenizer)
     pieces = []
     for token in ids:
         collector.put(token)

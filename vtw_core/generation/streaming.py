@@ -65,6 +65,14 @@ def out_of_memory_as_resource_error(device: torch.device, advice: str) -> Iterat
         raise ResourceError(f"the device ran out of memory; {advice}") from error
 
 
+def text_collector(tokenizer: Any) -> TextCollector | WordCollector:
+    """The collector of a reply's text: token by token (`TextCollector`), or word by word (`WordCollector`) for
+    tokenizers whose decoding cleans up spaces around punctuation, which changes text already out."""
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return WordCollector(tokenizer)
+    return TextCollector(tokenizer)
+
+
 class TextCollector:
     """A reply's text, handed out as soon as each token's text is whole, as vLLM and TGI stream it.
 
@@ -72,8 +80,6 @@ class TextCollector:
     a character whose bytes are still arriving (U+FFFD); at the end whatever is held goes out. For any reply that
     decodes to text, the pieces add up to `tokenizer.decode` of the reply. (transformers' streamer decodes whole
     too, but holds each word until the next one starts: a one-word answer arrived a decode step late.)
-    Tokenizers whose decoding cleans up spaces around punctuation, which changes text already out, keep that
-    streamer.
     """
 
     def __init__(self, tokenizer: Any):
@@ -81,26 +87,17 @@ class TextCollector:
         self.ids: list[int] = []
         self.sent = 0  # characters handed out so far
         self.pending = ""
-        self.words = _WordCollector(tokenizer) if getattr(tokenizer, "clean_up_tokenization_spaces", False) else None
 
     def put(self, token: int) -> None:
-        if self.words is not None:
-            self.words.put(torch.tensor([token]))
-            return
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):
             self._catch_up(text)
 
     def end(self) -> None:
-        if self.words is not None:
-            self.words.end()
-        else:
-            self._catch_up(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        self._catch_up(self.tokenizer.decode(self.ids, skip_special_tokens=True))
 
     def take(self) -> str:
-        if self.words is not None:
-            self.pending += self.words.take()
         text, self.pending = self.pending, ""
         return text
 
@@ -110,12 +107,15 @@ class TextCollector:
             self.sent = len(text)
 
 
-class _WordCollector(TextStreamer):
+class WordCollector(TextStreamer):
     """transformers' streamer decides where words end; we collect its text instead of printing it."""
 
     def __init__(self, tokenizer: Any):
         super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
         self.pending = ""
+
+    def put(self, token: int) -> None:
+        super().put(torch.tensor([token]))
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         self.pending += text
@@ -130,7 +130,7 @@ class TextStream:
 
     def __init__(self, stats: GenerationStats, tokenizer: Any):
         self.stats = stats
-        self.collector = TextCollector(tokenizer)
+        self.collector = text_collector(tokenizer)
         self.token_ids: list[int] = []
         self.text = ""
         self.done = False
