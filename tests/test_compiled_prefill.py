@@ -78,6 +78,23 @@ def test_prompts_of_other_lengths_reuse_the_compiled_graph(llava):
     assert module._compiled_loop._torchdynamo_orig_callable is module._layer_loop  # one compiled function
 
 
+def test_a_fresh_trace_compiles_one_graph_quietly(llava):
+    """Tracing the layer loop from scratch gives one graph (no guard on the cache-argument lookup that a second
+    call would fail, recompiling) and no warning for the user (dynamo warns about an lru_cache it traces through)."""
+    import warnings
+
+    model, inputs = llava
+    prompt = embed_prompt(model, inputs)
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert compiled_prefill(model, prompt, Withdrawal(2))[2] == "compiled"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before + 1
+    assert not [str(w.message) for w in caught if "torch" in w.filename]
+
+
 def test_what_it_cannot_trace_falls_back_to_the_plain_prefill(llava):
     model, inputs = llava
     prompt = embed_prompt(model, inputs)

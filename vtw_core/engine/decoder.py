@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Literal, Protocol
 
 import torch
@@ -199,11 +198,17 @@ def _pack_kept(
     )
 
 
-@cache
+_CACHE_ARGUMENTS: dict[type, str] = {}
+
+
+@torch.compiler.assume_constant_result  # traced: called once, its answer a constant (no guard, no recompile)
 def cache_argument(layer_class: type) -> str:
     """The decoder layer's name for the cache: `cache` in current transformers, `past_key_values` before it."""
-    parameters = inspect.signature(layer_class.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    name = _CACHE_ARGUMENTS.get(layer_class)
+    if name is None:
+        parameters = inspect.signature(layer_class.forward).parameters
+        name = _CACHE_ARGUMENTS[layer_class] = "cache" if "cache" in parameters else "past_key_values"
+    return name
 
 
 def _run_layer(
