@@ -116,7 +116,7 @@ def test_multimodal_rotary_positions_fall_back():
 
 
 def test_the_default_model_answers_easy_vqa_questions_the_same(default_manager_compiled):
-    """The shipped model, on test questions: compiled and plain prefill give the same greedy replies."""
+    """The shipped model, on test questions: compiled prefill and decode give the plain engines' greedy replies."""
     from vtw_core.generation.types import SamplingConfig
     from vtw_core.models.images import load_image
     from vtw_core.models.prompts import user_message
@@ -129,7 +129,8 @@ def test_the_default_model_answers_easy_vqa_questions_the_same(default_manager_c
         for k in (None, 5):
             ours = compiled.generate(messages, images, k=k, sampling=sampling)
             theirs = plain.generate(messages, images, k=k, sampling=sampling)
-            assert ours.stats.prefill_engine == "compiled" and ours.token_ids == theirs.token_ids, item.question
+            assert (ours.stats.prefill_engine, ours.stats.engine) == ("compiled", "compiled"), item.question
+            assert ours.token_ids == theirs.token_ids, item.question
 
 
 def test_a_batch_of_test_questions_gets_the_replies_each_gets_alone(default_manager_compiled):

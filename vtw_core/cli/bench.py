@@ -37,7 +37,7 @@ def add_parser(subparsers: Any) -> None:
         "--video-frames", type=int, help="synthetic prompt for a video of this many frames (Video-LLaVA-7B, 8: 2056)"
     )
     parser.add_argument(
-        "--engine", nargs="+", default=["auto"], choices=["auto", "plain", "static", "graph"],
+        "--engine", nargs="+", default=["auto"], choices=["auto", "plain", "static", "compiled", "graph"],
         help="decode engines to compare (auto: CUDA graph on CUDA, static on CPU)",
     )  # fmt: skip
     parser.add_argument(

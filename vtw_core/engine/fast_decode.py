@@ -12,7 +12,10 @@ has a fixed shape and address:
 - a batch row that ends leaves every buffer (`FastDecodeState.select_rows`, with the leading slots of padding no
   remaining row uses), so the rows that remain decode alone; a graph is then captured again for the smaller batch.
 
-So one step can be captured once with `torch.cuda.graph` and replayed for every token. Prefill stays on the
+So one step can be captured once with `torch.cuda.graph` and replayed for every token, or traced once by
+torch.compile (`compiled_decode_step`: on a CPU, inductor fuses each layer's norms, rotary and SwiGLU into a few
+loops; the step attends over the whole buffer, so its shapes change only with the batch and the buffers' length,
+both symbolic). Prefill stays on the
 plain path (it runs once) and its caches are copied into the buffers. The math is the plain path's: on CPU
 the tokens are identical (tests), and the graph is checked against the eager step before it is trusted.
 """
@@ -159,6 +162,61 @@ def static_decode_step(model: nn.Module, state: FastDecodeState, trim: bool = Fa
         group.next_position.add_(1)
     state.next_slot = [slot + 1 for slot in state.next_slot]
     state.logits = _logits(model, decoder, hidden_states)
+    return state.logits
+
+
+def _step_on_buffers(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    valid: list[torch.Tensor],
+    next_position: list[torch.Tensor],
+    write_index: list[torch.Tensor],
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    group_of_layer: tuple[int, ...],
+) -> torch.Tensor:
+    """`static_decode_step` with trim=False as a function of tensors only (what torch.compile traces): per group
+    its valid slots (batch, capacity), next positions (batch,) and write index (1,), per layer its key and value
+    buffers; all advanced in place. Returns the logits (batch, vocab)."""
+    decoder = language_model(model)
+    hidden_states = decoder.embed_tokens(input_ids)
+    blocked = torch.finfo(hidden_states.dtype).min
+    groups = []
+    for group_valid, position, index in zip(valid, next_position, write_index, strict=True):
+        group_valid.index_fill_(1, index, True)
+        mask = torch.zeros_like(group_valid, dtype=hidden_states.dtype).masked_fill(~group_valid, blocked)
+        rotary = decoder.rotary_emb(hidden_states, position[..., None])
+        groups.append(LayerGroup(0, None, None, mask[:, None, None, :], rotary, None))
+    cache = StaticLayerCache(list(keys), list(values), [write_index[group] for group in group_of_layer])
+    for layer_idx, layer in enumerate(decoder.layers):
+        hidden_states = _run_layer(layer, hidden_states, groups[group_of_layer[layer_idx]], cache)
+    for index, position in zip(write_index, next_position, strict=True):
+        index.add_(1)
+        position.add_(1)
+    return _logits(model, decoder, hidden_states)
+
+
+_compiled_step = torch.compile(_step_on_buffers, dynamic=True, options={"cpp_wrapper": True})
+
+
+def compiled_decode_step(model: nn.Module, state: FastDecodeState) -> torch.Tensor:
+    """One step on `state.input_ids` through the compiled `_step_on_buffers`; returns (and keeps) the logits.
+
+    One graph per layer grouping (baseline, VTW at a K) and batch of one or more rows, compiled at its first use
+    (~40 s on one core); the same tokens as the eager step (tests), logits within a few ulps."""
+    # The step writes into the buffers: in inference mode if they were made in it, else without autograd.
+    with torch.inference_mode() if state.input_ids.is_inference() else torch.no_grad():
+        state.logits = _compiled_step(
+            model,
+            state.input_ids,
+            [group.valid for group in state.groups],
+            [group.next_position for group in state.groups],
+            state.write_index,
+            state.cache.keys,
+            state.cache.values,
+            tuple(state.group_of_layer),
+        )
+    state.next_slot = [slot + 1 for slot in state.next_slot]
     return state.logits
 
 

@@ -33,7 +33,12 @@ from vtw_core.engine.decoder import (
     withdrawal_selector,
 )
 from vtw_core.engine.embed import embed_prompt, prompt_masks
-from vtw_core.engine.fast_decode import GraphedDecodeStep, fast_state_from_prefill, static_decode_step
+from vtw_core.engine.fast_decode import (
+    GraphedDecodeStep,
+    compiled_decode_step,
+    fast_state_from_prefill,
+    static_decode_step,
+)
 from vtw_core.engine.fast_prefill import PrefillEngine, fast_prefill
 from vtw_core.engine.schedules import Schedule, ScheduleSelector
 from vtw_core.engine.shared_prefill import shared_prefill, why_not_shared
@@ -51,7 +56,7 @@ from vtw_core.models.families import num_decoder_layers
 from vtw_core.models.prompts import Message, build_model_inputs, eos_token_ids_of, pad_token_id_of
 from vtw_core.models.videos import Video
 
-DecodeEngine = Literal["auto", "plain", "static", "graph"]
+DecodeEngine = Literal["auto", "plain", "static", "compiled", "graph"]
 PrefillChoice = PrefillEngine | Literal["shared", "compiled"]
 PREFILL_CHOICES = ("plain", "bucketed", "graph", "shared", "compiled")
 
@@ -148,8 +153,9 @@ def generate_rows(
     only the rows that remain, and a greedy row's tokens do not depend on when the others leave.
     When `stats` is given, the token counts, FLOPs and KV-cache size (its peak) are filled in as generation
     proceeds. `engine`: "plain" (growing caches), "static" (preallocated buffers, vtw_core.engine.fast_decode,
-    sized by the largest `max_new_tokens`), "graph" (static + the step as a CUDA graph, captured again when the
-    batch shrinks), or "auto" (`auto_engine`: graph on CUDA, static on CPU, plain with flash attention);
+    sized by the largest `max_new_tokens`), "compiled" (static, the step traced by torch.compile), "graph"
+    (static + the step as a CUDA graph, captured again when the batch shrinks), or "auto" (`auto_engine`: graph
+    on CUDA, static on CPU or compiled with the compiled prefill, plain with flash attention);
     `stats.engine` says which one ran.
     `schedule` (vtw_core.engine.schedules) replaces K with a per-layer vision-token schedule (FastV, G-Search, ...).
     `tokens_per_row`, when given, receives each row's real prompt tokens per layer after prefill, so batched
@@ -188,7 +194,7 @@ def generate_rows(
         stats.vision_flops = flops.request_vision_flops(model.config, model_inputs)
         stats.kv_cache_bytes = state.kv_cache_bytes()
 
-    decode = _decoder_for(model, state, engine, max(limits), stats)
+    decode = _decoder_for(model, state, engine, max(limits), stats, prefill_engine == "compiled")
     if stats is not None:
         stats.kv_cache_bytes = decode.kv_cache_bytes()
 
@@ -313,6 +319,8 @@ class _Decoder:
             self.state = None  # the buffers hold the caches now; let the prefill's cache go
         self.fast.input_ids.copy_(tokens[:, None])
         self.steps += 1
+        if self.engine == "compiled":
+            return compiled_decode_step(self.model, self.fast)
         if self.engine == "graph":
             if self.graphed is None:
                 try:
@@ -351,27 +359,34 @@ class _Decoder:
         return total
 
 
-def auto_engine(device: torch.device, attention: str) -> str:
+def auto_engine(device: torch.device, attention: str, compiled: bool = False) -> str:
     """The decode engine `engine="auto"` picks, per device, from measurements (docs/engines.md, "Decode engines").
 
     CUDA: the graph (launch overhead dominates a plain step: 26 -> 9.6 ms/token at 7B on an H100). CPU: the
     static buffers (no torch.cat of every layer's cache per step: 0.67-0.92x plain from 638 tokens up, equal
-    at the default model's 162). Both build 4-D masks, so flash attention keeps the plain path, as do devices
-    nobody has measured.
+    at the default model's 162), their step compiled when the prefill is (`compiled`: the caller accepted
+    compile time; 0.68x the static step's time on the default model). Both build 4-D masks, so flash attention
+    keeps the plain path, as do devices nobody has measured.
     """
     if attention not in ("sdpa", "eager"):
         return "plain"
+    if device.type == "cpu" and compiled:
+        return "compiled"
     return {"cuda": "graph", "cpu": "static"}.get(device.type, "plain")
 
 
-def _decoder_for(model: nn.Module, state: DecodeState, engine: str, max_new_tokens: int, stats) -> _Decoder:
-    if engine not in ("auto", "plain", "static", "graph"):
-        raise InputError(f"engine must be auto, plain, static or graph; got {engine!r}")
-    graph_ok = state.cache.layers[0].keys.is_cuda and state.attention_implementation in ("sdpa", "eager")
+def _decoder_for(
+    model: nn.Module, state: DecodeState, engine: str, max_new_tokens: int, stats, compiled: bool = False
+) -> _Decoder:
+    if engine not in ("auto", "plain", "static", "compiled", "graph"):
+        raise InputError(f"engine must be auto, plain, static, compiled or graph; got {engine!r}")
+    fixed_ok = state.attention_implementation in ("sdpa", "eager")
     if engine == "auto":
-        engine = auto_engine(state.cache.layers[0].keys.device, state.attention_implementation)
-    elif engine == "graph" and not graph_ok:
+        engine = auto_engine(state.cache.layers[0].keys.device, state.attention_implementation, compiled)
+    elif engine == "graph" and not (state.cache.layers[0].keys.is_cuda and fixed_ok):
         raise InputError("the CUDA-graph engine needs a CUDA device and sdpa or eager attention")
+    elif engine == "compiled" and not fixed_ok:
+        raise InputError("the compiled decode engine needs sdpa or eager attention")
     return _Decoder(model, state, engine, max_new_tokens, stats)
 
 
