@@ -310,8 +310,9 @@ class ModelManager:
 
     def warm_up(self, ks: Iterable[int | None], batches: bool = False) -> None:
         """One short answer per K about a blank image, so no request pays a one-time cost (the compiled prefill
-        traces and compiles its graph per K at its first use); `batches`: also two batches of two per K, one of
-        equal prompts and one left-padded (a batch compiles graphs of its own, with and without padding masks)."""
+        and decode step trace and compile their graphs per K at their first use; the step's, at the answer's second
+        token); `batches`: also two batches of two per K, one of equal prompts and one left-padded (a batch
+        compiles graphs of its own, with and without padding masks)."""
         image = Image.new("RGB", (64, 64), "white")
         sampling = SamplingConfig(max_new_tokens=2)
         questions = ["What is in the image?", "What color is the shape in the image?"]

@@ -112,8 +112,8 @@ def serve(
     if manager.prefill_engine == "compiled":
         ks = (None, service.resolve_method(service.default_method).k)
         batches = max_batch_size > 1
-        print(f"compiling the prefill for the baseline and the default method{', alone and in batches' * batches}...",
-              flush=True)  # fmt: skip
+        print(f"compiling the prefill and the decode step for the baseline and the default method"
+              f"{', alone and in batches' * batches} (minutes the first time)...", flush=True)  # fmt: skip
         manager.warm_up(ks, batches=batches)
     release_openmp_threads()  # the batcher's thread computes from now on (vtw_core.runtime)
     key = "API key required" if api_key else "no API key"
