@@ -132,39 +132,6 @@ def fast_state_from_prefill(state: DecodeState, max_new_tokens: int) -> FastDeco
     return FastDecodeState(cache, groups, write_index, list(state.group_of_layer), input_ids, next_slot)
 
 
-@torch.inference_mode()  # generation calls it outside any grad-free block: without this it records autograd graphs
-def static_decode_step(model: nn.Module, state: FastDecodeState, trim: bool = False) -> torch.Tensor:
-    """One step on `state.input_ids`, in place on the buffers; returns (and keeps) the logits (batch, vocab).
-
-    trim=False: only fixed-shape tensor operations, no Python branch on a tensor value, so it can be captured;
-    the step attends over the whole buffer (empty slots masked). trim=True (eager steps): it attends over the
-    slots written so far only (views of the buffers, the host-side `next_slot` says how many), so a large
-    max_new_tokens costs nothing per step. Both give the same logits: the empty slots get exactly zero weight.
-    """
-    decoder = language_model(model)
-    hidden_states = decoder.embed_tokens(state.input_ids)
-    blocked = torch.finfo(hidden_states.dtype).min
-    for group, write_index, slot in zip(state.groups, state.write_index, state.next_slot, strict=True):
-        group.valid.index_fill_(1, write_index, True)
-        if trim:  # eager: the plain step's mask, None without padding (the kernels' fastest path)
-            group.attention_mask = attention_mask_for(group.valid[:, : slot + 1], 1, "eager", hidden_states.dtype)
-        else:
-            group.attention_mask = torch.zeros_like(group.valid, dtype=hidden_states.dtype).masked_fill(
-                ~group.valid, blocked
-            )[:, None, None, :]  # (batch, 1, 1, capacity)
-        group.rotary = decoder.rotary_emb(hidden_states, group.next_position[..., None])
-    for layer_idx, group_idx in enumerate(state.group_of_layer):
-        state.cache.visible[layer_idx] = state.next_slot[group_idx] + 1 if trim else None
-    for layer_idx, layer in enumerate(decoder.layers):
-        hidden_states = _run_layer(layer, hidden_states, state.groups[state.group_of_layer[layer_idx]], state.cache)
-    for group, write_index in zip(state.groups, state.write_index, strict=True):
-        write_index.add_(1)
-        group.next_position.add_(1)
-    state.next_slot = [slot + 1 for slot in state.next_slot]
-    state.logits = _logits(model, decoder, hidden_states)
-    return state.logits
-
-
 def _step_on_buffers(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -175,9 +142,10 @@ def _step_on_buffers(
     values: list[torch.Tensor],
     group_of_layer: tuple[int, ...],
 ) -> torch.Tensor:
-    """`static_decode_step` with trim=False as a function of tensors only (what torch.compile traces): per group
-    its valid slots (batch, capacity), next positions (batch,) and write index (1,), per layer its key and value
-    buffers; all advanced in place. Returns the logits (batch, vocab)."""
+    """One fixed-shape step as a function of tensors only (what CUDA graph capture and torch.compile need): per
+    group its valid slots (batch, capacity), next positions (batch,) and write index (1,), per layer its key and
+    value buffers; all advanced in place. It attends over the whole buffer, the empty slots masked. Returns the
+    logits (batch, vocab)."""
     decoder = language_model(model)
     hidden_states = decoder.embed_tokens(input_ids)
     blocked = torch.finfo(hidden_states.dtype).min
@@ -186,7 +154,7 @@ def _step_on_buffers(
         group_valid.index_fill_(1, index, True)
         mask = torch.zeros_like(group_valid, dtype=hidden_states.dtype).masked_fill(~group_valid, blocked)
         rotary = decoder.rotary_emb(hidden_states, position[..., None])
-        groups.append(LayerGroup(0, None, None, mask[:, None, None, :], rotary, None))
+        groups.append(LayerGroup(0, None, None, mask[:, None, None, :], rotary, None))  # mask: (batch, 1, 1, capacity)
     cache = StaticLayerCache(list(keys), list(values), [write_index[group] for group in group_of_layer])
     for layer_idx, layer in enumerate(decoder.layers):
         hidden_states = _run_layer(layer, hidden_states, groups[group_of_layer[layer_idx]], cache)
@@ -194,6 +162,47 @@ def _step_on_buffers(
         index.add_(1)
         position.add_(1)
     return _logits(model, decoder, hidden_states)
+
+
+def _step_inputs(state: FastDecodeState) -> tuple:
+    """`_step_on_buffers`'s arguments after the model, from the state."""
+    valid = [group.valid for group in state.groups]
+    positions = [group.next_position for group in state.groups]
+    return (state.input_ids, valid, positions, state.write_index, state.cache.keys, state.cache.values,
+            tuple(state.group_of_layer))  # fmt: skip
+
+
+@torch.inference_mode()  # generation calls it outside any grad-free block: without this it records autograd graphs
+def static_decode_step(model: nn.Module, state: FastDecodeState, trim: bool = False) -> torch.Tensor:
+    """One step on `state.input_ids`, in place on the buffers; returns (and keeps) the logits (batch, vocab).
+
+    trim=False: `_step_on_buffers`, only fixed-shape tensor operations, no Python branch on a tensor value, so it
+    can be captured; the step attends over the whole buffer (empty slots masked). trim=True (eager steps): it
+    attends over the slots written so far only (views of the buffers, the host-side `next_slot` says how many), so
+    a large max_new_tokens costs nothing per step. Both give the same logits: the empty slots get exactly zero
+    weight.
+    """
+    if not trim:
+        state.logits = _step_on_buffers(model, *_step_inputs(state))
+        state.next_slot = [slot + 1 for slot in state.next_slot]
+        return state.logits
+    decoder = language_model(model)
+    hidden_states = decoder.embed_tokens(state.input_ids)
+    for group, write_index, slot in zip(state.groups, state.write_index, state.next_slot, strict=True):
+        group.valid.index_fill_(1, write_index, True)
+        # The plain step's mask, None without padding (the kernels' fastest path).
+        group.attention_mask = attention_mask_for(group.valid[:, : slot + 1], 1, "eager", hidden_states.dtype)
+        group.rotary = decoder.rotary_emb(hidden_states, group.next_position[..., None])
+    for layer_idx, group_idx in enumerate(state.group_of_layer):
+        state.cache.visible[layer_idx] = state.next_slot[group_idx] + 1
+    for layer_idx, layer in enumerate(decoder.layers):
+        hidden_states = _run_layer(layer, hidden_states, state.groups[state.group_of_layer[layer_idx]], state.cache)
+    for group, write_index in zip(state.groups, state.write_index, strict=True):
+        write_index.add_(1)
+        group.next_position.add_(1)
+    state.next_slot = [slot + 1 for slot in state.next_slot]
+    state.logits = _logits(model, decoder, hidden_states)
+    return state.logits
 
 
 _compiled_step = torch.compile(_step_on_buffers, dynamic=True, options={"cpp_wrapper": True})
@@ -206,16 +215,7 @@ def compiled_decode_step(model: nn.Module, state: FastDecodeState) -> torch.Tens
     (~40 s on one core); the same tokens as the eager step (tests), logits within a few ulps."""
     # The step writes into the buffers: in inference mode if they were made in it, else without autograd.
     with torch.inference_mode() if state.input_ids.is_inference() else torch.no_grad():
-        state.logits = _compiled_step(
-            model,
-            state.input_ids,
-            [group.valid for group in state.groups],
-            [group.next_position for group in state.groups],
-            state.write_index,
-            state.cache.keys,
-            state.cache.values,
-            tuple(state.group_of_layer),
-        )
+        state.logits = _compiled_step(model, *_step_inputs(state))
     state.next_slot = [slot + 1 for slot in state.next_slot]
     return state.logits
 
