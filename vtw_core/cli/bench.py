@@ -38,7 +38,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--engine", nargs="+", default=["auto"], choices=["auto", "plain", "static", "compiled", "graph"],
-        help="decode engines to compare (auto: CUDA graph on CUDA, static on CPU)",
+        help="decode engines to compare (auto: CUDA graph on CUDA, static on CPU, compiled with the compiled prefill)",
     )  # fmt: skip
     parser.add_argument(
         "--prefill-engine", nargs="+", default=["plain"], choices=["plain", "bucketed", "graph", "compiled"],
