@@ -9,6 +9,7 @@ concurrent callers in one process don't see each other's prompts.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vtw_core.engine.compiled_vision import compiled_vision
 from vtw_core.errors import InputError
 from vtw_core.models.families import DEEPSTACK_FAMILIES, MROPE_FAMILIES, language_model, model_family, vision_token_ids
 
@@ -78,8 +80,11 @@ def prompt_masks(model: nn.Module, model_inputs: dict[str, Any]) -> tuple[torch.
 
 
 @torch.inference_mode()
-def embed_prompt(model: nn.Module, model_inputs: dict[str, Any]) -> PromptEmbeddings:
-    """Run the vision tower, projector and embedding merge of the stock model; stop before the decoder."""
+def embed_prompt(model: nn.Module, model_inputs: dict[str, Any], compile_vision: bool = False) -> PromptEmbeddings:
+    """Run the vision tower, projector and embedding merge of the stock model; stop before the decoder.
+
+    `compile_vision`: the tower through torch.compile where it is one that compiles (compiled_vision.py), as the
+    compiled engine asks; its features then agree with the stock tower's to a few ulps."""
     family = model_family(model.config)
     input_ids = model_inputs["input_ids"]
     valid, vision_mask = prompt_masks(model, model_inputs)
@@ -88,7 +93,8 @@ def embed_prompt(model: nn.Module, model_inputs: dict[str, Any]) -> PromptEmbedd
     has_pixels = any(model_inputs.get(name) is not None for name in pixel_names)
     if bool(vision_mask.any()) and not has_pixels:
         raise InputError("the prompt has image or video placeholder tokens but no image or video was given")
-    captured = _capture_language_model_inputs(model, {**model_inputs, "attention_mask": valid.long()})
+    with compiled_vision(model) if compile_vision else contextlib.nullcontext():
+        captured = _capture_language_model_inputs(model, {**model_inputs, "attention_mask": valid.long()})
 
     inputs_embeds = captured["inputs_embeds"]
     position_ids = captured.get("position_ids")

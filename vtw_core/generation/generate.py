@@ -162,7 +162,8 @@ def generate_rows(
     callers can account every row on its own (vtw_core.generation.batch_stream).
     `prefill_engine`: "plain" (the layer loop), "bucketed" or "graph" (fixed shapes, vtw_core.engine.fast_prefill),
     "shared" (rows showing one image run its prefix once, vtw_core.engine.shared_prefill), "compiled" (the layer
-    loop traced by torch.compile, vtw_core.engine.compiled_prefill); `stats.prefill_engine` says
+    loop traced by torch.compile, vtw_core.engine.compiled_prefill, and a CLIP or SigLIP vision tower too,
+    vtw_core.engine.compiled_vision); `stats.prefill_engine` says
     which ran, with the reason when it fell back to plain.
     """
     sampling.validate()
@@ -289,7 +290,7 @@ def _prefill(
         if shared is not None:
             return (*shared, "shared")
         engine = f"plain (no shared image prefill: {reason or 'no common prefix holds the image'})"
-    prompt = embed_prompt(model, model_inputs)
+    prompt = embed_prompt(model, model_inputs, compile_vision=engine == "compiled")
     if engine in ("bucketed", "graph"):
         return fast_prefill(model, prompt, selector, position_mode, engine)
     if engine == "compiled":
