@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from vtw_core.errors import InputError
-from vtw_core.runtime import DEFAULT_THREADS, THREADS_ENV, configure_process, resolve_threads
+from vtw_core.runtime import (
+    CPUS_ENV,
+    DEFAULT_THREADS,
+    THREADS_ENV,
+    configure_process,
+    cpu_ranges,
+    resolve_cpus,
+    resolve_threads,
+)
 
 
 @pytest.fixture
@@ -104,3 +112,42 @@ def test_idle_openmp_workers_are_handed_back():
     )
     lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert lines == ["False", "True", "1", "0"]
+
+
+linux_only = pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="thread affinity is Linux's")
+
+
+@linux_only
+def test_cpu_lists_are_read_from_the_argument_then_the_environment(monkeypatch):
+    import os
+
+    allowed = sorted(os.sched_getaffinity(0))
+    first, last = allowed[0], allowed[-1]
+    monkeypatch.delenv(CPUS_ENV, raising=False)
+    assert resolve_cpus(None) is None and resolve_cpus("  ") is None  # no pinning unless asked
+    assert resolve_cpus(str(first)) == {first}
+    assert resolve_cpus(f"{first}-{first}, {last}") == {first, last}
+    monkeypatch.setenv(CPUS_ENV, str(last))
+    assert resolve_cpus(None) == {last}
+    assert cpu_ranges({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
+
+
+@linux_only
+@pytest.mark.parametrize("text", ["one", "1-", "3-1", "-1", "1,,2", "0x1"])
+def test_a_malformed_cpu_list_is_refused(text):
+    with pytest.raises(InputError, match="--cpus takes cores as"):
+        resolve_cpus(text)
+
+
+@linux_only
+def test_cores_the_process_cannot_use_or_too_few_for_the_threads_are_refused(monkeypatch):
+    import os
+
+    first = min(os.sched_getaffinity(0))
+    with pytest.raises(InputError, match="cannot use"):
+        resolve_cpus("100000")
+    with pytest.raises(InputError, match="1 core for 2 threads"):
+        resolve_cpus(str(first), threads=2)
+    monkeypatch.setenv(CPUS_ENV, "zero")
+    with pytest.raises(InputError, match=CPUS_ENV):
+        resolve_cpus(None)

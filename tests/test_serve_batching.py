@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,19 @@ def test_the_server_takes_as_many_images_per_message_as_the_app():
     from vtw_core.serve.protocol import MAX_IMAGES_PER_MESSAGE
 
     assert MAX_IMAGES_PER_MESSAGE == MAX_IMAGES_PER_TURN
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="thread affinity is Linux's")
+def test_the_worker_alone_is_pinned_to_the_compute_cores(manager):
+    """`compute_cpus` pins the thread that computes; the caller's threads (the server's event loop) stay free."""
+    allowed = os.sched_getaffinity(0)
+    core = frozenset({max(allowed)})
+    batcher = Batcher(manager, compute_cpus=core)
+    try:
+        deadline = time.monotonic() + 10
+        while os.sched_getaffinity(batcher._worker.native_id) != core and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.sched_getaffinity(batcher._worker.native_id) == core
+        assert os.sched_getaffinity(0) == allowed
+    finally:
+        batcher.close()

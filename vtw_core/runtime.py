@@ -14,6 +14,12 @@ own pool, so the next request takes tens of megabytes of fresh pages from the ke
 that a warm process would not pay, and the first of two compared runs pays them where the second does not. One
 pool, never trimmed, keeps those pages for the next request.
 
+Cores (`--cpus`, or VTW_CPUS; Linux): the threads that compute can be pinned to chosen cores while the server's
+own threads (HTTP, JSON, image decoding, streaming) stay free to run on any, as vLLM's CPU backend pins its model
+workers (VLLM_CPU_OMP_THREADS_BIND) and leaves its API server and scheduler free. Pinning the whole process
+instead (`taskset`) makes the event loop share the computing core: each request's first token then waits for the
+loop to get the core back while the next decode step runs.
+
 OpenMP workers (with more than one thread): libgomp keeps a team of worker threads for every thread that ever ran
 a parallel operator. Once it manages more threads than the process has CPUs, every team's workers go to sleep
 right after each operator instead of spinning, and waking them costs 0.1-0.2 ms per operator: small operators run
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from vtw_core.errors import InputError
 
 THREADS_ENV = "VTW_THREADS"
+CPUS_ENV = "VTW_CPUS"
 DEFAULT_THREADS = 1
 
 
@@ -87,6 +94,48 @@ def release_openmp_threads() -> bool:
         return False
     omp_pause_hard = 2
     return pause_all(omp_pause_hard) == 0
+
+
+def resolve_cpus(text: str | None = None, threads: int = DEFAULT_THREADS) -> frozenset[int] | None:
+    """The cores to pin the computing threads to: `text` ("1", "0-3", "0,2-3"), else $VTW_CPUS, else None (no
+    pinning). InputError for a malformed list, cores this process may not use, or fewer cores than `threads`."""
+    source = "--cpus" if text is not None else CPUS_ENV
+    text = os.environ.get(CPUS_ENV, "") if text is None else text
+    text = text.strip()
+    if not text:
+        return None
+    if not hasattr(os, "sched_setaffinity"):
+        raise InputError(f"{source} needs Linux (thread affinity); leave it unset here")
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()) or (dash and int(last) < int(first)):
+            raise InputError(f"{source} takes cores as 1, 0-3 or 0,2-3; got {text[:40]!r}")
+        cpus.update(range(int(first), int(last or first) + 1))
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        raise InputError(f"{source} names cores {sorted(cpus - allowed)[:8]} that this process cannot use "
+                         f"(it may use {cpu_ranges(allowed)})")  # fmt: skip
+    if len(cpus) < threads:
+        raise InputError(f"{source} names {len(cpus)} core{'s' * (len(cpus) != 1)} for {threads} threads")
+    return frozenset(cpus)
+
+
+def cpu_ranges(cpus: set[int] | frozenset[int]) -> str:
+    """Cores as a short list: {0, 1, 2, 5} -> '0-2,5'."""
+    ordered, parts = sorted(cpus), []
+    for cpu in ordered:
+        if parts and cpu == parts[-1][1] + 1:
+            parts[-1][1] = cpu
+        else:
+            parts.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def pin_this_thread(cpus: frozenset[int] | None) -> None:
+    """Run the calling thread (and the OpenMP workers it starts from now on) on `cpus` only; None: nothing."""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)  # 0: on Linux, the calling thread, not the whole process
 
 
 def configure_process(threads: int | None = None, *, retain_memory: bool = True) -> ProcessSettings:

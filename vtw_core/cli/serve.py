@@ -82,6 +82,10 @@ def add_parser(subparsers: Any) -> None:
                         help="compiled: the prefill's layer loop and the decode step through torch.compile (on a CPU "
                              "~10%% faster prefill, 0.7x the time per token), compiled for the baseline and the "
                              "default method before listening (minutes the first time); docs/engines.md")  # fmt: skip
+    parser.add_argument("--cpus",
+                        help="pin the thread(s) that compute to these cores (Linux), e.g. 1, 2-3 or 0,2; the "
+                             "server's HTTP threads stay free (default: $VTW_CPUS if set, else no pinning; "
+                             "docs/engines.md, Threads)")  # fmt: skip
     parser.add_argument("--max-batch-size", type=at_least(1), default=8,
                         help="requests per engine call (1: no batching)")  # fmt: skip
     parser.add_argument("--batch-wait-ms", type=milliseconds, default=0.0,
@@ -125,6 +129,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from vtw_core.runtime import resolve_cpus
     from vtw_core.serve.auth import api_key_from
     from vtw_core.serve.limits import RequestLimits
     from vtw_core.serve.standalone import bind_socket, serve
@@ -136,6 +141,7 @@ def run(args: argparse.Namespace) -> None:
     if args.max_image_memory is not None and args.max_image_memory < limits.max_image_memory:
         raise VTWError(f"--max-image-memory must hold one request at the image limits: at least "
                        f"{-(-limits.max_image_memory // 2**20)} MB")  # fmt: skip
+    compute_cpus = resolve_cpus(args.cpus, args.process.threads)
     sock = bind_socket(args.host, args.port)  # before the model loads: a port in use fails now
     manager = load_model(args, prefill_engine=args.prefill_engine)
     serve(manager, host=args.host, port=args.port, model_id=args.served_model_name, method=args.method,
@@ -143,4 +149,4 @@ def run(args: argparse.Namespace) -> None:
           allow_remote_images=args.allow_remote_images, allowed_media_domains=args.allowed_media_domains,
           limits=limits, max_decoding=args.max_decoding, max_image_memory=args.max_image_memory,
           api_key=api_key_from(args.api_key), allowed_origins=args.allowed_origins, docs=args.docs,
-          allowed_hosts=args.allowed_hosts, sock=sock)  # fmt: skip
+          allowed_hosts=args.allowed_hosts, compute_cpus=compute_cpus, sock=sock)  # fmt: skip

@@ -29,6 +29,7 @@ from vtw_core.engine.methods import Method
 from vtw_core.generation.manager import ModelManager
 from vtw_core.generation.types import SamplingConfig, StreamEvent
 from vtw_core.models.prompts import Message
+from vtw_core.runtime import pin_this_thread
 from vtw_core.serve.errors import overloaded
 
 Delivery = Callable[[StreamEvent | BaseException], None]
@@ -68,14 +69,22 @@ class Batcher:
     """Owns the device through the manager; `submit` queues a job, the worker answers it (maybe batched)."""
 
     def __init__(
-        self, manager: ModelManager, *, max_batch_size: int = 8, batch_wait_ms: float = 0.0, max_queue: int = 64
+        self,
+        manager: ModelManager,
+        *,
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 0.0,
+        max_queue: int = 64,
+        compute_cpus: frozenset[int] | None = None,
     ):
+        """`compute_cpus`: the cores the worker (the only thread that computes) is pinned to (None: any)."""
         if max_batch_size < 1 or batch_wait_ms < 0 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1, batch_wait_ms >= 0")
         self.manager = manager
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
         self.max_queue = max_queue
+        self.compute_cpus = compute_cpus
         self._pending: deque[Job] = deque()
         self._condition = threading.Condition()
         self._closed = False
@@ -99,6 +108,7 @@ class Batcher:
         self._worker.join(timeout=30)
 
     def _work(self) -> None:
+        pin_this_thread(self.compute_cpus)
         while True:
             batch = self._next_batch()
             if batch is None:

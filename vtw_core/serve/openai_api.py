@@ -92,9 +92,11 @@ class ChatService:
         max_decoding: int = MAX_DECODING,
         max_image_memory: int | None = None,
         remote_policy: RemoteImagePolicy | None = None,
+        compute_cpus: frozenset[int] | None = None,
     ):
         """`max_image_memory`: bytes the images of all admitted requests may hold (default: a full batch of
-        the largest requests); `remote_policy`: what http(s) image URLs may reach (with allow_remote_images)."""
+        the largest requests); `remote_policy`: what http(s) image URLs may reach (with allow_remote_images);
+        `compute_cpus`: the cores the computing thread is pinned to (vtw_core.runtime; None: any)."""
         self.manager = manager
         self.model_id = model_id
         self.limits = limits
@@ -108,7 +110,7 @@ class ChatService:
         self.admission = Admission(max_waiting=max_queue, max_decoding=max_decoding,
                                    max_image_memory=max_image_memory)  # fmt: skip
         self.batcher = Batcher(manager, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-                               max_queue=max_queue)  # fmt: skip
+                               max_queue=max_queue, compute_cpus=compute_cpus)  # fmt: skip
         if remote_policy is None and allow_remote_images:
             remote_policy = RemoteImagePolicy(max_bytes=limits.max_image_bytes)
         self.remote_policy = remote_policy  # None: http(s) image URLs are refused

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from vtw_core.errors import VTWError
 from vtw_core.generation.manager import ModelManager
-from vtw_core.runtime import release_openmp_threads
+from vtw_core.runtime import cpu_ranges, release_openmp_threads
 from vtw_core.serve.auth import LOOPBACK_NAMES
 from vtw_core.serve.errors import logger
 from vtw_core.serve.openai_api import MAX_DECODING, ChatService, build_app, source_name
@@ -80,9 +80,11 @@ def serve(
     allowed_origins: Iterable[str] = (),
     docs: bool = False,
     allowed_hosts: Iterable[str] | None = None,
+    compute_cpus: frozenset[int] | None = None,
     sock: socket.socket | None = None,
 ) -> None:
-    """Serve until interrupted (Ctrl-C or SIGTERM); `sock`: the address bound beforehand (`bind_socket`).
+    """Serve until interrupted (Ctrl-C or SIGTERM); `sock`: the address bound beforehand (`bind_socket`);
+    `compute_cpus`: the cores the computing thread is pinned to (vtw_core.runtime.resolve_cpus; None: any).
 
     `allowed_hosts`: names the `Host` header may carry besides this machine's (`localhost`, `127.0.0.1`, `[::1]`),
     "*" for any; None: this machine's names on a loopback address (no DNS rebinding), any name on others."""
@@ -107,6 +109,7 @@ def serve(
         max_decoding=max_decoding,
         max_image_memory=max_image_memory,
         remote_policy=policy,
+        compute_cpus=compute_cpus,
     )
     sock = sock or bind_socket(host, port)
     if manager.prefill_engine == "compiled":
@@ -117,8 +120,11 @@ def serve(
         manager.warm_up(ks, batches=batches)
     release_openmp_threads()  # the batcher's thread computes from now on (vtw_core.runtime)
     key = "API key required" if api_key else "no API key"
+    threads = f"{torch.get_num_threads()} CPU threads"
+    if compute_cpus:
+        threads += f" on cores {cpu_ranges(compute_cpus)}"
     print(f"serving {service.model_id} ({manager.info.describe()}) on http://{host}:{port}/v1, default method "
-          f"{service.default_method}, {torch.get_num_threads()} CPU threads, {key}", flush=True)  # fmt: skip
+          f"{service.default_method}, {threads}, {key}", flush=True)  # fmt: skip
     if api_key is None and not is_loopback(host):
         print(f"warning: {host} takes requests from the network and no --api-key is set: anyone who reaches the "
               "port can use the model", file=sys.stderr, flush=True)  # fmt: skip
