@@ -79,7 +79,8 @@ def add_parser(subparsers: Any) -> None:
                         help="method when a request names none: default (vtw:auto where the checkpoint ships a K, "
                              "else baseline), baseline, vtw:K, fastv:K:R, schedule:NAME")  # fmt: skip
     parser.add_argument("--prefill-engine", choices=["plain", "compiled"], default="plain",
-                        help="compiled: the prefill's layer loop and the decode step through torch.compile (on a CPU "
+                        help="compiled: the prefill's layer loop, the decode step and a CLIP or SigLIP vision tower "
+                             "through torch.compile (on a CPU "
                              "~10%% faster prefill, 0.7x the time per token), compiled for the baseline and the "
                              "default method before listening (minutes the first time); docs/engines.md")  # fmt: skip
     parser.add_argument("--cpus",
