@@ -123,3 +123,21 @@ def test_someone_elses_forward_wrapper_is_left_alone(compiled_calls):
     tower.forward = their_forward
     embed_prompt(model, inputs, compile_vision=True)
     assert wrapped == [True] and compiled_calls == [] and vars(tower)["forward"] is their_forward
+
+
+def test_a_tower_that_does_not_compile_runs_stock(monkeypatch):
+    """A compiler failure (dynamo's own errors) warns once and leaves that tower stock; the answer is the same."""
+    model = build_model("llava")
+    inputs = prompt_inputs(model, "llava")
+    attempts = []
+
+    def failing(*args, **kwargs):
+        attempts.append(True)
+        raise torch._dynamo.exc.InternalTorchDynamoError("the compiler failed")
+
+    monkeypatch.setattr(module, "_compiled_forward", failing)
+    stock = embed_prompt(model, inputs).inputs_embeds
+    with pytest.warns(RuntimeWarning, match="did not compile"):
+        assert torch.equal(embed_prompt(model, inputs, compile_vision=True).inputs_embeds, stock)
+    assert torch.equal(embed_prompt(model, inputs, compile_vision=True).inputs_embeds, stock)
+    assert attempts == [True]  # not tried again

@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import types
+import warnings
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -39,9 +41,17 @@ def _stock_forward(tower: nn.Module, *args, **kwargs):
 _compiled_forward = torch.compile(_stock_forward, dynamic=True, options={"cpp_wrapper": True})
 
 
+_failed: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # towers that did not compile: stock from then on
+
+
 def _routed_forward(self: nn.Module, *args, **kwargs):
-    if getattr(_inside, "active", False):
-        return _compiled_forward(self, *args, **kwargs)
+    if getattr(_inside, "active", False) and self not in _failed:
+        try:
+            return _compiled_forward(self, *args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as error:  # a compiler failure costs speed, not the answer
+            _failed.add(self)
+            warnings.warn(f"the vision tower did not compile ({type(error).__name__}); it runs uncompiled",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
     return _stock_forward(self, *args, **kwargs)
 
 
