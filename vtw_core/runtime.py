@@ -17,8 +17,9 @@ pool, never trimmed, keeps those pages for the next request.
 Cores (`--cpus`, or VTW_CPUS; Linux): the threads that compute can be pinned to chosen cores while the server's
 own threads (HTTP, JSON, image decoding, streaming) stay free to run on any, as vLLM's CPU backend pins its model
 workers (VLLM_CPU_OMP_THREADS_BIND) and leaves its API server and scheduler free. Pinning the whole process
-instead (`taskset`) makes the event loop share the computing core: each request's first token then waits for the
-loop to get the core back while the next decode step runs.
+(`taskset`) puts the event loop on the computing core too; on the 2-core development machine the two gave the same
+time to the first token (docs/peer-benchmark.md), so pin the computing thread when comparing with vLLM or when
+giving each of several servers its own core.
 
 OpenMP workers (with more than one thread): libgomp keeps a team of worker threads for every thread that ever ran
 a parallel operator. Once it manages more threads than the process has CPUs, every team's workers go to sleep
