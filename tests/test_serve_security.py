@@ -561,3 +561,13 @@ def test_fetch_mechanics_against_a_local_server(files):
     messages.add(caught.value.message)
     assert 1.4 < elapsed < 2.5, elapsed  # cut at the total limit, not at a per-read one
     assert messages == {READ_ERROR}  # a redirect chain, a size, a 404, a closed port, a trickle: one answer
+
+
+def test_the_key_check_sees_the_path_within_the_application():
+    """Mounted under a prefix (a proxy's root path, Ray Serve's route prefix), /health is still the open route."""
+    from vtw_core.serve.openai_api import route_path
+
+    assert route_path({"path": "/vtw/health", "root_path": "/vtw"}) == "/health"
+    assert route_path({"path": "/vtw", "root_path": "/vtw"}) == "/"
+    assert route_path({"path": "/v1/models", "root_path": ""}) == "/v1/models"
+    assert route_path({"path": "/other/health", "root_path": "/vtw"}) == "/other/health"

@@ -359,9 +359,18 @@ class _CatchAll:
                 await error_response(api_error)(scope, receive, send)
 
 
+def route_path(scope: Scope) -> str:
+    """The path within the application, without the prefix it is mounted at (a proxy's root path, Ray Serve's
+    route prefix)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
+
+
 class AccessMiddleware:
     """The `Host` header (400 for a name not allowed) and `Authorization: Bearer KEY` on every route but /health
-    (401), `vtw_core.serve.auth`."""
+    (401), `vtw_core.serve.auth`; the single server and the Ray ingress both use it."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, allowed_hosts: frozenset[str] | None = None):
         self.app, self.api_key, self.allowed_hosts = app, api_key, allowed_hosts
@@ -371,7 +380,7 @@ class AccessMiddleware:
             try:
                 headers = Headers(scope=scope)
                 check_host(self.allowed_hosts, headers)
-                check_api_key(self.api_key, scope["path"], headers)
+                check_api_key(self.api_key, route_path(scope), headers)
             except APIError as error:
                 log_refusal(error, scope["method"], scope["path"])
                 await error_response(error)(scope, receive, send)

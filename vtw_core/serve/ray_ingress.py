@@ -29,16 +29,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from ray.exceptions import NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
 from ray.serve.exceptions import ReplicaUnavailableError
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from vtw_core.serve.auth import check_api_key
 from vtw_core.serve.errors import APIError, from_exception
 from vtw_core.serve.limits import MAX_REQUEST_BYTES
-from vtw_core.serve.openai_api import install_error_handlers, read_json
+from vtw_core.serve.openai_api import AccessMiddleware, install_error_handlers, read_json
 
 logger = logging.getLogger("ray.serve")
 
@@ -269,31 +266,6 @@ async def _drain(reply: Any) -> None:
             raise
 
 
-def route_path(scope: Scope) -> str:
-    """The path within the application (without Serve's route prefix)."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :] or "/"
-    return path
-
-
-class RequireKey:
-    """`Authorization: Bearer KEY` on every route but /health (`vtw_core.serve.auth`), else 401."""
-
-    def __init__(self, app: ASGIApp, api_key: str | None):
-        self.app, self.api_key = app, api_key
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.api_key is not None:
-            try:
-                check_api_key(self.api_key, route_path(scope), Headers(scope=scope))
-            except APIError as error:
-                response = JSONResponse(error.body(), status_code=error.status, headers={"WWW-Authenticate": "Bearer"})
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def ingress_app(
     relay: Relay, *, api_key: str | None = None, docs: bool = False, max_bytes: int = MAX_REQUEST_BYTES
 ) -> FastAPI:
@@ -309,7 +281,7 @@ def ingress_app(
         openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
-    app.add_middleware(RequireKey, api_key=api_key)
+    app.add_middleware(AccessMiddleware, api_key=api_key)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
