@@ -193,7 +193,10 @@ def test_the_server_takes_as_many_images_per_message_as_the_app():
     assert MAX_IMAGES_PER_MESSAGE == MAX_IMAGES_PER_TURN
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="thread affinity is Linux's")
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs thread affinity (Linux) and two cores to tell a pinned thread from a free one",
+)
 def test_the_worker_alone_is_pinned_to_the_compute_cores(manager):
     """`compute_cpus` pins the thread that computes; the caller's threads (the server's event loop) stay free."""
     allowed = os.sched_getaffinity(0)

@@ -564,10 +564,32 @@ def test_fetch_mechanics_against_a_local_server(files):
 
 
 def test_the_key_check_sees_the_path_within_the_application():
-    """Mounted under a prefix (a proxy's root path, Ray Serve's route prefix), /health is still the open route."""
-    from vtw_core.serve.openai_api import route_path
+    """Mounted under a prefix (a proxy's root path, Ray Serve's route prefix), /health is still the open route and
+    every other route still asks for the key."""
+    from vtw_core.serve.openai_api import AccessMiddleware, route_path
 
     assert route_path({"path": "/vtw/health", "root_path": "/vtw"}) == "/health"
     assert route_path({"path": "/vtw", "root_path": "/vtw"}) == "/"
     assert route_path({"path": "/v1/models", "root_path": ""}) == "/v1/models"
     assert route_path({"path": "/other/health", "root_path": "/vtw"}) == "/other/health"
+
+    def answer(path: str) -> object:
+        """What the middleware does with an unkeyed GET: "app" (passed on) or the status it answered."""
+        outcome = []
+
+        async def app(scope, receive, send):
+            outcome.append("app")
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                outcome.append(message["status"])
+
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": "/vtw", "headers": []}
+        asyncio.run(AccessMiddleware(app, api_key="secret")(scope, receive, send))
+        return outcome[0]
+
+    assert answer("/vtw/health") == "app"
+    assert answer("/vtw/v1/models") == 401
