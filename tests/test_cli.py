@@ -257,3 +257,12 @@ def test_methods_through_the_cli(capsys, tiny_model_path, image_file, tmp_path):
     assert code == 0 and [row["label"] for row in last_json(out)["rows"]] == ["baseline", "VTW K=4", "FastV K=2 R=0.5"]
     code, _, err = run_cli(capsys, "generate", "--model", model, "--prompt", "Hi", "--method", "magic")
     assert code == 2 and "unknown method" in err
+
+
+def test_serve_and_bench_offer_the_tuned_engine():
+    from vtw_core.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--prefill-engine", "tuned"]).prefill_engine == "tuned"
+    bench = parser.parse_args(["bench", "--prefill-engine", "compiled", "tuned", "--engine", "tuned"])
+    assert (bench.prefill_engine, bench.engine) == (["compiled", "tuned"], ["tuned"])

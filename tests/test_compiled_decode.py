@@ -87,7 +87,8 @@ def test_auto_compiles_the_step_where_the_prefill_is_compiled():
     steps = generate_tokens(model, inputs, k=2, sampling=SamplingConfig(max_new_tokens=3), stats=stats,
                             prefill_engine="compiled")  # fmt: skip
     assert len(list(steps)) == 3 and (stats.prefill_engine, stats.engine) == ("compiled", "compiled")
-    assert auto_engine(torch.device("cpu"), "sdpa", compiled=True) == "compiled"
+    assert auto_engine(torch.device("cpu"), "sdpa", compiled="compiled") == "compiled"
+    assert auto_engine(torch.device("cpu"), "sdpa", compiled="tuned") == "tuned"
     assert auto_engine(torch.device("cpu"), "sdpa") == "static"
-    assert auto_engine(torch.device("cuda"), "sdpa", compiled=True) == "graph"  # CUDA keeps its captured step
-    assert auto_engine(torch.device("cpu"), "flash_attention_2", compiled=True) == "plain"
+    assert auto_engine(torch.device("cuda"), "sdpa", compiled="tuned") == "graph"  # CUDA keeps its captured step
+    assert auto_engine(torch.device("cpu"), "flash_attention_2", compiled="compiled") == "plain"

@@ -37,12 +37,14 @@ def add_parser(subparsers: Any) -> None:
         "--video-frames", type=int, help="synthetic prompt for a video of this many frames (Video-LLaVA-7B, 8: 2056)"
     )
     parser.add_argument(
-        "--engine", nargs="+", default=["auto"], choices=["auto", "plain", "static", "compiled", "graph"],
-        help="decode engines to compare (auto: CUDA graph on CUDA, static on CPU, compiled with the compiled prefill)",
+        "--engine", nargs="+", default=["auto"], choices=["auto", "plain", "static", "compiled", "tuned", "graph"],
+        help="decode engines to compare (auto: CUDA graph on CUDA, static on CPU, compiled or tuned with the prefill "
+             "engine of that name)",
     )  # fmt: skip
     parser.add_argument(
-        "--prefill-engine", nargs="+", default=["plain"], choices=["plain", "bucketed", "graph", "compiled"],
-        help="prefill engines to compare (bucketed: fixed shapes; graph: those captured as CUDA graphs)",
+        "--prefill-engine", nargs="+", default=["plain"], choices=["plain", "bucketed", "graph", "compiled", "tuned"],
+        help="prefill engines to compare (bucketed: fixed shapes; graph: those captured as CUDA graphs; compiled: "
+             "torch.compile; tuned: compiled, with matmul templates on frozen weights, CPU)",
     )  # fmt: skip
     parser.add_argument("--bandwidth-gb-s", type=float, help="device memory bandwidth, for the decode floor column")
     parser.add_argument("--method", action="append", default=[], help="also bench fastv:K:R or schedule:FILE")

@@ -78,11 +78,14 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--method", default="default",
                         help="method when a request names none: default (vtw:auto where the checkpoint ships a K, "
                              "else baseline), baseline, vtw:K, fastv:K:R, schedule:NAME")  # fmt: skip
-    parser.add_argument("--prefill-engine", choices=["plain", "compiled"], default="plain",
+    parser.add_argument("--prefill-engine", choices=["plain", "compiled", "tuned"], default="plain",
                         help="compiled: the prefill's layer loop, the decode step and a CLIP or SigLIP vision tower "
-                             "through torch.compile (on a CPU "
-                             "~10%% faster prefill, 0.7x the time per token), compiled for the baseline and the "
-                             "default method before listening (minutes the first time); docs/engines.md")  # fmt: skip
+                             "through torch.compile (on a CPU ~10%% faster prefill, 0.7x the time per token); "
+                             "tuned: compiled, with the matmuls as inductor's CPU templates on weights frozen into "
+                             "the graphs (on the default model a further 0.83-0.93x prefill of one prompt, 0.5-0.7x "
+                             "per decode step; ~2x the compile time, a packed copy of the weights per graph). Both "
+                             "compile for the baseline and the default method before listening (minutes the first "
+                             "time); docs/engines.md")  # fmt: skip
     parser.add_argument("--cpus",
                         help="pin the thread(s) that compute to these cores (Linux), e.g. 1, 2-3 or 0,2; the "
                              "server's HTTP threads stay free (default: $VTW_CPUS if set, else no pinning; "

@@ -36,6 +36,7 @@ from vtw_core.engine.decoder import (
     attention_mask_for,
     select_group_rows,
 )
+from vtw_core.engine.tuned_kernels import run_tuned, tuned
 from vtw_core.models.families import language_model
 
 
@@ -208,14 +209,27 @@ def static_decode_step(model: nn.Module, state: FastDecodeState, trim: bool = Fa
 _compiled_step = torch.compile(_step_on_buffers, dynamic=True, options={"cpp_wrapper": True})
 
 
-def compiled_decode_step(model: nn.Module, state: FastDecodeState) -> torch.Tensor:
+def _tuned_step_on_buffers(*args):
+    """`_step_on_buffers` under a name of its own, so its tuned graphs (engine.tuned_kernels) are cached apart."""
+    return _step_on_buffers(*args)
+
+
+_tuned_step = tuned(torch.compile(_tuned_step_on_buffers, dynamic=True, options={"cpp_wrapper": True}))
+
+
+def compiled_decode_step(model: nn.Module, state: FastDecodeState, tuned_kernels: bool = False) -> torch.Tensor:
     """One step on `state.input_ids` through the compiled `_step_on_buffers`; returns (and keeps) the logits.
 
     One graph per layer grouping (baseline, VTW at a K) and batch of one or more rows, compiled at its first use
-    (~40 s on one core); the same tokens as the eager step (tests), logits within a few ulps."""
+    (~40 s on one core); the same tokens as the eager step (tests), logits within a few ulps. `tuned_kernels`:
+    its matmuls as inductor's CPU GEMM templates on frozen weights (engine.tuned_kernels; the plain compiled step
+    on another device or where they did not compile)."""
     # The step writes into the buffers: in inference mode if they were made in it, else without autograd.
     with torch.inference_mode() if state.input_ids.is_inference() else torch.no_grad():
-        state.logits = _compiled_step(model, *_step_inputs(state))
+        if tuned_kernels:
+            state.logits, _ = run_tuned(model, _tuned_step, _compiled_step, *_step_inputs(state))
+        else:
+            state.logits = _compiled_step(model, *_step_inputs(state))
     state.next_slot = [slot + 1 for slot in state.next_slot]
     return state.logits
 

@@ -56,9 +56,10 @@ from vtw_core.models.families import num_decoder_layers
 from vtw_core.models.prompts import Message, build_model_inputs, eos_token_ids_of, pad_token_id_of
 from vtw_core.models.videos import Video
 
-DecodeEngine = Literal["auto", "plain", "static", "compiled", "graph"]
-PrefillChoice = PrefillEngine | Literal["shared", "compiled"]
-PREFILL_CHOICES = ("plain", "bucketed", "graph", "shared", "compiled")
+DecodeEngine = Literal["auto", "plain", "static", "compiled", "tuned", "graph"]
+DECODE_ENGINES = ("auto", "plain", "static", "compiled", "tuned", "graph")
+PrefillChoice = PrefillEngine | Literal["shared", "compiled", "tuned"]
+PREFILL_CHOICES = ("plain", "bucketed", "graph", "shared", "compiled", "tuned")
 
 
 def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -153,17 +154,18 @@ def generate_rows(
     only the rows that remain, and a greedy row's tokens do not depend on when the others leave.
     When `stats` is given, the token counts, FLOPs and KV-cache size (its peak) are filled in as generation
     proceeds. `engine`: "plain" (growing caches), "static" (preallocated buffers, vtw_core.engine.fast_decode,
-    sized by the largest `max_new_tokens`), "compiled" (static, the step traced by torch.compile), "graph"
-    (static + the step as a CUDA graph, captured again when the batch shrinks), or "auto" (`auto_engine`: graph
-    on CUDA, static on CPU or compiled with the compiled prefill, plain with flash attention);
-    `stats.engine` says which one ran.
+    sized by the largest `max_new_tokens`), "compiled" (static, the step traced by torch.compile), "tuned"
+    (compiled, its matmuls as inductor's CPU GEMM templates on frozen weights, vtw_core.engine.tuned_kernels),
+    "graph" (static + the step as a CUDA graph, captured again when the batch shrinks), or "auto" (`auto_engine`:
+    graph on CUDA; on CPU static, or with the compiled or tuned prefill the step of the same name; plain with flash
+    attention); `stats.engine` says which one ran.
     `schedule` (vtw_core.engine.schedules) replaces K with a per-layer vision-token schedule (FastV, G-Search, ...).
     `tokens_per_row`, when given, receives each row's real prompt tokens per layer after prefill, so batched
     callers can account every row on its own (vtw_core.generation.batch_stream).
     `prefill_engine`: "plain" (the layer loop), "bucketed" or "graph" (fixed shapes, vtw_core.engine.fast_prefill),
     "shared" (rows showing one image run its prefix once, vtw_core.engine.shared_prefill), "compiled" (the layer
     loop traced by torch.compile, vtw_core.engine.compiled_prefill, and a CLIP or SigLIP vision tower too,
-    vtw_core.engine.compiled_vision); `stats.prefill_engine` says
+    vtw_core.engine.compiled_vision), "tuned" (compiled, with tuned kernels); `stats.prefill_engine` says
     which ran, with the reason when it fell back to plain.
     """
     sampling.validate()
@@ -195,7 +197,8 @@ def generate_rows(
         stats.vision_flops = flops.request_vision_flops(model.config, model_inputs)
         stats.kv_cache_bytes = state.kv_cache_bytes()
 
-    decode = _decoder_for(model, state, engine, max(limits), stats, prefill_engine == "compiled")
+    compiled = prefill_engine if prefill_engine in ("compiled", "tuned") else None
+    decode = _decoder_for(model, state, engine, max(limits), stats, compiled)
     if stats is not None:
         stats.kv_cache_bytes = decode.kv_cache_bytes()
 
@@ -290,11 +293,11 @@ def _prefill(
         if shared is not None:
             return (*shared, "shared")
         engine = f"plain (no shared image prefill: {reason or 'no common prefix holds the image'})"
-    prompt = embed_prompt(model, model_inputs, compile_vision=engine == "compiled")
+    prompt = embed_prompt(model, model_inputs, compile_vision=engine in ("compiled", "tuned"))
     if engine in ("bucketed", "graph"):
         return fast_prefill(model, prompt, selector, position_mode, engine)
-    if engine == "compiled":
-        return compiled_prefill(model, prompt, selector, position_mode)
+    if engine in ("compiled", "tuned"):
+        return compiled_prefill(model, prompt, selector, position_mode, tuned_kernels=engine == "tuned")
     return (*prefill(model, prompt, selector, position_mode), engine)
 
 
@@ -320,8 +323,8 @@ class _Decoder:
             self.state = None  # the buffers hold the caches now; let the prefill's cache go
         self.fast.input_ids.copy_(tokens[:, None])
         self.steps += 1
-        if self.engine == "compiled":
-            return compiled_decode_step(self.model, self.fast)
+        if self.engine in ("compiled", "tuned"):
+            return compiled_decode_step(self.model, self.fast, tuned_kernels=self.engine == "tuned")
         if self.engine == "graph":
             if self.graphed is None:
                 try:
@@ -360,34 +363,35 @@ class _Decoder:
         return total
 
 
-def auto_engine(device: torch.device, attention: str, compiled: bool = False) -> str:
+def auto_engine(device: torch.device, attention: str, compiled: str | None = None) -> str:
     """The decode engine `engine="auto"` picks, per device, from measurements (docs/engines.md, "Decode engines").
 
     CUDA: the graph (launch overhead dominates a plain step: 26 -> 9.6 ms/token at 7B on an H100). CPU: the
     static buffers (no torch.cat of every layer's cache per step: 0.67-0.92x plain from 638 tokens up, equal
-    at the default model's 162), their step compiled when the prefill is (`compiled`: the caller accepted
-    compile time; 0.68x the static step's time on the default model). Both build 4-D masks, so flash attention
+    at the default model's 162), their step compiled when the prefill is (`compiled`: "compiled" or "tuned", the
+    prefill engine whose compile time the caller accepted; the compiled step took 0.68x the static step's time on
+    the default model, the tuned one ~0.5x the compiled one's). Both build 4-D masks, so flash attention
     keeps the plain path, as do devices nobody has measured.
     """
     if attention not in ("sdpa", "eager"):
         return "plain"
     if device.type == "cpu" and compiled:
-        return "compiled"
+        return compiled
     return {"cuda": "graph", "cpu": "static"}.get(device.type, "plain")
 
 
 def _decoder_for(
-    model: nn.Module, state: DecodeState, engine: str, max_new_tokens: int, stats, compiled: bool = False
+    model: nn.Module, state: DecodeState, engine: str, max_new_tokens: int, stats, compiled: str | None = None
 ) -> _Decoder:
-    if engine not in ("auto", "plain", "static", "compiled", "graph"):
-        raise InputError(f"engine must be auto, plain, static, compiled or graph; got {engine!r}")
+    if engine not in DECODE_ENGINES:
+        raise InputError(f"engine must be one of {', '.join(DECODE_ENGINES)}; got {engine!r}")
     fixed_ok = state.attention_implementation in ("sdpa", "eager")
     if engine == "auto":
         engine = auto_engine(state.cache.layers[0].keys.device, state.attention_implementation, compiled)
     elif engine == "graph" and not (state.cache.layers[0].keys.is_cuda and fixed_ok):
         raise InputError("the CUDA-graph engine needs a CUDA device and sdpa or eager attention")
-    elif engine == "compiled" and not fixed_ok:
-        raise InputError("the compiled decode engine needs sdpa or eager attention")
+    elif engine in ("compiled", "tuned") and not fixed_ok:
+        raise InputError(f"the {engine} decode engine needs sdpa or eager attention")
     return _Decoder(model, state, engine, max_new_tokens, stats)
 
 

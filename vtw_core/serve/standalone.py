@@ -112,7 +112,7 @@ def serve(
         compute_cpus=compute_cpus,
     )
     sock = sock or bind_socket(host, port)
-    if manager.prefill_engine == "compiled":
+    if manager.prefill_engine in ("compiled", "tuned"):
         ks = (None, service.resolve_method(service.default_method).k)
         batches = max_batch_size > 1
         print(f"compiling the prefill and the decode step for the baseline and the default method"

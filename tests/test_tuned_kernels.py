@@ -1,0 +1,114 @@
+"""The tuned kernels (vtw_core.engine.tuned_kernels): the compiled engine's graphs with their matmuls as inductor's CPU
+GEMM templates on frozen weights. Against the plain engines: the same greedy tokens and logits within a few ulps, the
+templates really in the graphs, and graphs of each model's own weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import NUM_LAYERS, build_model, prompt_inputs
+from test_fast import tokens
+from torch._dynamo.utils import counters
+
+from vtw_core.engine.compiled_prefill import compiled_prefill
+from vtw_core.engine.decoder import prefill, withdrawal_selector
+from vtw_core.engine.embed import embed_prompt
+from vtw_core.engine.tuned_kernels import tuned_kernels_apply
+from vtw_core.generation.generate import generate_tokens
+from vtw_core.generation.types import GenerationStats, SamplingConfig
+
+LOGIT_BOUND = 1e-4  # float32: the templates sum the products in another order than the library's matmul
+
+
+def tuned_logits(model, inputs, k):
+    prompt = embed_prompt(model, inputs)
+    selector = withdrawal_selector(k, NUM_LAYERS)
+    plain, _ = prefill(model, prompt, selector)
+    logits, _, ran = compiled_prefill(model, prompt, selector, tuned_kernels=True)
+    assert ran == "tuned"
+    return logits, plain
+
+
+@pytest.fixture(scope="module")
+def llava():
+    model = build_model("llava")
+    return model, prompt_inputs(model, "llava")
+
+
+def test_a_tuned_prefill_gives_the_plain_prefills_logits(llava):
+    """VTW at K = 2: layers over every token, then text-only layers (one prompt's decode steps are checked on the
+    default model below, a batch's next)."""
+    model, inputs = llava
+    templates = counters["inductor"]["cpp_templated_kernel_counter"]
+    logits, plain = tuned_logits(model, inputs, 2)
+    assert (logits - plain).abs().max() <= LOGIT_BOUND
+    assert counters["inductor"]["cpp_templated_kernel_counter"] > templates  # the matmuls came from the templates
+    assert tuned_kernels_apply(torch.device("cpu")) and not tuned_kernels_apply(torch.device("cuda"))
+
+
+def test_a_batch_prefills_on_the_library_matmuls_and_decodes_tuned(llava):
+    """Over several prompts' tokens the templates lose to the library's matmuls, so a batch's prefill keeps them (and
+    says so); its decode steps, a row per prompt, are tuned. The tokens are the static engine's."""
+    model, inputs = llava
+    batch = {name: torch.cat([value, value]) for name, value in inputs.items()}
+    stats, sampling = GenerationStats(k=2, num_layers=NUM_LAYERS), SamplingConfig(max_new_tokens=4)
+    steps = generate_tokens(model, batch, k=2, sampling=sampling, stats=stats, prefill_engine="tuned")
+    assert torch.stack(list(steps), 1).tolist() == tokens(model, batch, 2, "static", sampling)[0]
+    assert (stats.prefill_engine, stats.engine) == ("tuned (the library's matmuls for a batch's prefill)", "tuned")
+
+
+def test_each_model_gets_graphs_of_its_own_weights(llava):
+    """The weights are constants of a tuned graph: a second model of the same shapes must not run on the first's,
+    nor the first, afterwards, on the second's."""
+    first, inputs = llava
+    second = build_model("llava", seed=1)
+    answers = []
+    for model in (first, second, first):
+        logits, plain = tuned_logits(model, inputs, 2)
+        assert (logits - plain).abs().max() <= LOGIT_BOUND
+        answers.append(logits)
+    assert (answers[0] - answers[1]).abs().max() > 100 * LOGIT_BOUND  # the two models really differ
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16"])
+def test_the_default_model_answers_easy_vqa_questions_the_same(dtype):
+    """The shipped model in the served precision, VTW at its K (layers over every token, then text-only ones): the
+    tuned prefill and decode give the plain engines' greedy replies to test questions."""
+    from vtw_core.generation.manager import ModelManager
+    from vtw_core.models.defaults import require_model
+    from vtw_core.models.images import load_image
+    from vtw_core.models.prompts import user_message
+    from vtw_core.training.easyvqa import load_split
+
+    plain = ModelManager.load(require_model(None), device="cpu", dtype=dtype)
+    tuned = ModelManager(plain.model, plain.processor, plain.info.source, prefill_engine="tuned")
+    sampling, k = SamplingConfig(max_new_tokens=6), plain.info.searched_k
+    for item in load_split("test")[:8]:
+        messages, images = [user_message(item.question)], [load_image(item.image)]
+        ours = tuned.generate(messages, images, k=k, sampling=sampling)
+        theirs = plain.generate(messages, images, k=k, sampling=sampling)
+        assert (ours.stats.prefill_engine, ours.stats.engine) == ("tuned", "tuned"), item.question
+        assert ours.token_ids == theirs.token_ids, item.question
+
+
+def test_a_model_whose_tuned_graphs_do_not_compile_runs_the_compiled_ones(monkeypatch):
+    """A compiler failure (dynamo's own errors) warns once, names the engine that ran and keeps the answer."""
+    from vtw_core.engine import compiled_prefill as module
+
+    model = build_model("llava", seed=2)
+    inputs = prompt_inputs(model, "llava")
+    attempts = []
+
+    def failing(*args):
+        attempts.append(True)
+        raise torch._dynamo.exc.InternalTorchDynamoError("the compiler failed")
+
+    monkeypatch.setattr(module, "_tuned_loop", failing)
+    prompt = embed_prompt(model, inputs)
+    plain, _ = prefill(model, prompt, None)
+    with pytest.warns(RuntimeWarning, match="tuned kernels did not compile"):
+        logits, _, ran = compiled_prefill(model, prompt, None, tuned_kernels=True)
+    assert ran == "compiled (no tuned kernels for this device or model)"
+    assert (logits - plain).abs().max() <= LOGIT_BOUND
+    compiled_prefill(model, prompt, None, tuned_kernels=True)
+    assert attempts == [True]  # not tried again for this model
