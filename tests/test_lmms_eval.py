@@ -29,7 +29,6 @@ from vtw_core.models.images import load_image
 from vtw_core.training.easyvqa import COLOURS, SHAPES, answer_sentence, load_split
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED_K = json.loads((REPO / "assets" / "default-model" / "vtw.json").read_text())["k"]
 LOW_K = 2  # the default model loses questions there (81% on 500), so equal accuracies say something
 LIMIT = 16  # questions per run: enough for the two tools to differ if they disagreed, cheap enough for CI
 QUIET_ACCELERATE = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # defaults, said
@@ -64,14 +63,13 @@ def _samples(output: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    """`python -m vtw_core eval` on the same questions: baseline, the shipped K and a low K, every prefill in
-    full, as the plug-in runs them (shared image prefills agree to float32 rounding: tests/test_shared_prefill.py)."""
-    arguments = f"-m vtw_core eval --limit {LIMIT} --k {SHIPPED_K} --method vtw:{LOW_K} --json --no-shared-prefill"
+    """`python -m vtw_core eval` on the same questions: baseline and a low K, every prefill in full, as the plug-in
+    runs them (shared image prefills agree to float32 rounding: tests/test_shared_prefill.py)."""
+    arguments = f"-m vtw_core eval --limit {LIMIT} --k {LOW_K} --json --no-shared-prefill"
     result = _run([sys.executable, *arguments.split()])
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    (low,) = report["methods"]
-    return {"baseline": report["baseline"], f"vtw:{SHIPPED_K}": report["vtw"], f"vtw:{LOW_K}": low}
+    return {"baseline": report["baseline"], f"vtw:{LOW_K}": report["vtw"]}
 
 
 def test_entry_point_registers_vtw():
@@ -84,7 +82,9 @@ def test_entry_point_registers_vtw():
     assert get_model("vtw") is VTW
 
 
-@pytest.mark.parametrize("method", ["baseline", f"vtw:{SHIPPED_K}", f"vtw:{LOW_K}"])
+# Baseline and VTW at a K where the default model loses questions; the shipped K's path is the same code (its
+# accuracy equals the baseline's, so it would say less).
+@pytest.mark.parametrize("method", ["baseline", f"vtw:{LOW_K}"])
 def test_easyvqa_equals_vtw_core_eval(method, reference, tmp_path):
     results = _lmms_eval(method, tmp_path)
     expected = reference[method]
