@@ -119,18 +119,25 @@ def test_the_default_model_answers_easy_vqa_questions_the_same(default_manager_c
     """The shipped model, on test questions: compiled prefill and decode give the plain engines' greedy replies (the
     baseline: every layer over every token; VTW's text-only layers at the shipped K are checked through the tuned
     kernels' graphs of the same loop, tests/test_tuned_kernels.py, and in batches below)."""
-    from vtw_core.generation.types import SamplingConfig
-    from vtw_core.models.images import load_image
-    from vtw_core.models.prompts import user_message
     from vtw_core.training.easyvqa import load_split
 
     compiled, plain = default_manager_compiled
+    assert_same_replies(compiled, plain, load_split("test")[:12], None, "compiled")
+
+
+def assert_same_replies(manager, plain, items, k, engine: str) -> None:
+    """Each easy-vqa item asked alone: `manager` (its prefill and decode engines both `engine`) gives `plain`'s
+    greedy reply."""
+    from vtw_core.generation.types import SamplingConfig
+    from vtw_core.models.images import load_image
+    from vtw_core.models.prompts import user_message
+
     sampling = SamplingConfig(max_new_tokens=6)
-    for item in load_split("test")[:12]:
+    for item in items:
         messages, images = [user_message(item.question)], [load_image(item.image)]
-        ours = compiled.generate(messages, images, k=None, sampling=sampling)
-        theirs = plain.generate(messages, images, k=None, sampling=sampling)
-        assert (ours.stats.prefill_engine, ours.stats.engine) == ("compiled", "compiled"), item.question
+        ours = manager.generate(messages, images, k=k, sampling=sampling)
+        theirs = plain.generate(messages, images, k=k, sampling=sampling)
+        assert (ours.stats.prefill_engine, ours.stats.engine) == (engine, engine), item.question
         assert ours.token_ids == theirs.token_ids, item.question
 
 

@@ -74,21 +74,15 @@ def test_each_model_gets_graphs_of_its_own_weights(llava):
 def test_the_default_model_answers_easy_vqa_questions_the_same(dtype):
     """The shipped model in the served precision, VTW at its K (layers over every token, then text-only ones): the
     tuned prefill and decode give the plain engines' greedy replies to test questions."""
+    from test_compiled_prefill import assert_same_replies
+
     from vtw_core.generation.manager import ModelManager
     from vtw_core.models.defaults import require_model
-    from vtw_core.models.images import load_image
-    from vtw_core.models.prompts import user_message
     from vtw_core.training.easyvqa import load_split
 
     plain = ModelManager.load(require_model(None), device="cpu", dtype=dtype)
     tuned = ModelManager(plain.model, plain.processor, plain.info.source, prefill_engine="tuned")
-    sampling, k = SamplingConfig(max_new_tokens=6), plain.info.searched_k
-    for item in load_split("test")[:8]:
-        messages, images = [user_message(item.question)], [load_image(item.image)]
-        ours = tuned.generate(messages, images, k=k, sampling=sampling)
-        theirs = plain.generate(messages, images, k=k, sampling=sampling)
-        assert (ours.stats.prefill_engine, ours.stats.engine) == ("tuned", "tuned"), item.question
-        assert ours.token_ids == theirs.token_ids, item.question
+    assert_same_replies(tuned, plain, load_split("test")[:8], plain.info.searched_k, "tuned")
 
 
 def test_a_model_whose_tuned_graphs_do_not_compile_runs_the_compiled_ones(monkeypatch):
