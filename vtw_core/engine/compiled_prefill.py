@@ -146,10 +146,14 @@ def compiled_prefill(
         arguments = (hidden_states, full, deep, k, kept)
         # A batch's prefill keeps the library's matmuls: over several prompts' tokens (4,704 rows for eight of the
         # default model's) the templates took 1.2x their time; one prompt's 588 rows took 0.93x.
+        ran = "compiled"
         if tuned_kernels and batch == 1:
             (logits, keys, values), ran_tuned = run_tuned(model, _tuned_loop, _compiled_loop, *arguments)
+            ran = "tuned" if ran_tuned else "compiled (no tuned kernels for this device or model)"
         else:
             logits, keys, values = _compiled_loop(model, *arguments)
+            if tuned_kernels:
+                ran = "tuned (the library's matmuls for a batch's prefill)"
     outputs = PrefillOutputs(
         logits, keys, values,
         valid=[ok for _, _, ok in groups],
@@ -157,9 +161,4 @@ def compiled_prefill(
         prompt_index=[slots for _, slots, _ in groups],
         first_layers=[first for first, _, _ in groups],
     )  # fmt: skip
-    ran = "compiled"
-    if tuned_kernels and batch > 1:
-        ran = "tuned (the library's matmuls for a batch's prefill)"
-    elif tuned_kernels:
-        ran = "tuned" if ran_tuned else "compiled (no tuned kernels for this device or model)"
     return logits, decode_state_from(model, outputs, copy=False), ran

@@ -13,7 +13,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from PIL import Image
@@ -57,7 +57,7 @@ from vtw_core.models.prompts import Message, build_model_inputs, eos_token_ids_o
 from vtw_core.models.videos import Video
 
 DecodeEngine = Literal["auto", "plain", "static", "compiled", "tuned", "graph"]
-DECODE_ENGINES = ("auto", "plain", "static", "compiled", "tuned", "graph")
+DECODE_ENGINES = get_args(DecodeEngine)
 PrefillChoice = PrefillEngine | Literal["shared", "compiled", "tuned"]
 PREFILL_CHOICES = ("plain", "bucketed", "graph", "shared", "compiled", "tuned")
 
