@@ -16,6 +16,7 @@ from vtw_core.engine.compiled_vision import compiled_vision, vision_tower
 from vtw_core.engine.embed import embed_prompt
 
 FEATURE_BOUND = 1e-5  # fused elementwise kernels round differently from the eager operators, in the last bits
+TUNED_FEATURE_BOUND = 1e-4  # and the GEMM templates sum the products in another order than the library's matmul
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +142,32 @@ def test_a_tower_that_does_not_compile_runs_stock(monkeypatch):
         assert torch.equal(embed_prompt(model, inputs, compile_vision=True).inputs_embeds, stock)
     assert torch.equal(embed_prompt(model, inputs, compile_vision=True).inputs_embeds, stock)
     assert attempts == [True]  # not tried again
+
+
+def test_the_tuned_tower_gives_the_stock_embeddings(llava):
+    """The tuned engine's tower: its matmuls from inductor's GEMM templates on frozen weights."""
+    model, inputs = llava
+    stock = embed_prompt(model, inputs).inputs_embeds
+    templates = torch._dynamo.utils.counters["inductor"]["cpp_templated_kernel_counter"]
+    ours = embed_prompt(model, inputs, compile_vision=True, tuned_kernels=True).inputs_embeds
+    assert torch._dynamo.utils.counters["inductor"]["cpp_templated_kernel_counter"] > templates
+    assert (ours - stock).abs().max() <= TUNED_FEATURE_BOUND
+
+
+def test_a_tuned_tower_that_does_not_compile_runs_compiled(monkeypatch, compiled_calls):
+    """A tuned graph that fails warns once; that tower runs the compiled graph from then on, with the same answer."""
+    model = build_model("llava")
+    inputs = prompt_inputs(model, "llava")
+    attempts = []
+
+    def failing(*args, **kwargs):
+        attempts.append(True)
+        raise torch._dynamo.exc.InternalTorchDynamoError("the compiler failed")
+
+    monkeypatch.setattr(module, "_tuned_forward", failing)
+    stock = embed_prompt(model, inputs).inputs_embeds
+    with pytest.warns(RuntimeWarning, match="tuned kernels did not compile"):
+        ours = embed_prompt(model, inputs, compile_vision=True, tuned_kernels=True).inputs_embeds
+    assert (ours - stock).abs().max() <= FEATURE_BOUND
+    embed_prompt(model, inputs, compile_vision=True, tuned_kernels=True)
+    assert attempts == [True] and len(compiled_calls) == 2  # not tried again; the compiled graph both times

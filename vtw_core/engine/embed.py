@@ -80,11 +80,14 @@ def prompt_masks(model: nn.Module, model_inputs: dict[str, Any]) -> tuple[torch.
 
 
 @torch.inference_mode()
-def embed_prompt(model: nn.Module, model_inputs: dict[str, Any], compile_vision: bool = False) -> PromptEmbeddings:
+def embed_prompt(
+    model: nn.Module, model_inputs: dict[str, Any], compile_vision: bool = False, tuned_kernels: bool = False
+) -> PromptEmbeddings:
     """Run the vision tower, projector and embedding merge of the stock model; stop before the decoder.
 
     `compile_vision`: the tower through torch.compile where it is one that compiles (compiled_vision.py), as the
-    compiled engine asks; its features then agree with the stock tower's to a few ulps."""
+    compiled engine asks, with `tuned_kernels` as the tuned engine asks; its features then agree with the stock
+    tower's to a few ulps."""
     family = model_family(model.config)
     input_ids = model_inputs["input_ids"]
     valid, vision_mask = prompt_masks(model, model_inputs)
@@ -93,7 +96,7 @@ def embed_prompt(model: nn.Module, model_inputs: dict[str, Any], compile_vision:
     has_pixels = any(model_inputs.get(name) is not None for name in pixel_names)
     if bool(vision_mask.any()) and not has_pixels:
         raise InputError("the prompt has image or video placeholder tokens but no image or video was given")
-    with compiled_vision(model) if compile_vision else contextlib.nullcontext():
+    with compiled_vision(model, tuned_kernels) if compile_vision else contextlib.nullcontext():
         captured = _capture_language_model_inputs(model, {**model_inputs, "attention_mask": valid.long()})
 
     inputs_embeds = captured["inputs_embeds"]

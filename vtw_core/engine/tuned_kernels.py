@@ -13,7 +13,7 @@ prefill: 1.22x), so a batch's prefill keeps the library's matmuls (compiled_pref
 The cost:
 - compiling takes ~2x longer (~55 s per graph on two cores);
 - the weights are constants of the graph: a change made to them in place after the first call is not seen (load
-  the model again instead), and each graph holds its own packed copy of the decoder's weights;
+  the model again instead), and each graph holds its own packed copy of the weights;
 - the GEMM templates are CPU code: on other devices the engine runs as the plain compiled one;
 - where inductor cannot build them (a compiler without the CPU's instructions, say), the model warns once and runs
   the plain compiled graphs from then on.
@@ -46,9 +46,9 @@ def tuned(compiled: Callable[..., Any]) -> Callable[..., Any]:
     traces (freezing makes it guard on each weight's identity, so another model's weights compile graphs of their
     own) and while inductor compiles. Give it a function of its own: compiled graphs are cached per function."""
 
-    def run(*args: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
         with inductor_config.patch(TUNED_OPTIONS):
-            return compiled(*args)
+            return compiled(*args, **kwargs)
 
     return run
 
@@ -62,16 +62,17 @@ _failed: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose tuned gr
 
 
 def run_tuned(
-    model: nn.Module, tuned_fn: Callable[..., Any], plain_fn: Callable[..., Any], *args: Any
+    model: nn.Module, tuned_fn: Callable[..., Any], plain_fn: Callable[..., Any], *args: Any, **kwargs: Any
 ) -> tuple[Any, bool]:
-    """`tuned_fn(model, *args)` where the tuned kernels apply to `model`, else `plain_fn(model, *args)`; returns the
-    result and whether the tuned graph ran. A compiler failure (dynamo's or inductor's errors) costs speed, not the
-    answer: it warns once and the model runs `plain_fn` from then on."""
+    """`tuned_fn(model, *args, **kwargs)` where the tuned kernels apply to `model` (a model or one of its modules),
+    else `plain_fn(model, *args, **kwargs)`; returns the result and whether the tuned graph ran. A compiler failure
+    (dynamo's or inductor's errors) costs speed, not the answer: it warns once and the model runs `plain_fn` from
+    then on."""
     if model not in _failed and tuned_kernels_apply(next(model.parameters()).device):
         try:
-            return tuned_fn(model, *args), True
+            return tuned_fn(model, *args, **kwargs), True
         except torch._dynamo.exc.TorchDynamoException as error:
             _failed.add(model)
             warnings.warn(f"the tuned kernels did not compile ({type(error).__name__}: {str(error)[:200]}); the "
                           "compiled engine's graphs run instead", RuntimeWarning, stacklevel=2)  # fmt: skip
-    return plain_fn(model, *args), False
+    return plain_fn(model, *args, **kwargs), False

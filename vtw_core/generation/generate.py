@@ -165,8 +165,8 @@ def generate_rows(
     `prefill_engine`: "plain" (the layer loop), "bucketed" or "graph" (fixed shapes, vtw_core.engine.fast_prefill),
     "shared" (rows showing one image run its prefix once, vtw_core.engine.shared_prefill), "compiled" (the layer
     loop traced by torch.compile, vtw_core.engine.compiled_prefill, and a CLIP or SigLIP vision tower too,
-    vtw_core.engine.compiled_vision), "tuned" (compiled, with tuned kernels); `stats.prefill_engine` says
-    which ran, with the reason when it fell back to plain.
+    vtw_core.engine.compiled_vision), "tuned" (compiled, with tuned kernels, the tower's too);
+    `stats.prefill_engine` says which ran, with the reason when it fell back to plain.
     """
     sampling.validate()
     batch = model_inputs["input_ids"].shape[0]
@@ -293,7 +293,8 @@ def _prefill(
         if shared is not None:
             return (*shared, "shared")
         engine = f"plain (no shared image prefill: {reason or 'no common prefix holds the image'})"
-    prompt = embed_prompt(model, model_inputs, compile_vision=engine in ("compiled", "tuned"))
+    compiled = engine in ("compiled", "tuned")
+    prompt = embed_prompt(model, model_inputs, compile_vision=compiled, tuned_kernels=engine == "tuned")
     if engine in ("bucketed", "graph"):
         return fast_prefill(model, prompt, selector, position_mode, engine)
     if engine in ("compiled", "tuned"):
