@@ -126,17 +126,23 @@ def test_someone_elses_forward_wrapper_is_left_alone(compiled_calls):
     assert wrapped == [True] and compiled_calls == [] and vars(tower)["forward"] is their_forward
 
 
-def test_a_tower_that_does_not_compile_runs_stock(monkeypatch):
-    """A compiler failure (dynamo's own errors) warns once and leaves that tower stock; the answer is the same."""
-    model = build_model("llava")
-    inputs = prompt_inputs(model, "llava")
+def failing_compiler(monkeypatch, name: str) -> list[bool]:
+    """Replace the module's compiled function `name` by one that fails as dynamo does; returns its calls."""
     attempts = []
 
     def failing(*args, **kwargs):
         attempts.append(True)
         raise torch._dynamo.exc.InternalTorchDynamoError("the compiler failed")
 
-    monkeypatch.setattr(module, "_compiled_forward", failing)
+    monkeypatch.setattr(module, name, failing)
+    return attempts
+
+
+def test_a_tower_that_does_not_compile_runs_stock(monkeypatch):
+    """A compiler failure (dynamo's own errors) warns once and leaves that tower stock; the answer is the same."""
+    model = build_model("llava")
+    inputs = prompt_inputs(model, "llava")
+    attempts = failing_compiler(monkeypatch, "_compiled_forward")
     stock = embed_prompt(model, inputs).inputs_embeds
     with pytest.warns(RuntimeWarning, match="did not compile"):
         assert torch.equal(embed_prompt(model, inputs, compile_vision=True).inputs_embeds, stock)
@@ -158,13 +164,7 @@ def test_a_tuned_tower_that_does_not_compile_runs_compiled(monkeypatch, compiled
     """A tuned graph that fails warns once; that tower runs the compiled graph from then on, with the same answer."""
     model = build_model("llava")
     inputs = prompt_inputs(model, "llava")
-    attempts = []
-
-    def failing(*args, **kwargs):
-        attempts.append(True)
-        raise torch._dynamo.exc.InternalTorchDynamoError("the compiler failed")
-
-    monkeypatch.setattr(module, "_tuned_forward", failing)
+    attempts = failing_compiler(monkeypatch, "_tuned_forward")
     stock = embed_prompt(model, inputs).inputs_embeds
     with pytest.warns(RuntimeWarning, match="tuned kernels did not compile"):
         ours = embed_prompt(model, inputs, compile_vision=True, tuned_kernels=True).inputs_embeds
