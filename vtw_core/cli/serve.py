@@ -83,7 +83,8 @@ def add_parser(subparsers: Any) -> None:
                              "through torch.compile (on a CPU ~10%% faster prefill, 0.7x the time per token); "
                              "tuned: compiled, with the matmuls as inductor's CPU templates on weights frozen into "
                              "the graphs (on the default model a further 0.83-0.93x prefill of one prompt, 0.5-0.7x "
-                             "per decode step; ~2x the compile time, a packed copy of the weights per graph). Both "
+                             "per decode step; ~2x the compile time, a packed copy of the weights per graph; at two "
+                             "threads its server answered later than the compiled one's). Both "
                              "compile for the baseline and the default method before listening (minutes the first "
                              "time); docs/engines.md")  # fmt: skip
     parser.add_argument("--cpus",
