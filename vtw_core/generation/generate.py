@@ -60,6 +60,7 @@ DecodeEngine = Literal["auto", "plain", "static", "compiled", "tuned", "graph"]
 DECODE_ENGINES = get_args(DecodeEngine)
 PrefillChoice = PrefillEngine | Literal["shared", "compiled", "tuned"]
 PREFILL_CHOICES = ("plain", "bucketed", "graph", "shared", "compiled", "tuned")
+COMPILED_ENGINES = ("compiled", "tuned")  # the prefill and decode engines that run torch.compile'd graphs
 
 
 def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -197,7 +198,7 @@ def generate_rows(
         stats.vision_flops = flops.request_vision_flops(model.config, model_inputs)
         stats.kv_cache_bytes = state.kv_cache_bytes()
 
-    compiled = prefill_engine if prefill_engine in ("compiled", "tuned") else None
+    compiled = prefill_engine if prefill_engine in COMPILED_ENGINES else None
     decode = _decoder_for(model, state, engine, max(limits), stats, compiled)
     if stats is not None:
         stats.kv_cache_bytes = decode.kv_cache_bytes()
@@ -293,11 +294,11 @@ def _prefill(
         if shared is not None:
             return (*shared, "shared")
         engine = f"plain (no shared image prefill: {reason or 'no common prefix holds the image'})"
-    compiled = engine in ("compiled", "tuned")
+    compiled = engine in COMPILED_ENGINES
     prompt = embed_prompt(model, model_inputs, compile_vision=compiled, tuned_kernels=engine == "tuned")
     if engine in ("bucketed", "graph"):
         return fast_prefill(model, prompt, selector, position_mode, engine)
-    if engine in ("compiled", "tuned"):
+    if compiled:
         return compiled_prefill(model, prompt, selector, position_mode, tuned_kernels=engine == "tuned")
     return (*prefill(model, prompt, selector, position_mode), engine)
 
@@ -324,7 +325,7 @@ class _Decoder:
             self.state = None  # the buffers hold the caches now; let the prefill's cache go
         self.fast.input_ids.copy_(tokens[:, None])
         self.steps += 1
-        if self.engine in ("compiled", "tuned"):
+        if self.engine in COMPILED_ENGINES:
             return compiled_decode_step(self.model, self.fast, tuned_kernels=self.engine == "tuned")
         if self.engine == "graph":
             if self.graphed is None:
@@ -391,7 +392,7 @@ def _decoder_for(
         engine = auto_engine(state.cache.layers[0].keys.device, state.attention_implementation, compiled)
     elif engine == "graph" and not (state.cache.layers[0].keys.is_cuda and fixed_ok):
         raise InputError("the CUDA-graph engine needs a CUDA device and sdpa or eager attention")
-    elif engine in ("compiled", "tuned") and not fixed_ok:
+    elif engine in COMPILED_ENGINES and not fixed_ok:
         raise InputError(f"the {engine} decode engine needs sdpa or eager attention")
     return _Decoder(model, state, engine, max_new_tokens, stats)
 

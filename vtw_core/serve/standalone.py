@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterable
 
 from vtw_core.errors import VTWError
+from vtw_core.generation.generate import COMPILED_ENGINES
 from vtw_core.generation.manager import ModelManager
 from vtw_core.runtime import cpu_ranges, release_openmp_threads
 from vtw_core.serve.auth import LOOPBACK_NAMES
@@ -112,7 +113,7 @@ def serve(
         compute_cpus=compute_cpus,
     )
     sock = sock or bind_socket(host, port)
-    if manager.prefill_engine in ("compiled", "tuned"):
+    if manager.prefill_engine in COMPILED_ENGINES:
         ks = (None, service.resolve_method(service.default_method).k)
         batches = max_batch_size > 1
         print(f"compiling the prefill and the decode step for the baseline and the default method"
