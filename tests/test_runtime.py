@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import sys
 
 import pytest
@@ -59,6 +60,36 @@ def test_configure_process_sets_torch_threads(monkeypatch, restore_threads):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_memory_is_retained_on_glibc(restore_threads):
     assert configure_process(1).retained_memory is True
+
+
+POOLS = """
+import ctypes, sys, threading
+from vtw_core.runtime import configure_process
+configure_process(int(sys.argv[1]))
+meet = threading.Barrier(2)
+def allocate():
+    block = bytearray(1 << 20)  # below the kept-buffer threshold: from this thread's pool
+    meet.wait()  # both hold their block at once
+    meet.wait()
+threads = [threading.Thread(target=allocate) for _ in range(2)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena i:" section per pool, on stderr
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc pools")
+@pytest.mark.parametrize("threads, one_pool", [(1, True), (2, False)])
+def test_one_malloc_pool_only_for_one_computing_thread(threads, one_pool):
+    """One thread: every thread allocates from one pool (the app's sides share freed pages). OpenMP workers keep a
+    pool per thread, or they would queue on its lock in every parallel operator."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", POOLS, str(threads)], capture_output=True, text=True, check=True)
+    pools = done.stderr.count("Arena ")
+    assert pools == 1 if one_pool else pools >= 3, done.stderr  # the main thread's and each allocating thread's
 
 
 def test_every_command_that_loads_a_model_takes_threads_and_applies_the_rule(monkeypatch, restore_threads):
