@@ -104,9 +104,11 @@ def model_id(client: httpx.Client, base_url: str, headers: dict) -> str:
     return response.json()["data"][0]["id"]
 
 
-def closed_loop(target: Target, body: dict, headers: dict, clients: int, seconds: float) -> float:
-    """Requests completed per second by `clients` clients sending back to back for `seconds`."""
+def closed_loop(target: Target, body: dict, headers: dict, clients: int, seconds: float) -> tuple[float, list[int]]:
+    """Requests completed per second by `clients` clients sending back to back for `seconds`, and the rows of the
+    engine call that answered each (our server's `usage.vtw.batch_size`; empty for other servers)."""
     done = [0] * clients
+    rows: list[int] = []
     errors: list[str] = []
     deadline = time.perf_counter() + seconds
 
@@ -119,6 +121,9 @@ def closed_loop(target: Target, body: dict, headers: dict, clients: int, seconds
                     return
                 if time.perf_counter() <= deadline:
                     done[index] += 1
+                    batch_size = ((response.json().get("usage") or {}).get("vtw") or {}).get("batch_size")
+                    if isinstance(batch_size, int):
+                        rows.append(batch_size)
 
     threads = [threading.Thread(target=client_loop, args=(index,)) for index in range(clients)]
     for thread in threads:
@@ -127,7 +132,7 @@ def closed_loop(target: Target, body: dict, headers: dict, clients: int, seconds
         thread.join()
     if errors:
         raise RuntimeError(f"{target.name}: {errors[0]}")
-    return sum(done) / seconds
+    return sum(done) / seconds, rows
 
 
 def main() -> None:
@@ -203,16 +208,23 @@ def main() -> None:
     print("| target | " + " | ".join(f"{c} client{'s' * (c > 1)}" for c in args.clients) + " |")
     print("|---|" + "---|" * len(args.clients))
     rates: dict[str, dict[int, list[float]]] = {t.name: {c: [] for c in args.clients} for t in targets}
+    rows: dict[str, dict[int, list[int]]] = {t.name: {c: [] for c in args.clients} for t in targets}
     for clients in args.clients:
         for _ in range(args.rounds):
             for target in targets:
                 time.sleep(args.gap)
-                rates[target.name][clients].append(
-                    closed_loop(target, plain[target.name], headers, clients, args.seconds)
-                )
+                rate, sizes = closed_loop(target, plain[target.name], headers, clients, args.seconds)
+                rates[target.name][clients].append(rate)
+                rows[target.name][clients].extend(sizes)
     for target in targets:
         cells = [spread(rates[target.name][c], digits=2) for c in args.clients]
         print(f"| {target.name} | " + " | ".join(cells) + " |")
+    batched = [(t.name, c, rows[t.name][c]) for t in targets for c in args.clients if c > 1 and rows[t.name][c]]
+    if batched:
+        print(
+            "rows per engine call, mean over the replies (our server's usage.vtw.batch_size): "
+            + "; ".join(f"{name} at {c} clients {sum(sizes) / len(sizes):.1f}" for name, c, sizes in batched)
+        )
 
 
 if __name__ == "__main__":

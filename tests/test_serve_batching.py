@@ -210,3 +210,46 @@ def test_the_worker_alone_is_pinned_to_the_compute_cores(manager):
         assert os.sched_getaffinity(0) == allowed
     finally:
         batcher.close()
+
+
+def test_a_group_that_comes_back_fills_the_batch_and_a_lone_client_never_waits(manager):
+    """Closed-loop clients: after four were in the server at once, a batch that starts with two waits (up to
+    batch_fill_ms) for the two that follow; with filling off they get batches of their own. A single client's
+    request starts at once however long the fill may be, and answered rows leave the load."""
+    for fill_ms, together in ((1000, True), (0, False)):
+        batcher = Batcher(manager, max_batch_size=8, batch_wait_ms=0, batch_fill_ms=fill_ms)
+        try:
+            group = [make_job(manager, *request) for request in REQUESTS]
+            with manager.lock:
+                for job, _ in group:
+                    batcher.submit(job)
+            assert all(collector.done.wait(120) for _, collector in group)
+            first = [make_job(manager, *request) for request in REQUESTS[:2]]
+            later = [make_job(manager, *request) for request in REQUESTS[2:]]
+            for job, _ in first:
+                batcher.submit(job)
+            time.sleep(0.05)
+            for job, _ in later:
+                batcher.submit(job)
+            assert all(collector.done.wait(120) for _, collector in first + later)
+            sizes = [job.batch_size for job, _ in first + later]
+            assert (sizes == [4, 4, 4, 4]) if together else max(sizes) <= 2, (fill_ms, sizes)
+            with batcher._condition:
+                assert batcher._load == {}  # every answered row left the load
+        finally:
+            batcher.close()
+    lone = Batcher(manager, max_batch_size=8, batch_fill_ms=1000)
+    try:
+        for request in REQUESTS[:3]:  # one client: one request after the other
+            job, collector = make_job(manager, *request)
+            lone.submit(job)
+            assert collector.done.wait(120) and job.batch_size == 1
+            assert job.queue_s < 0.5  # it did not wait the second batch_fill_ms allows
+    finally:
+        lone.close()
+
+
+def test_batch_fill_must_be_a_bounded_time(manager):
+    for fill_ms in (-1.0, 5000.0):
+        with pytest.raises(ValueError, match="batch_fill_ms"):
+            Batcher(manager, batch_fill_ms=fill_ms)

@@ -334,3 +334,21 @@ def test_without_temperature_the_answer_is_greedy(client, server):
             "vtw": {"method": "vtw:9", "return_token_ids": True}}  # fmt: skip
     reply = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60).json()
     assert reply["choices"][0]["token_ids"] == greedy
+
+
+def test_the_peer_benchmark_compares_methods_and_counts_batched_rows(server):
+    """scripts/peer_bench.py against this server, as docs/peer-benchmark.md runs it against ours and vLLM: equal
+    answers, a TTFT row per target with the ratio paired against the first, and each closed loop's rows per call."""
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, str(root / "scripts" / "peer_bench.py"), "--target", f"base={server}/v1@baseline",
+               "--target", f"vtw={server}/v1@vtw:5", "--repeats", "2", "--warmup", "1", "--clients", "4",
+               "--seconds", "3", "--rounds", "1", "--gap", "0"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    lines = done.stdout.splitlines()
+    assert "answers: all equal (leading and trailing spaces aside)" in lines, done.stdout
+    ttft = {name: next(line for line in lines if line.startswith(f"| {name} | ")) for name in ("base", "vtw")}
+    assert "| 1.00 [1.00-1.00] |" in ttft["base"] and "| vtw:5 |" in ttft["vtw"], done.stdout
+    rows = next(line for line in lines if line.startswith("rows per engine call"))
+    for name in ("base", "vtw"):
+        mean = float(rows.split(f"{name} at 4 clients ")[1].split(";")[0])
+        assert 1.0 <= mean <= 4.0, rows

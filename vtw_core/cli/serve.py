@@ -25,6 +25,16 @@ def milliseconds(text: str) -> float:
     return value
 
 
+def fill_milliseconds(text: str) -> float:
+    """Milliseconds a batch may wait to fill: 0 to MAX_BATCH_FILL_MS."""
+    from vtw_core.serve.limits import MAX_BATCH_FILL_MS
+
+    value = milliseconds(text)
+    if value > MAX_BATCH_FILL_MS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_BATCH_FILL_MS:g} ms, got {text}")
+    return value
+
+
 def megabytes(text: str) -> int:
     """A size in MB (2**20 bytes), > 0, as bytes."""
     try:
@@ -67,7 +77,7 @@ def host_names(text: str) -> list[str]:
 
 
 def add_parser(subparsers: Any) -> None:
-    from vtw_core.serve.limits import DEFAULT_LIMITS, MAX_IMAGES_PER_REQUEST
+    from vtw_core.serve.limits import DEFAULT_BATCH_FILL_MS, DEFAULT_LIMITS, MAX_IMAGES_PER_REQUEST
 
     limits = DEFAULT_LIMITS
     parser = subparsers.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions, /v1/models)")
@@ -83,8 +93,7 @@ def add_parser(subparsers: Any) -> None:
                              "through torch.compile (on a CPU ~10%% faster prefill, 0.7x the time per token); "
                              "tuned: compiled, with the matmuls as inductor's CPU templates on weights frozen into "
                              "the graphs (on the default model a further 0.83-0.93x prefill of one prompt, 0.5-0.7x "
-                             "per decode step; ~2x the compile time, a packed copy of the weights per graph; at two "
-                             "threads its server answered later than the compiled one's). Both "
+                             "per decode step; ~2x the compile time, a packed copy of the weights per graph). Both "
                              "compile for the baseline and the default method before listening (minutes the first "
                              "time); docs/engines.md")  # fmt: skip
     parser.add_argument("--cpus",
@@ -96,6 +105,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--batch-wait-ms", type=milliseconds, default=0.0,
                         help="how long a batch waits for more requests after its first (default 0: it takes "
                              "those already waiting when the device frees)")  # fmt: skip
+    parser.add_argument("--batch-fill-ms", type=fill_milliseconds, default=DEFAULT_BATCH_FILL_MS,
+                        help="how long a batch may wait for requests the load of the last second says are coming "
+                             "(clients sending their next request as soon as one is answered); one client alone "
+                             f"never waits (default {DEFAULT_BATCH_FILL_MS:g}; 0: never; docs/serving.md)")  # fmt: skip
     parser.add_argument("--max-queue", type=at_least(1), default=64,
                         help="requests waiting (reading and decoding images too) before answering 503")  # fmt: skip
     parser.add_argument("--max-images-per-request", type=at_least(0), default=MAX_IMAGES_PER_REQUEST,
@@ -150,7 +163,8 @@ def run(args: argparse.Namespace) -> None:
     sock = bind_socket(args.host, args.port)  # before the model loads: a port in use fails now
     manager = load_model(args, prefill_engine=args.prefill_engine)
     serve(manager, host=args.host, port=args.port, model_id=args.served_model_name, method=args.method,
-          max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+          max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+          batch_fill_ms=args.batch_fill_ms, max_queue=args.max_queue,
           allow_remote_images=args.allow_remote_images, allowed_media_domains=args.allowed_media_domains,
           limits=limits, max_decoding=args.max_decoding, max_image_memory=args.max_image_memory,
           api_key=api_key_from(args.api_key), allowed_origins=args.allowed_origins, docs=args.docs,

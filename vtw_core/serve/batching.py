@@ -9,6 +9,13 @@ for the next one: batches never grow mid-way, but they shrink: a row that ends (
 whose `Job.stop` is set (its client left) leaves the batch at the next decode step and costs nothing more. A
 request given up while it waits never starts.
 
+Filling batches: clients that each send their next request when the last one is answered (a closed loop) split
+into groups that take turns at the device, since a batch starts with whoever is waiting; the groups' batches are
+smaller and cost more per row (the default model's VTW prefill, two threads: 22.5 ms per prompt alone, 12.1-12.4
+per row at 4-8). So when as many requests with the batch's key were in the server at once within the last second
+(waiting or being answered) as would fill it further, a batch waits up to `batch_fill_ms` (default 10) more for
+them: the group just answered comes back and joins. One client alone never waits.
+
 If a batch fails before its first token (say one prompt is beyond the context), each of its requests is run
 alone, so only the bad one fails. Requests are delivered their events through `Job.deliver`, which must not
 block (the server hands them to its event loop).
@@ -31,8 +38,12 @@ from vtw_core.generation.types import SamplingConfig, StreamEvent
 from vtw_core.models.prompts import Message
 from vtw_core.runtime import pin_this_thread
 from vtw_core.serve.errors import overloaded
+from vtw_core.serve.limits import DEFAULT_BATCH_FILL_MS, MAX_BATCH_FILL_MS
 
 Delivery = Callable[[StreamEvent | BaseException], None]
+
+LOAD_WINDOW_S = 1.0  # how long a peak of concurrent requests counts as the current load
+MAX_TRACKED_KEYS = 64
 
 
 @dataclass(eq=False)
@@ -48,6 +59,7 @@ class Job:
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     batch_size: int = 1
+    left: bool = False  # answered, failed or given up: no longer counted in the server's load
 
     @property
     def batch_key(self) -> tuple[Any, ...] | None:
@@ -76,13 +88,19 @@ class Batcher:
         batch_wait_ms: float = 0.0,
         max_queue: int = 64,
         compute_cpus: frozenset[int] | None = None,
+        batch_fill_ms: float = DEFAULT_BATCH_FILL_MS,
     ):
-        """`compute_cpus`: the cores the worker (the only thread that computes) is pinned to (None: any)."""
-        if max_batch_size < 1 or batch_wait_ms < 0 or max_queue < 1:
-            raise ValueError("max_batch_size and max_queue must be >= 1, batch_wait_ms >= 0")
+        """`compute_cpus`: the cores the worker (the only thread that computes) is pinned to (None: any);
+        `batch_fill_ms`: how long a batch may wait for requests the recent load says are coming (0: never)."""
+        if max_batch_size < 1 or batch_wait_ms < 0 or max_queue < 1 or not 0 <= batch_fill_ms <= MAX_BATCH_FILL_MS:
+            raise ValueError(f"max_batch_size and max_queue must be >= 1, batch_wait_ms >= 0, batch_fill_ms "
+                             f"within 0-{MAX_BATCH_FILL_MS:g}")  # fmt: skip
         self.manager = manager
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
+        self.batch_fill_s = batch_fill_ms / 1000
+        self._load: dict[Any, int] = {}  # per batch key: requests in the server (waiting or being answered)
+        self._peaks: dict[Any, tuple[int, float]] = {}  # per batch key: the most at once lately, and when
         self.max_queue = max_queue
         self.compute_cpus = compute_cpus
         self._pending: deque[Job] = deque()
@@ -99,6 +117,7 @@ class Batcher:
             if len(self._pending) >= self.max_queue:
                 raise overloaded(f"the server is busy ({self.max_queue} requests waiting); retry later")
             self._pending.append(job)
+            self._arrive(job)
             self._condition.notify()
 
     def close(self) -> None:
@@ -114,6 +133,47 @@ class Batcher:
             if batch is None:
                 return
             self._run(batch)
+            for job in batch:
+                self._leave(job)
+
+    def _arrive(self, job: Job) -> None:
+        """Count the job in its key's load and keep the peak (called with the condition held)."""
+        key = job.batch_key
+        if key is None:  # sampled requests run alone: nothing to fill
+            return
+        now = time.monotonic()
+        load = self._load[key] = self._load.get(key, 0) + 1
+        peak, when = self._peaks.get(key, (0, now))
+        if load >= peak or now - when > LOAD_WINDOW_S:
+            self._peaks[key] = (load, now)
+        if len(self._peaks) > MAX_TRACKED_KEYS:  # many one-off keys: keep those seen within the window
+            self._peaks = {k: p for k, p in self._peaks.items() if now - p[1] <= LOAD_WINDOW_S}
+
+    def _leave(self, job: Job) -> None:
+        """The job no longer counts in the load (idempotent; the condition's lock is re-entrant)."""
+        with self._condition:
+            if job.left:
+                return
+            job.left = True
+            key = job.batch_key
+            if key is not None and key in self._load:
+                peak, _ = self._peaks.get(key, (0, 0.0))
+                if self._load[key] >= peak:  # the load held its peak until now: the window counts from here
+                    self._peaks[key] = (peak, time.monotonic())
+                self._load[key] -= 1
+                if self._load[key] <= 0:
+                    del self._load[key]
+
+    def _deliver(self, job: Job, item: StreamEvent | BaseException) -> None:
+        """Hand the job an event; once it has its last, it leaves the load (its client may already send the next)."""
+        job.deliver(item)
+        if isinstance(item, BaseException) or item.finished:
+            self._leave(job)
+
+    def _expected_rows(self, key: Any) -> int:
+        """How many rows the recent load says a batch with this key could have (called with the condition held)."""
+        peak, when = self._peaks.get(key, (1, 0.0))
+        return min(self.max_batch_size, peak) if time.monotonic() - when <= LOAD_WINDOW_S else 1
 
     def _next_batch(self) -> list[Job] | None:
         with self._condition:
@@ -125,14 +185,18 @@ class Batcher:
                 first = self._pending.popleft()
                 if not first.stop.is_set():  # a client that left before its turn costs nothing
                     break
+                self._leave(first)
             batch = [first]
             key = first.batch_key
             if key is None or self.max_batch_size == 1:
                 return batch
-            deadline = time.monotonic() + self.batch_wait_s
+            start = time.monotonic()
+            deadline, fill_deadline = start + self.batch_wait_s, start + self.batch_fill_s
+            expected = self._expected_rows(key)
             while True:
                 self._take_matching(key, batch)
-                remaining = deadline - time.monotonic()
+                until = max(deadline, fill_deadline) if len(batch) < expected else deadline
+                remaining = until - time.monotonic()
                 if len(batch) >= self.max_batch_size or remaining <= 0 or self._closed:
                     return batch
                 self._condition.wait(remaining)
@@ -143,6 +207,7 @@ class Batcher:
         while self._pending:
             job = self._pending.popleft()
             if job.stop.is_set():
+                self._leave(job)
                 continue
             if job.batch_key == key and len(batch) < self.max_batch_size:
                 batch.append(job)
@@ -171,11 +236,11 @@ class Batcher:
             )
             for row, event in events:
                 delivered = True
-                batch[row].deliver(event)
+                self._deliver(batch[row], event)
         except Exception as error:  # handed to the requests; the worker keeps serving
             if delivered:
                 for job in batch:
-                    job.deliver(error)
+                    self._deliver(job, error)
                 return
             for job in batch:  # nothing was answered yet: find the culprit by running each alone
                 job.batch_size = 1
@@ -193,6 +258,6 @@ class Batcher:
                 sampling=job.sampling,
                 stop_event=job.stop,
             ):
-                job.deliver(event)
+                self._deliver(job, event)
         except Exception as error:
-            job.deliver(error)
+            self._deliver(job, error)

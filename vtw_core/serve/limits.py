@@ -26,6 +26,11 @@ MAX_ASPECT_RATIO = 50
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 DECODED_BYTES_PER_PIXEL = 3  # RGB, as the model reads it
 
+# How long a batch may wait for requests the recent load says are coming (vtw_core.serve.batching): a closed-loop
+# client's turnaround (reply read, next request sent and decoded) takes a few ms.
+DEFAULT_BATCH_FILL_MS = 10.0
+MAX_BATCH_FILL_MS = 1000.0
+
 MAX_MESSAGES = 64  # far more turns than any context holds; refuses absurd bodies before any work
 MAX_PARTS_PER_MESSAGE = 64
 MAX_SCHEDULE_LAYERS = 1_024

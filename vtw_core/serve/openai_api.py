@@ -40,6 +40,7 @@ from vtw_core.serve.admission import Admission, BodyBudget
 from vtw_core.serve.auth import check_api_key, check_host, host_allowlist
 from vtw_core.serve.batching import Batcher, Job
 from vtw_core.serve.errors import APIError, bad_request, from_exception, log_refusal, logger
+from vtw_core.serve.limits import DEFAULT_BATCH_FILL_MS
 from vtw_core.serve.protocol import (
     DEFAULT_LIMITS,
     MAX_REQUEST_BYTES,
@@ -86,6 +87,7 @@ class ChatService:
         default_method: str = "default",
         max_batch_size: int = 8,
         batch_wait_ms: float = 0.0,
+        batch_fill_ms: float = DEFAULT_BATCH_FILL_MS,
         max_queue: int = 64,
         allow_remote_images: bool = False,
         limits: RequestLimits = DEFAULT_LIMITS,
@@ -110,7 +112,8 @@ class ChatService:
         self.admission = Admission(max_waiting=max_queue, max_decoding=max_decoding,
                                    max_image_memory=max_image_memory)  # fmt: skip
         self.batcher = Batcher(manager, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-                               max_queue=max_queue, compute_cpus=compute_cpus)  # fmt: skip
+                               batch_fill_ms=batch_fill_ms, max_queue=max_queue,
+                               compute_cpus=compute_cpus)  # fmt: skip
         if remote_policy is None and allow_remote_images:
             remote_policy = RemoteImagePolicy(max_bytes=limits.max_image_bytes)
         self.remote_policy = remote_policy  # None: http(s) image URLs are refused

@@ -35,7 +35,7 @@ from vtw_core.models.defaults import require_model
 from vtw_core.runtime import THREADS_ENV, configure_process, release_openmp_threads
 from vtw_core.serve.auth import api_key_from
 from vtw_core.serve.errors import from_exception
-from vtw_core.serve.limits import DEFAULT_LIMITS, MAX_REQUEST_BYTES, RequestLimits
+from vtw_core.serve.limits import DEFAULT_BATCH_FILL_MS, DEFAULT_LIMITS, MAX_REQUEST_BYTES, RequestLimits
 from vtw_core.serve.openai_api import MAX_DECODING, ChatService
 from vtw_core.serve.ray_ingress import DEFAULT_MAX_ATTEMPTS, Relay, ingress_app
 from vtw_core.serve.remote_images import RemoteImagePolicy, parse_domains
@@ -44,7 +44,7 @@ from vtw_core.serve.standalone import model_id_of
 logger = logging.getLogger("ray.serve")
 
 # Builder arguments for each model replica's constructor, for the ingress's, and deployment options.
-REPLICA_ARGS = ("model", "served_model_name", "method", "max_batch_size", "batch_wait_ms", "max_queue",
+REPLICA_ARGS = ("model", "served_model_name", "method", "max_batch_size", "batch_wait_ms", "batch_fill_ms", "max_queue",
                 "allow_remote_images", "allowed_media_domains", "device", "dtype", "attention", "trust_remote_code",
                 "threads", "max_decoding", "max_image_memory_mb")  # fmt: skip
 # The request limits, as `python -m vtw_core serve` names them; the ingress's body limit follows from them.
@@ -108,6 +108,7 @@ class VTWServer:
         method: str = "default",
         max_batch_size: int = 8,
         batch_wait_ms: float = 0.0,
+        batch_fill_ms: float = DEFAULT_BATCH_FILL_MS,
         max_queue: int = 64,
         allow_remote_images: bool = False,
         device: str = "auto",
@@ -138,6 +139,7 @@ class VTWServer:
             default_method=method,
             max_batch_size=int(max_batch_size),
             batch_wait_ms=float(batch_wait_ms),
+            batch_fill_ms=float(batch_fill_ms),
             max_queue=int(max_queue),
             allow_remote_images=_boolean(allow_remote_images),
             limits=limits,

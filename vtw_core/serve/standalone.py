@@ -15,6 +15,7 @@ from vtw_core.generation.manager import ModelManager
 from vtw_core.runtime import cpu_ranges, release_openmp_threads
 from vtw_core.serve.auth import LOOPBACK_NAMES
 from vtw_core.serve.errors import logger
+from vtw_core.serve.limits import DEFAULT_BATCH_FILL_MS
 from vtw_core.serve.openai_api import MAX_DECODING, ChatService, build_app, source_name
 from vtw_core.serve.protocol import DEFAULT_LIMITS, RequestLimits
 from vtw_core.serve.remote_images import RemoteImagePolicy
@@ -71,6 +72,7 @@ def serve(
     method: str = "default",
     max_batch_size: int = 8,
     batch_wait_ms: float = 0.0,
+    batch_fill_ms: float = DEFAULT_BATCH_FILL_MS,
     max_queue: int = 64,
     allow_remote_images: bool = False,
     allowed_media_domains: Iterable[str] = (),
@@ -105,6 +107,7 @@ def serve(
         default_method=method,
         max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms,
+        batch_fill_ms=batch_fill_ms,
         max_queue=max_queue,
         limits=limits,
         max_decoding=max_decoding,
