@@ -249,6 +249,24 @@ def test_a_group_that_comes_back_fills_the_batch_and_a_lone_client_never_waits(m
         lone.close()
 
 
+def test_a_batch_does_not_wait_to_fill_while_another_kind_of_request_waits(manager):
+    batcher = Batcher(manager, max_batch_size=8, batch_fill_ms=1000)
+    try:
+        group = [make_job(manager, *request) for request in REQUESTS]
+        with manager.lock:
+            for job, _ in group:
+                batcher.submit(job)
+        assert all(collector.done.wait(120) for _, collector in group)  # the load says four VTW requests come
+        vtw, baseline = make_job(manager, *REQUESTS[0]), make_job(manager, *REQUESTS[1], "baseline")
+        with batcher._condition:  # both queued before the worker looks
+            batcher.submit(vtw[0])
+            batcher.submit(baseline[0])
+        assert vtw[1].done.wait(120) and baseline[1].done.wait(120)
+        assert vtw[0].batch_size == 1 and vtw[0].queue_s < 0.5  # it started without the second of filling
+    finally:
+        batcher.close()
+
+
 def test_batch_fill_must_be_a_bounded_time(manager):
     for fill_ms in (-1.0, 5000.0):
         with pytest.raises(ValueError, match="batch_fill_ms"):

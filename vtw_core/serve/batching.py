@@ -14,7 +14,8 @@ into groups that take turns at the device, since a batch starts with whoever is 
 smaller and cost more per row (the default model's VTW prefill, two threads: 22.5 ms per prompt alone, 12.1-12.4
 per row at 4-8). So when as many requests with the batch's key were in the server at once within the last second
 (waiting or being answered) as would fill it further, a batch waits up to `batch_fill_ms` (default 10) more for
-them: the group just answered comes back and joins. One client alone never waits.
+them: the group just answered comes back and joins. One client alone never waits, nor does a batch while requests
+of another kind are waiting.
 
 If a batch fails before its first token (say one prompt is beyond the context), each of its requests is run
 alone, so only the bad one fails. Requests are delivered their events through `Job.deliver`, which must not
@@ -195,7 +196,9 @@ class Batcher:
             expected = self._expected_rows(key)
             while True:
                 self._take_matching(key, batch)
-                until = max(deadline, fill_deadline) if len(batch) < expected else deadline
+                # Fill only while nothing else waits: requests of another kind would wait for the stragglers too.
+                filling = len(batch) < expected and not self._pending
+                until = max(deadline, fill_deadline) if filling else deadline
                 remaining = until - time.monotonic()
                 if len(batch) >= self.max_batch_size or remaining <= 0 or self._closed:
                     return batch
