@@ -158,9 +158,9 @@ class Batcher:
             job.left = True
             key = job.batch_key
             if key is not None and key in self._load:
-                peak, _ = self._peaks.get(key, (0, 0.0))
-                if self._load[key] >= peak:  # the load held its peak until now: the window counts from here
-                    self._peaks[key] = (peak, time.monotonic())
+                peak = self._peaks.get(key)
+                if peak is not None and self._load[key] >= peak[0]:  # held its peak until now: the window starts here
+                    self._peaks[key] = (peak[0], time.monotonic())
                 self._load[key] -= 1
                 if self._load[key] <= 0:
                     del self._load[key]
