@@ -119,10 +119,12 @@ def fast_state_from_prefill(state: DecodeState, max_new_tokens: int) -> FastDeco
         group = groups[state.group_of_layer[layer_idx]]
         batch, heads, cached, head_dim = layer.keys.shape
         shape = (batch, heads, group.valid.shape[1], head_dim)
-        key_buffer = layer.keys.new_zeros(shape)
-        value_buffer = layer.values.new_zeros(shape)
-        key_buffer[:, :, :cached] = layer.keys
-        value_buffer[:, :, :cached] = layer.values
+        # Only the new tokens' slots start as zeros (masked out, but finite: a masked NaN would still poison the
+        # attention's sum); the prompt's slots are overwritten at once, so zeroing them first was a wasted pass.
+        key_buffer, value_buffer = layer.keys.new_empty(shape), layer.values.new_empty(shape)
+        for buffer, prompt in ((key_buffer, layer.keys), (value_buffer, layer.values)):
+            buffer[:, :, :cached] = prompt
+            buffer[:, :, cached:].zero_()
         keys.append(key_buffer)
         values.append(value_buffer)
         indexes.append(write_index[state.group_of_layer[layer_idx]])
