@@ -34,9 +34,10 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vtw_core.engine.methods import Method, parse_method
+from vtw_core.generation.generate import check_context
 from vtw_core.generation.manager import ModelManager
 from vtw_core.models.defaults import default_model
-from vtw_core.serve.admission import Admission, BodyBudget
+from vtw_core.serve.admission import Admission, BodyBudget, Slot
 from vtw_core.serve.auth import check_api_key, check_host, host_allowlist
 from vtw_core.serve.batching import Batcher, Job
 from vtw_core.serve.errors import APIError, bad_request, from_exception, log_refusal, logger
@@ -206,7 +207,9 @@ class ChatService:
         streaming = False
         try:
             await self._read_images(request, stop)
-            job = Job(request.messages, request.images, method, request.sampling, ticket.deliver, stop=stop)
+            inputs = await self._prepare(request, slot, stop)
+            job = Job(request.messages, request.images, method, request.sampling, ticket.deliver, stop=stop,
+                      inputs=inputs)  # fmt: skip
             slot.job = job
             self.batcher.submit(job)
             reply = Reply(self.model_id, spec, method, request, job, on_close=slot.release)
@@ -244,6 +247,18 @@ class ChatService:
                 await run_in_threadpool(decode_images, request, self.limits)
         if stop.is_set():
             raise client_gone()
+
+    async def _prepare(self, request: ChatRequest, slot: Slot, stop: threading.Event) -> dict[str, Any]:
+        """The processor's tensors for the request, made here while the device answers others (the batch then only
+        joins them), a few requests at a time and counted in the admitted memory; a prompt beyond the context is
+        refused now, before it waits."""
+        async with self.admission.decoding:
+            if stop.is_set():
+                raise client_gone()
+            inputs = await run_in_threadpool(self.manager.prepare, request.messages, request.images)
+        slot.grow(sum(tensor.numel() * tensor.element_size() for tensor in inputs.values()))
+        check_context(self.manager.model.config, inputs["input_ids"].shape[1], request.sampling.max_new_tokens)
+        return inputs
 
     @staticmethod
     async def _watch_disconnect(http_request: Request, stop: threading.Event, ticket: Ticket) -> None:
