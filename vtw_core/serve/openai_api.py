@@ -206,8 +206,7 @@ class ChatService:
             watcher = asyncio.create_task(self._watch_disconnect(http_request, stop, ticket))
         streaming = False
         try:
-            await self._read_images(request, stop)
-            inputs = await self._prepare(request, slot, stop)
+            inputs = await self._read_and_prepare(request, slot, stop)
             job = Job(request.messages, request.images, method, request.sampling, ticket.deliver, stop=stop,
                       inputs=inputs)  # fmt: skip
             slot.job = job
@@ -232,33 +231,31 @@ class ChatService:
                 stop.set()  # the answer is complete, or nobody waits for it: the engine may drop the row
                 slot.release()
 
-    async def _read_images(self, request: ChatRequest, stop: threading.Event) -> None:
-        """Fetch the http(s) images (allowed servers only), then decode every image, a few requests at a time."""
+    async def _read_and_prepare(self, request: ChatRequest, slot: Slot, stop: threading.Event) -> dict[str, Any]:
+        """Fetch the http(s) images (allowed servers only), then decode every image and make the processor's tensors
+        (the batch then only joins them: the device's thread never runs the processor), a few requests at a time.
+        The tensors count in the admitted memory; a prompt beyond the context is refused now, before it waits."""
         for image in request.image_inputs:
             if image.remote and image.data is None:
                 data = await fetch_image(image.url, self.remote_policy, param=image.param)
                 accept_image_bytes(request, image, data, self.limits)
             if stop.is_set():
                 raise client_gone()
-        if request.image_inputs:
-            async with self.admission.decoding:
-                if stop.is_set():  # the client left while the request waited for a decoder
-                    raise client_gone()
-                await run_in_threadpool(decode_images, request, self.limits)
+        async with self.admission.decoding:
+            if stop.is_set():  # the client left while the request waited for a decoder
+                raise client_gone()
+            inputs = await run_in_threadpool(self._decode_and_prepare, request)
         if stop.is_set():
             raise client_gone()
-
-    async def _prepare(self, request: ChatRequest, slot: Slot, stop: threading.Event) -> dict[str, Any]:
-        """The processor's tensors for the request, made here while the device answers others (the batch then only
-        joins them), a few requests at a time and counted in the admitted memory; a prompt beyond the context is
-        refused now, before it waits."""
-        async with self.admission.decoding:
-            if stop.is_set():
-                raise client_gone()
-            inputs = await run_in_threadpool(self.manager.prepare, request.messages, request.images)
         slot.grow(sum(tensor.numel() * tensor.element_size() for tensor in inputs.values()))
         check_context(self.manager.model.config, inputs["input_ids"].shape[1], request.sampling.max_new_tokens)
         return inputs
+
+    def _decode_and_prepare(self, request: ChatRequest) -> dict[str, Any]:
+        """On a worker thread: one hop from the event loop for both."""
+        if request.image_inputs:
+            decode_images(request, self.limits)
+        return self.manager.prepare(request.messages, request.images)
 
     @staticmethod
     async def _watch_disconnect(http_request: Request, stop: threading.Event, ticket: Ticket) -> None:
