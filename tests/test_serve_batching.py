@@ -84,41 +84,6 @@ def test_batched_greedy_answers_equal_unbatched(manager, method):
             assert getattr(final.stats, key) == getattr(alone.stats, key), key
 
 
-def test_prepared_jobs_are_answered_without_the_processor_on_the_computing_thread(manager, monkeypatch):
-    """The server makes each request's processor tensors at admission (`ModelManager.prepare`): the batch joins
-    them, the worker never runs the processor, and the answers are the ones the processor's own batch gives."""
-    import vtw_core.generation.generate as generate_module
-
-    expected = []
-    for image, text in REQUESTS:
-        job, collector = make_job(manager, image, text)
-        expected.append((job, collector))
-    run_jobs(manager, expected, max_batch_size=8, batch_wait_ms=200)
-    processed, real = [], generate_module.build_model_inputs
-
-    def recording(*args, **kwargs):
-        processed.append(threading.current_thread().name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(generate_module, "build_model_inputs", recording)
-    jobs = []
-    for image, text in REQUESTS:
-        job, collector = make_job(manager, image, text)
-        job.inputs = manager.prepare(job.messages, job.images)
-        jobs.append((job, collector))
-    run_jobs(manager, jobs, max_batch_size=8, batch_wait_ms=200)
-    alone, collector = make_job(manager, *REQUESTS[0])
-    alone.inputs = manager.prepare(alone.messages, alone.images)
-    run_jobs(manager, [(alone, collector)])
-    assert processed == []
-    assert [job.batch_size for job, _ in jobs] == [len(REQUESTS)] * len(REQUESTS)
-    for (_, got), (_, want) in zip(jobs, expected, strict=True):
-        assert got.events[-1].token_ids == want.events[-1].token_ids and got.events[-1].text == want.events[-1].text
-        for key in STATS:
-            assert getattr(got.events[-1].stats, key) == getattr(want.events[-1].stats, key), key
-    assert collector.events[-1].token_ids == expected[0][1].events[-1].token_ids
-
-
 def test_a_shrinking_batch_keeps_every_remaining_row_unbatched(manager):
     """Rows with their own max_tokens share one batch, and one client leaves after 2 tokens: the rows that go
     on give the tokens they give alone, each up to its own limit (the batch shrinks as they end)."""

@@ -27,9 +27,7 @@ import pytest
 from conftest import free_port
 from PIL import Image
 
-from vtw_core.models.prompts import user_message
 from vtw_core.serve import protocol
-from vtw_core.serve.admission import Slot
 from vtw_core.serve.errors import APIError
 from vtw_core.serve.limits import DEFAULT_LIMITS, MAX_MESSAGES, RequestLimits
 from vtw_core.serve.readiness import process_usage, wait_until_ready
@@ -242,53 +240,6 @@ def test_the_image_memory_budget_answers_503():
     held[0].release()
     held[0].release()  # idempotent
     assert admission.admit(200).memory == 200 and admission.held_memory == 200
-
-
-def test_the_processors_tensors_count_in_the_memory_budget(manager):
-    """A request's processor tensors, made at admission, are held until it is answered: they count as its images
-    do, and a request whose tensors do not fit gets a 503, not more memory."""
-    from vtw_core.serve.admission import Admission
-    from vtw_core.serve.openai_api import ChatService
-
-    admission = Admission(max_waiting=10, max_image_memory=300)
-    slot = admission.admit(100)
-    slot.grow(150)
-    assert admission.held_memory == 250
-    with pytest.raises(APIError) as caught:
-        slot.grow(100)
-    assert caught.value.status == 503 and admission.held_memory == 250
-    slot.release()
-    assert admission.held_memory == 0
-
-    service = ChatService(manager, model_id="default-model")
-    try:
-        grown = []
-        real_grow = Slot.grow
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(Slot, "grow", lambda self, memory: grown.append(memory) or real_grow(self, memory))
-            reply = asyncio.run(service.chat_completions(ask([(EXAMPLES / "easyvqa-0.png").read_bytes()])))
-        assert reply.status_code == 200
-        inputs = manager.prepare([user_message("x")], [Image.open(EXAMPLES / "easyvqa-0.png").convert("RGB")])
-        assert len(grown) == 1 and grown[0] >= inputs["pixel_values"].numel() * inputs["pixel_values"].element_size()
-        assert service.admission.held_memory == 0  # released with the answer
-    finally:
-        service.close()
-
-
-def test_a_prompt_beyond_the_context_is_refused_before_it_waits_for_the_device(manager, monkeypatch):
-    from vtw_core.serve.openai_api import ChatService
-
-    service = ChatService(manager, model_id="default-model")
-    queued = []
-    monkeypatch.setattr(service.batcher, "submit", lambda job: queued.append(job))
-    body = ask([(EXAMPLES / "easyvqa-0.png").read_bytes()], max_tokens=1_000)  # 588 + 1,000 > the 1,024 context
-    try:
-        with pytest.raises(APIError) as caught:
-            asyncio.run(service.chat_completions(body))
-    finally:
-        service.close()
-    assert caught.value.status == 400 and "context" in caught.value.message and queued == []
-    assert service.admission.held_memory == 0
 
 
 class FakeBody:

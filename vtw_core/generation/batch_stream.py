@@ -75,7 +75,6 @@ def stream_generate_batch(
     engine: DecodeEngine = "auto",
     schedule: Schedule | None = None,
     prefill_engine: PrefillChoice = "plain",
-    prepared: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> Iterator[tuple[int, StreamEvent]]:
     """Yield (row, event) as the rows' tokens come; each row ends with one event that has finished=True.
 
@@ -87,8 +86,7 @@ def stream_generate_batch(
 
     Sampling draws every row from one generator, so seeded sampled rows differ from the same requests run
     alone: callers that promise reproducible seeds run sampled requests one at a time. `prefill_engine` as in
-    `generate_rows`. `prepared`: each row's processor tensors made beforehand (vtw_core.models.prompts.
-    prepare_prompt), joined here instead of running the processor on the batch.
+    `generate_rows`.
     """
     start = time.perf_counter()
     device = model.device
@@ -100,8 +98,7 @@ def stream_generate_batch(
     advice = "try fewer concurrent requests, a smaller image or fewer new tokens"
     with out_of_memory_as_resource_error(device, advice):
         longest = replace(sampling, max_new_tokens=max(limits))  # the context check and the buffers: the longest
-        model_inputs = prompt_inputs_within_context(model, processor, conversations, images, longest,
-                                                    prepared=prepared)  # fmt: skip
+        model_inputs = prompt_inputs_within_context(model, processor, conversations, images, longest)
         eos_ids = eos_token_ids_of(model, processor)
         steps = generate_rows(
             model,

@@ -9,7 +9,6 @@ shares with batched streaming in `streaming`.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
 import time
@@ -54,13 +53,7 @@ from vtw_core.generation.streaming import (
 )
 from vtw_core.generation.types import GenerationResult, GenerationStats, SamplingConfig, StreamEvent
 from vtw_core.models.families import num_decoder_layers
-from vtw_core.models.prompts import (
-    Message,
-    build_model_inputs,
-    collate_prompts,
-    eos_token_ids_of,
-    pad_token_id_of,
-)
+from vtw_core.models.prompts import Message, build_model_inputs, eos_token_ids_of, pad_token_id_of
 from vtw_core.models.videos import Video
 
 DecodeEngine = Literal["auto", "plain", "static", "compiled", "tuned", "graph"]
@@ -89,34 +82,18 @@ def prompt_inputs_within_context(
     images: list[list[Image.Image]],
     sampling: SamplingConfig,
     videos: list[list[Video]] | None = None,
-    prepared: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The processor's batch on the model's device and dtype, refused early if the prompt and the new tokens
-    do not fit the model's context. `prepared`: each conversation's tensors made beforehand (`prepare_prompt`),
-    joined here instead of running the processor (which runs after all where they cannot be joined)."""
-    model_inputs = None
-    if prepared is not None:
-        if len(prepared) != len(conversations):
-            raise ValueError(f"{len(prepared)} prepared prompts for {len(conversations)} conversations")
-        with contextlib.suppress(ValueError):
-            model_inputs = {
-                name: value.to(device=model.device, dtype=model.dtype if value.is_floating_point() else value.dtype)
-                for name, value in collate_prompts(processor, list(prepared)).items()
-            }
-    if model_inputs is None:
-        model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype, videos=videos)
-    check_context(model.config, model_inputs["input_ids"].shape[1], sampling.max_new_tokens)
-    return model_inputs
-
-
-def check_context(config: Any, prompt_tokens: int, max_new_tokens: int) -> None:
-    """InputError when a prompt of `prompt_tokens` tokens and `max_new_tokens` new ones exceed the model's context."""
-    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    do not fit the model's context."""
+    model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype, videos=videos)
+    prompt_tokens, max_new_tokens = model_inputs["input_ids"].shape[1], sampling.max_new_tokens
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and prompt_tokens + max_new_tokens > limit:
         raise InputError(
             f"the prompt has {prompt_tokens} tokens; with {max_new_tokens} new tokens it exceeds the model's "
             f"context of {limit} tokens"
         )
+    return model_inputs
 
 
 def check_method(k: int | None, schedule: Schedule | None) -> None:
@@ -289,14 +266,12 @@ def conversation_tokens(
     *,
     sampling: SamplingConfig,
     videos: list[list[Video]] | None = None,
-    prepared: Sequence[dict[str, torch.Tensor]] | None = None,
     **options: Any,
 ) -> tuple[dict[str, torch.Tensor], set[int], Iterator[torch.Tensor]]:
     """The processor's batch of these conversations (refused early if it does not fit the context), the ids that
     end a reply, and `generate_tokens` over the batch (not started yet) with the processor's padding;
-    `prepared` as in `prompt_inputs_within_context`; `options` go to `generate_tokens`."""
-    model_inputs = prompt_inputs_within_context(model, processor, conversations, images, sampling, videos=videos,
-                                                prepared=prepared)  # fmt: skip
+    `options` go to `generate_tokens`."""
+    model_inputs = prompt_inputs_within_context(model, processor, conversations, images, sampling, videos=videos)
     eos_ids = eos_token_ids_of(model, processor)
     pad = pad_token_id_of(processor)
     steps = generate_tokens(model, model_inputs, sampling=sampling, eos_token_ids=eos_ids, pad_token_id=pad, **options)
@@ -451,13 +426,11 @@ def stream_generate(
     engine: DecodeEngine = "auto",
     schedule: Schedule | None = None,
     prefill_engine: PrefillChoice = "plain",
-    prepared: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[StreamEvent]:
     """Answer one conversation, yielding text deltas with live stats; the last event has finished=True.
 
     `videos`: vtw_core.models.videos.read_video results for the conversation's "video" slots, in order;
-    `prefill_engine` as in `generate_tokens`; `prepared`: the conversation's processor tensors made beforehand
-    (vtw_core.models.prompts.prepare_prompt), so the processor does not run again here.
+    `prefill_engine` as in `generate_tokens`.
     """
     start = time.perf_counter()
     device = model.device
@@ -483,7 +456,6 @@ def stream_generate(
             engine=engine,
             schedule=schedule,
             prefill_engine=prefill_engine,
-            prepared=None if prepared is None else [prepared],
         )
         _video_stats(model, model_inputs, list(videos or []), stats)
         for tokens in steps:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import threading
@@ -33,7 +32,7 @@ from vtw_core.generation.types import GenerationResult, SamplingConfig, StreamEv
 from vtw_core.models.configs import shipped_config_path
 from vtw_core.models.families import SUPPORTED_FAMILIES, model_family, num_decoder_layers
 from vtw_core.models.processors import load_processor
-from vtw_core.models.prompts import Message, prepare_prompt, user_message
+from vtw_core.models.prompts import Message, user_message
 from vtw_core.models.videos import Video
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -150,8 +149,6 @@ class ModelManager:
         self.model = model.eval()
         self.processor = processor
         self.lock = threading.Lock()
-        self._prepare_lock = threading.Lock()
-        self._prepare_processor: Any = None  # `prepare`'s own copy, made at its first call
         self.info = ModelInfo(
             source=source,
             family=model_family(model.config),
@@ -235,12 +232,10 @@ class ModelManager:
         stop_event: threading.Event | None = None,
         engine: DecodeEngine = "auto",
         schedule: Schedule | None = None,
-        prepared: dict[str, torch.Tensor] | None = None,
     ) -> Iterator[StreamEvent]:
         """Stream one answer; the device is held for the whole answer, so each request's numbers are its own.
 
-        `videos`: vtw_core.models.videos.read_video results for the messages' "video" slots; `prepared`: the
-        conversation's tensors from `prepare`, made before the device's turn.
+        `videos`: vtw_core.models.videos.read_video results for the messages' "video" slots.
         """
         self._check_request(k, schedule, sampling)
         with self.lock:
@@ -257,21 +252,7 @@ class ModelManager:
                 engine=engine,
                 schedule=schedule,
                 prefill_engine=self.prefill_engine,
-                prepared=prepared,
             )
-
-    def prepare(
-        self, messages: list[Message], images: list[Image.Image], videos: list[Video] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """The processor's tensors for one conversation, on the CPU, without the device: a server makes them while
-        the device answers other requests and hands them to `stream` or `stream_batch` (`prepared`)."""
-        self._require_processor()
-        # Its own copy of the processor, one call at a time: a fast tokenizer called from two threads at once can
-        # fail ("Already borrowed") while one of them changes its padding, and the device's thread uses the other.
-        with self._prepare_lock:
-            if self._prepare_processor is None:
-                self._prepare_processor = copy.deepcopy(self.processor)
-            return prepare_prompt(self._prepare_processor, messages, images, self.model.dtype, videos=videos)
 
     def stream_batch(
         self,
@@ -284,14 +265,12 @@ class ModelManager:
         stop_events: Sequence[threading.Event | None] | None = None,
         max_new_tokens: Sequence[int] | None = None,
         schedule: Schedule | None = None,
-        prepared: Sequence[dict[str, torch.Tensor]] | None = None,
     ) -> Iterator[tuple[int, StreamEvent]]:
         """Answer several conversations in one left-padded engine call (same method and sampling for all).
 
         Yields (row, event); each row's events and stats are its own (vtw_core.generation.batch_stream).
         `stop_events` (one per row) stop single rows, which then leave the batch; `stop_event` stops them all.
-        `max_new_tokens` (one per row) overrides `sampling.max_new_tokens` row by row; `prepared` (one per row,
-        from `prepare`) spares the processor's run on the device's time.
+        `max_new_tokens` (one per row) overrides `sampling.max_new_tokens` row by row.
         """
         self._require_processor()
         with self.lock:
@@ -307,7 +286,6 @@ class ModelManager:
                 max_new_tokens=max_new_tokens,
                 schedule=schedule,
                 prefill_engine=self.prefill_engine,
-                prepared=prepared,
             )
 
     def race(self, requests: dict[str, dict[str, Any]]) -> Iterator[tuple[str, StreamEvent]]:

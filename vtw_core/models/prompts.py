@@ -174,57 +174,6 @@ def build_model_inputs(
     }
 
 
-def prepare_prompt(
-    processor: Any,
-    messages: list[Message],
-    images: list[Image.Image],
-    dtype: torch.dtype,
-    videos: list[Video] | None = None,
-) -> dict[str, torch.Tensor]:
-    """One conversation's processor tensors, on the CPU, floats in `dtype`: what a server makes of a request while
-    the device answers others; `collate_prompts` joins several into the batch the processor would have made."""
-    return build_model_inputs(processor, [messages], [list(images)], "cpu", dtype, videos=[list(videos or [])])
-
-
-def collate_prompts(processor: Any, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The batch `build_model_inputs` makes of several conversations, from each one's own tensors (`prepare_prompt`).
-
-    Token-aligned tensors (input_ids and those of its shape: attention mask, token type ids) are left-padded as
-    the processor pads them (input_ids with the pad token, the others with 0); every other tensor (pixels, image
-    sizes, grids) is concatenated along its first dimension. ValueError where the rows cannot be joined that
-    way (different keys, a pixel tensor whose other dimensions differ, no pad token): the caller runs the processor
-    on the whole batch instead. tests/test_prepared_prompts.py checks the result equals the processor's batch for
-    every supported family.
-    """
-    if not rows:
-        raise ValueError("no rows to collate")
-    keys = list(rows[0])
-    if any(list(row) != keys for row in rows) or "input_ids" not in keys:
-        raise ValueError("the rows' tensors differ")
-    lengths = [row["input_ids"].shape[1] for row in rows]
-    longest = max(lengths)
-    pad_id = getattr(getattr(processor, "tokenizer", processor), "pad_token_id", None)
-    if pad_id is None and len(set(lengths)) > 1:
-        raise ValueError("no pad token to left-pad rows of different lengths")
-    batch = {}
-    for key in keys:
-        values = [row[key] for row in rows]
-        if all(value.shape == row["input_ids"].shape for value, row in zip(values, rows, strict=True)):
-            fill = pad_id if key == "input_ids" else 0
-            batch[key] = torch.cat([_left_pad(value, longest, fill) for value in values])
-        elif len({value.shape[1:] for value in values}) == 1:
-            batch[key] = torch.cat(values)
-        else:
-            raise ValueError(f"the rows' {key} cannot be concatenated")
-    return batch
-
-
-def _left_pad(tokens: torch.Tensor, length: int, fill: int) -> torch.Tensor:
-    """A (1, n) row left-padded with `fill` to (1, length)."""
-    pad = length - tokens.shape[1]
-    return tokens if pad == 0 else torch.cat([tokens.new_full((tokens.shape[0], pad), fill), tokens], dim=1)
-
-
 def prompt_length(
     processor: Any, messages: list[Message], images: list[Image.Image], videos: list[Video] | None = None
 ) -> int:

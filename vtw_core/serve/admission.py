@@ -5,8 +5,7 @@ or gets a 503 at once:
 - at most `max_waiting` requests wait (admitted, not yet running in the batcher), images being read or
   decoded included: the `--max-queue` of the model is also the queue of image decoding;
 - the images of the admitted requests may hold at most `max_image_memory` bytes together (encoded bytes plus
-  3 bytes per decoded pixel, counted from the headers; an image URL not read yet counts as the most it may be;
-  the processor's tensors too, once made: `Slot.grow`).
+  3 bytes per decoded pixel, counted from the headers; an image URL not read yet counts as the most it may be).
 Then at most `max_decoding` requests decode their images at a time (`decoding`, an asyncio semaphore), so
 that many clients at once cannot multiply the decoders' working memory. The slot is released when the
 request ends: answered, refused, or left by its client.
@@ -36,10 +35,6 @@ class Slot:
     def waiting(self) -> bool:
         """Not running yet: reading or decoding images, or queued in the batcher."""
         return self.job is None or getattr(self.job, "started_at", None) is None
-
-    def grow(self, memory: int) -> None:
-        """Count `memory` more bytes for this request (its processor tensors, once made), or a 503 now."""
-        self.admission._grow(self, memory)
 
     def release(self) -> None:
         self.admission._release(self)
@@ -84,15 +79,6 @@ class Admission:
     def held_memory(self) -> int:
         with self._lock:
             return sum(slot.memory for slot in self._slots)
-
-    def _grow(self, slot: Slot, memory: int) -> None:
-        with self._lock:
-            held = sum(other.memory for other in self._slots)
-            if memory and held + memory > self.max_image_memory:
-                self.counts["refused"] += 1
-                raise overloaded(f"the server is busy (the images of the requests it holds take {held / 2**20:.0f} "
-                                 "MB); retry later")  # fmt: skip
-            slot.memory += memory
 
     def _release(self, slot: Slot) -> None:
         with self._lock:

@@ -17,9 +17,6 @@ per row at 4-8). So when as many requests with the batch's key were in the serve
 them: the group just answered comes back and joins. One client alone never waits, nor does a batch while requests
 of another kind are waiting.
 
-A job may carry its processor tensors (`Job.inputs`, made by the server at admission while the device answers
-others): the batch joins them instead of running the processor on the computing thread.
-
 If a batch fails before its first token (say one prompt is beyond the context), each of its requests is run
 alone, so only the bad one fails. Requests are delivered their events through `Job.deliver`, which must not
 block (the server hands them to its event loop).
@@ -64,7 +61,6 @@ class Job:
     started_at: float | None = None
     batch_size: int = 1
     left: bool = False  # answered, failed or given up: no longer counted in the server's load
-    inputs: dict[str, Any] | None = None  # the processor's tensors, made at admission (ModelManager.prepare)
 
     @property
     def batch_key(self) -> tuple[Any, ...] | None:
@@ -240,7 +236,6 @@ class Batcher:
                 sampling=first.sampling,
                 stop_events=[job.stop for job in batch],
                 max_new_tokens=[job.sampling.max_new_tokens for job in batch],
-                prepared=None if any(job.inputs is None for job in batch) else [job.inputs for job in batch],
             )
             for row, event in events:
                 delivered = True
@@ -265,7 +260,6 @@ class Batcher:
                 schedule=job.method.schedule,
                 sampling=job.sampling,
                 stop_event=job.stop,
-                prepared=job.inputs,
             ):
                 self._deliver(job, event)
         except Exception as error:

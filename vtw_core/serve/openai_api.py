@@ -34,10 +34,9 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vtw_core.engine.methods import Method, parse_method
-from vtw_core.generation.generate import check_context
 from vtw_core.generation.manager import ModelManager
 from vtw_core.models.defaults import default_model
-from vtw_core.serve.admission import Admission, BodyBudget, Slot
+from vtw_core.serve.admission import Admission, BodyBudget
 from vtw_core.serve.auth import check_api_key, check_host, host_allowlist
 from vtw_core.serve.batching import Batcher, Job
 from vtw_core.serve.errors import APIError, bad_request, from_exception, log_refusal, logger
@@ -206,9 +205,8 @@ class ChatService:
             watcher = asyncio.create_task(self._watch_disconnect(http_request, stop, ticket))
         streaming = False
         try:
-            inputs = await self._read_and_prepare(request, slot, stop)
-            job = Job(request.messages, request.images, method, request.sampling, ticket.deliver, stop=stop,
-                      inputs=inputs)  # fmt: skip
+            await self._read_images(request, stop)
+            job = Job(request.messages, request.images, method, request.sampling, ticket.deliver, stop=stop)
             slot.job = job
             self.batcher.submit(job)
             reply = Reply(self.model_id, spec, method, request, job, on_close=slot.release)
@@ -231,31 +229,21 @@ class ChatService:
                 stop.set()  # the answer is complete, or nobody waits for it: the engine may drop the row
                 slot.release()
 
-    async def _read_and_prepare(self, request: ChatRequest, slot: Slot, stop: threading.Event) -> dict[str, Any]:
-        """Fetch the http(s) images (allowed servers only), then decode every image and make the processor's tensors
-        (the batch then only joins them: the device's thread never runs the processor), a few requests at a time.
-        The tensors count in the admitted memory; a prompt beyond the context is refused now, before it waits."""
+    async def _read_images(self, request: ChatRequest, stop: threading.Event) -> None:
+        """Fetch the http(s) images (allowed servers only), then decode every image, a few requests at a time."""
         for image in request.image_inputs:
             if image.remote and image.data is None:
                 data = await fetch_image(image.url, self.remote_policy, param=image.param)
                 accept_image_bytes(request, image, data, self.limits)
             if stop.is_set():
                 raise client_gone()
-        async with self.admission.decoding:
-            if stop.is_set():  # the client left while the request waited for a decoder
-                raise client_gone()
-            inputs = await run_in_threadpool(self._decode_and_prepare, request)
+        if request.image_inputs:
+            async with self.admission.decoding:
+                if stop.is_set():  # the client left while the request waited for a decoder
+                    raise client_gone()
+                await run_in_threadpool(decode_images, request, self.limits)
         if stop.is_set():
             raise client_gone()
-        slot.grow(sum(tensor.numel() * tensor.element_size() for tensor in inputs.values()))
-        check_context(self.manager.model.config, inputs["input_ids"].shape[1], request.sampling.max_new_tokens)
-        return inputs
-
-    def _decode_and_prepare(self, request: ChatRequest) -> dict[str, Any]:
-        """On a worker thread: one hop from the event loop for both."""
-        if request.image_inputs:
-            decode_images(request, self.limits)
-        return self.manager.prepare(request.messages, request.images)
 
     @staticmethod
     async def _watch_disconnect(http_request: Request, stop: threading.Event, ticket: Ticket) -> None:
