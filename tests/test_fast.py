@@ -58,6 +58,25 @@ def test_static_logits_match_step_by_step():
     assert lengths[2:] == [int((~prompt.vision_mask).sum()) + 6] * 2
 
 
+def test_static_buffers_hold_the_prompt_then_zeros_even_over_dirty_memory():
+    """The new tokens' slots are masked, but a NaN there would still poison attention's sum: they must start as
+    zeros however the memory was left (the buffers are allocated empty, and only that tail is zeroed)."""
+    model = build_model("llava")
+    prompt = embed_prompt(model, prompt_inputs(model, "llava"))
+    for _ in range(3):
+        _, state = prefill(model, prompt, withdrawal_selector(2, NUM_LAYERS))
+        shapes = [(layer.keys.shape[0], layer.keys.shape[1], layer.keys.shape[2] + 7, layer.keys.shape[3])
+                  for layer in state.cache.layers]  # fmt: skip
+        dirty = [torch.full(shape, float("nan"), dtype=state.cache.layers[0].keys.dtype) for shape in shapes * 2]
+        del dirty  # freed: the allocator may hand the same NaN-filled memory to the buffers
+        fast = fast_state_from_prefill(state, max_new_tokens=7)
+        for layer, keys, values in zip(state.cache.layers, fast.cache.keys, fast.cache.values, strict=True):
+            cached = layer.keys.shape[2]
+            assert torch.equal(keys[:, :, :cached], layer.keys) and torch.equal(values[:, :, :cached], layer.values)
+            assert not keys[:, :, cached:].any() and not values[:, :, cached:].any()
+            assert keys.shape[2] == values.shape[2] == cached + 7
+
+
 def test_static_left_padded_batch_and_sampling():
     model = build_model("llava")
     rows = [torch.tensor([1, 30, 31, 32, 33, 34, 35]), torch.tensor([1, 40, 41])]
