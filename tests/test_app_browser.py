@@ -312,7 +312,9 @@ def test_a_second_image_and_long_answers_keep_the_question(page, app, image, sam
     page.get_by_role("button", name="Parameters").click()
     tokens = page.locator("#max-new-tokens input[type=number]")
     tokens.fill("40")
-    tokens.press("Enter")
+    tokens.press("Tab")  # leaving the box commits the number, as a user's next click does
+    page.wait_for_timeout(300)  # a late update to the slider (none is expected) would show here
+    assert tokens.input_value() == "40"
     page.locator("#question textarea").press("Enter")  # the same question and image, as the box kept them
     wait_for_answers(page)
     assert answer_count(page, "baseline") == 1 and page.locator("#question textarea").input_value() == ""
