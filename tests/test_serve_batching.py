@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -271,3 +272,88 @@ def test_batch_fill_must_be_a_bounded_time(manager):
     for fill_ms in (-1.0, 5000.0):
         with pytest.raises(ValueError, match="batch_fill_ms"):
             Batcher(manager, batch_fill_ms=fill_ms)
+
+
+class HandOff(Collector):
+    """A job's events, and the server's side of the hand-off: its first text "goes out" `delay_s` after arriving."""
+
+    def __init__(self, delay_s: float | None) -> None:
+        super().__init__()
+        self.handoff = threading.Event()
+        self.delay_s = delay_s
+        self.times: list[float] = []
+
+    def deliver(self, item: StreamEvent | BaseException) -> None:
+        self.times.append(time.perf_counter())
+        if len(self.times) == 1 and self.delay_s is not None:
+            threading.Timer(self.delay_s, self.handoff.set).start()
+        super().deliver(item)
+
+
+def handoff_job(manager: ModelManager, image: str, text: str, delay_s: float | None) -> tuple:
+    collector = HandOff(delay_s)
+    job = Job([user_message(text)], [Image.open(EXAMPLES / image).convert("RGB")],
+              parse_method("vtw:9", manager.info.num_layers), SAMPLING, collector.deliver,
+              handoff=collector.handoff)  # fmt: skip
+    return job, collector
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_worker_waits_for_the_first_tokens_to_go_out_before_computing_on(manager, monkeypatch, rows):
+    """The second token is computed only once every row's first has been sent (here 0.3 s later)."""
+    monkeypatch.setattr("vtw_core.serve.batching.HANDOFF_WAIT_S", 5.0)
+    jobs = [handoff_job(manager, image, text, 0.3) for image, text in REQUESTS[:rows]]
+    run_jobs(manager, jobs, max_batch_size=8, batch_wait_ms=200)
+    assert [job.batch_size for job, _ in jobs] == [rows] * rows
+    last_first = max(collector.times[0] for _, collector in jobs)
+    for _, collector in jobs:
+        assert len(collector.times) > 1
+        assert collector.times[1] - last_first >= 0.29  # the decode steps take milliseconds: this is the wait
+    alone = manager.generate([user_message(REQUESTS[0][1])], [Image.open(EXAMPLES / REQUESTS[0][0])], k=9,
+                             sampling=SAMPLING)  # fmt: skip
+    assert jobs[0][1].events[-1].token_ids == alone.token_ids
+
+
+def test_a_first_token_that_never_goes_out_delays_the_rest_once_and_boundedly(manager, monkeypatch):
+    monkeypatch.setattr("vtw_core.serve.batching.HANDOFF_WAIT_S", 0.3)
+    job, collector = handoff_job(manager, *REQUESTS[0], None)  # nobody sends it: the client left, say
+    run_jobs(manager, [(job, collector)])
+    gaps = [b - a for a, b in itertools.pairwise(collector.times)]
+    assert len(gaps) >= 2 and 0.29 <= gaps[0] < 2.0 and max(gaps[1:]) < 0.29  # once, after the first token
+
+
+def test_the_server_hands_off_after_sending_a_streamed_first_token(manager, monkeypatch):
+    """A streamed reply sets its job's hand-off once its first text has been sent; a reply sent whole has none."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from vtw_core.serve import batching
+    from vtw_core.serve.openai_api import ChatService, build_app
+
+    monkeypatch.setattr(batching, "HANDOFF_WAIT_S", 30.0)  # a hand-off that never came would show as a long wait
+    seen: list[tuple[bool | None, float]] = []
+    original = batching.hand_off
+
+    def recording_hand_off(jobs):
+        started = time.perf_counter()
+        original(jobs)
+        seen.append((None if jobs[0].handoff is None else jobs[0].handoff.is_set(), time.perf_counter() - started))
+
+    monkeypatch.setattr(batching, "hand_off", recording_hand_off)
+    image = base64.b64encode((EXAMPLES / "easyvqa-0.png").read_bytes()).decode()
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+        {"type": "text", "text": "What shape is in the image?"}]}], "max_tokens": 4, "temperature": 0}  # fmt: skip
+    service = ChatService(manager, model_id="default")
+    try:
+        with TestClient(build_app(service)) as client:
+            streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
+            whole = client.post("/v1/chat/completions", json=body)
+    finally:
+        service.close()
+    assert streamed.status_code == 200 and whole.status_code == 200
+    assert '"content"' in streamed.text and whole.json()["choices"][0]["message"]["content"]
+    (streamed_set, streamed_wait), (whole_set, _) = seen
+    assert streamed_set is True and streamed_wait < 10  # released by the server, not by the time limit
+    assert whole_set is None

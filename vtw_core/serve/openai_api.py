@@ -206,7 +206,9 @@ class ChatService:
         streaming = False
         try:
             await self._read_images(request, stop)
-            job = Job(request.messages, request.images, method, request.sampling, ticket.deliver, stop=stop)
+            handoff = threading.Event() if request.stream else None  # a reply sent whole has no first token to send
+            job = Job(request.messages, request.images, method, request.sampling, ticket.deliver, stop=stop,
+                      handoff=handoff)  # fmt: skip
             slot.job = job
             self.batcher.submit(job)
             reply = Reply(self.model_id, spec, method, request, job, on_close=slot.release)

@@ -114,6 +114,11 @@ class Reply:
         full = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_id}
         return f"data: {json.dumps({**full, **payload}, ensure_ascii=False)}\n\n"
 
+    def _handed_off(self) -> None:
+        """The first text has been sent (or the stream ended): the worker may take the cores back."""
+        if self.job.handoff is not None:
+            self.job.handoff.set()
+
     async def sse(self, ticket: Ticket, first: StreamEvent) -> AsyncIterator[str]:
         """Server-sent events as OpenAI sends them: role, text deltas, finish reason, usage, [DONE]."""
         try:
@@ -124,6 +129,7 @@ class Reply:
                 if len(text) > len(sent):
                     yield self.chunk({"content": text[len(sent) :]})
                     sent = text
+                    self._handed_off()
                 if hit or event.finished:
                     break
                 event = await ticket.next()
@@ -136,6 +142,7 @@ class Reply:
             log_refusal(api_error, "POST", "/v1/chat/completions (stream)")
             yield f"data: {json.dumps(api_error.body())}\n\n"
         finally:
+            self._handed_off()
             self.job.stop.set()  # the client left, or the reply is complete: the engine may stop this row
             if self.on_close is not None:
                 self.on_close()
