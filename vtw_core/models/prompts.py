@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from vtw_core.errors import InputError
+from vtw_core.models.image_tokens import expanded_image_inputs, stock_inputs
 from vtw_core.models.videos import Video
 from vtw_core.validation import check_text
 
@@ -157,14 +158,10 @@ def build_model_inputs(
             "video_metadata": [video.metadata() for video in flat_videos],
         }
     try:
-        batch = processor(
-            text=prompts,
-            images=processor_images(processor, images),
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-            **video_options,
-        )
+        if video_options:
+            batch = stock_inputs(processor, prompts, processor_images(processor, images), **video_options)
+        else:  # LLaVA-1.5's image placeholders repeated in ids, not tokenized 576 times (the same tensors)
+            batch = expanded_image_inputs(processor, prompts, processor_images(processor, images))
     except (ValueError, TypeError) as error:
         raise InputError(f"the processor rejected the input: {error}") from error
     return {
