@@ -75,7 +75,7 @@ def test_prompts_of_other_lengths_reuse_the_compiled_graph(llava):
         assert ran == "compiled" and (logits - plain).abs().max() <= LOGIT_BOUND
     from vtw_core.engine import compiled_prefill as module
 
-    assert module._compiled_loop._torchdynamo_orig_callable is module._layer_loop  # one compiled function
+    assert module._compiled_loop.fn is module._layer_loop  # one compiled function
 
 
 def test_a_fresh_trace_compiles_one_graph_quietly(llava):
@@ -195,4 +195,4 @@ def test_a_warm_up_leaves_nothing_to_compile_for_a_batch():
         for _ in compiled.stream_batch(conversations, images, sampling=SamplingConfig(max_new_tokens=2)):
             pass
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
-    assert module._compiled_loop._torchdynamo_orig_callable is module._layer_loop
+    assert module._compiled_loop.fn is module._layer_loop

@@ -38,6 +38,7 @@ from vtw_core.engine.decoder import (
 )
 from vtw_core.engine.embed import PromptEmbeddings
 from vtw_core.engine.fast_prefill import PrefillOutputs, RecordingCache, decode_state_from
+from vtw_core.engine.per_model import per_model
 from vtw_core.engine.tuned_kernels import run_tuned, tuned
 from vtw_core.models.families import language_model, num_decoder_layers
 
@@ -70,15 +71,9 @@ def _layer_loop(
 
 # cpp_wrapper: the compiled graph calls its ~200 kernels from C++, not from a Python wrapper (0.96x the time at
 # one thread on the default model, bitwise the same logits).
-_compiled_loop = torch.compile(_layer_loop, dynamic=True, options={"cpp_wrapper": True})
-
-
-def _tuned_layer_loop(*args):
-    """`_layer_loop` under a name of its own, so its tuned graphs (engine.tuned_kernels) are cached apart."""
-    return _layer_loop(*args)
-
-
-_tuned_loop = tuned(torch.compile(_tuned_layer_loop, dynamic=True, options={"cpp_wrapper": True}))
+# Per model (engine.per_model): no guards on the model's modules before each call (0.13 against 0.42 ms).
+_compiled_loop = per_model(_layer_loop, dynamic=True, options={"cpp_wrapper": True})
+_tuned_loop = tuned(per_model(_layer_loop, dynamic=True, options={"cpp_wrapper": True}))  # graphs of its own
 
 
 def fallback_reason(model: nn.Module, prompt: PromptEmbeddings, selector: TokenSelector | None,

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from vtw_core.engine.per_model import per_model
 from vtw_core.engine.tuned_kernels import run_tuned, tuned
 
 # The tower classes compiled; by class name, as transformers defines them.
@@ -45,15 +46,9 @@ def _stock_forward(tower: nn.Module, *args, **kwargs):
 
 
 # Symbolic batch (one graph for every number of images or tiles beyond one), called from C++ as the layer loop is.
-_compiled_forward = torch.compile(_stock_forward, dynamic=True, options={"cpp_wrapper": True})
-
-
-def _tuned_stock_forward(tower: nn.Module, *args, **kwargs):
-    """`_stock_forward` under a name of its own, so its tuned graphs are cached apart."""
-    return type(tower).forward(tower, *args, **kwargs)
-
-
-_tuned_forward = tuned(torch.compile(_tuned_stock_forward, dynamic=True, options={"cpp_wrapper": True}))
+# Per tower (engine.per_model): no guards on its modules before each call.
+_compiled_forward = per_model(_stock_forward, dynamic=True, options={"cpp_wrapper": True})
+_tuned_forward = tuned(per_model(_stock_forward, dynamic=True, options={"cpp_wrapper": True}))  # graphs of its own
 
 
 _failed: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # towers that did not compile: stock from then on

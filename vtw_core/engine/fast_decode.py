@@ -36,6 +36,7 @@ from vtw_core.engine.decoder import (
     attention_mask_for,
     select_group_rows,
 )
+from vtw_core.engine.per_model import per_model
 from vtw_core.engine.tuned_kernels import run_tuned, tuned
 from vtw_core.models.families import language_model
 
@@ -208,15 +209,8 @@ def static_decode_step(model: nn.Module, state: FastDecodeState, trim: bool = Fa
     return state.logits
 
 
-_compiled_step = torch.compile(_step_on_buffers, dynamic=True, options={"cpp_wrapper": True})
-
-
-def _tuned_step_on_buffers(*args):
-    """`_step_on_buffers` under a name of its own, so its tuned graphs (engine.tuned_kernels) are cached apart."""
-    return _step_on_buffers(*args)
-
-
-_tuned_step = tuned(torch.compile(_tuned_step_on_buffers, dynamic=True, options={"cpp_wrapper": True}))
+_compiled_step = per_model(_step_on_buffers, dynamic=True, options={"cpp_wrapper": True})  # engine.per_model
+_tuned_step = tuned(per_model(_step_on_buffers, dynamic=True, options={"cpp_wrapper": True}))  # graphs of its own
 
 
 def compiled_decode_step(model: nn.Module, state: FastDecodeState, tuned_kernels: bool = False) -> torch.Tensor:
