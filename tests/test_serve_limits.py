@@ -285,3 +285,36 @@ def test_a_body_that_trickles_in_is_cut_off_and_gives_its_budget_back():
         asyncio.run(read_json(FakeBody(body, pause=0.2), budget=budget, seconds=0.3))
     assert caught.value.status == 408 and "within 0.3 s" in str(caught.value) and budget.held == 0
     assert asyncio.run(read_json(FakeBody(body, pause=0.01), budget=budget, seconds=0.3)) == {"a": 1}
+
+
+def test_a_small_request_is_checked_and_decoded_on_the_event_loop_a_large_image_is_not(manager, monkeypatch):
+    """Through the HTTP app: a small body with a small image never leaves the event loop (two thread hops fewer);
+    an image of many pixels, even in a few bytes, is still decoded on a worker thread; and the same body without
+    its size known (a caller other than the HTTP route) takes the threads as before."""
+    from fastapi.testclient import TestClient
+
+    from vtw_core.serve import openai_api
+    from vtw_core.serve.openai_api import ChatService, build_app
+
+    hops: list[str] = []
+    real = openai_api.run_in_threadpool
+
+    async def counted(fn, *args, **kwargs):
+        hops.append(fn.__name__)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(openai_api, "run_in_threadpool", counted)
+    service = ChatService(manager, model_id="default-model")
+    small, many_pixels = ask([(EXAMPLES / "easyvqa-0.png").read_bytes()]), ask([png(600, 600)])
+    assert len(json.dumps(many_pixels)) < openai_api.INLINE_BODY_BYTES and openai_api.INLINE_PIXELS < 600 * 600
+    try:
+        assert asyncio.run(service.chat_completions(small)).status_code == 200
+        assert hops == ["plan_chat_request", "decode_images"]
+        with TestClient(build_app(service)) as client:  # the app's lifespan closes the service at the end
+            for body, expected in ((small, []), (many_pixels, ["decode_images"])):
+                hops.clear()
+                reply = client.post("/v1/chat/completions", json=body)
+                assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+                assert hops == expected
+    finally:
+        service.close()
