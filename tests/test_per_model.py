@@ -49,3 +49,27 @@ def test_the_guards_on_the_models_modules_are_left_out_and_a_model_that_goes_tak
     del model
     gc.collect()
     assert len(compiled._compiled) == 0
+
+
+def test_threads_calling_first_at_once_share_one_copy(monkeypatch):
+    import threading
+    import time
+
+    from vtw_core.engine import per_model as module
+
+    made = []
+    real = torch.compile
+
+    def slow_compile(fn, **options):
+        made.append(fn)
+        time.sleep(0.05)  # a window for another thread's first call
+        return real(fn, **options)
+
+    monkeypatch.setattr(module.torch, "compile", slow_compile)
+    compiled, model = per_model(run, dynamic=False), Scaled(4, 2.0)
+    threads = [threading.Thread(target=compiled._for, args=(model,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 1 and len(compiled._compiled) == 1

@@ -13,6 +13,7 @@ model again instead). Weights changed in place are still read, as before, except
 
 from __future__ import annotations
 
+import threading
 import types
 import weakref
 from collections.abc import Callable
@@ -28,10 +29,16 @@ class PerModel:
     def __init__(self, fn: Callable[..., Any], **options: Any):
         self.fn, self.options = fn, options
         self._compiled: weakref.WeakKeyDictionary[nn.Module, Callable[..., Any]] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()  # two threads' first calls with one model make one copy
 
     def _for(self, model: nn.Module) -> Callable[..., Any]:
         compiled = self._compiled.get(model)
-        if compiled is None:
+        if compiled is not None:
+            return compiled
+        with self._lock:
+            compiled = self._compiled.get(model)
+            if compiled is not None:
+                return compiled
             fn = self.fn
             code = fn.__code__.replace()  # a new code object: dynamo keeps compiled graphs per code object
             copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
