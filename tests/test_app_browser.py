@@ -311,6 +311,11 @@ def test_a_second_image_and_long_answers_keep_the_question(page, app, image, sam
     assert "What shape?" not in text_of(page, "#baseline-chat")
     page.get_by_role("button", name="Parameters").click()
     tokens = page.locator("#max-new-tokens input[type=number]")
+    # The panel mounts its slider when it first opens: under load, a number typed before the slider holds its
+    # own value was overwritten by it (the box read 128 again). Type once it is there, as a user would.
+    tokens.wait_for(state="visible", timeout=10_000)
+    page.wait_for_function("() => document.querySelector('#max-new-tokens input[type=number]').value === '128'")
+    page.wait_for_timeout(200)
     tokens.fill("40")
     tokens.press("Tab")  # leaving the box commits the number, as a user's next click does
     page.wait_for_timeout(300)  # a late update to the slider (none is expected) would show here
