@@ -43,9 +43,9 @@ TUNED_OPTIONS: dict[str, Any] = {
 
 def tuned(compiled: Callable[..., Any]) -> Callable[..., Any]:
     """`compiled` (a torch.compile'd function) called with the tuned options in force: they must hold while dynamo
-    traces (freezing makes it guard on each weight's identity, so another model's weights compile graphs of their
-    own) and while inductor compiles. Give it a compiled function of its own (its own `per_model`): compiled graphs
-    are cached per function."""
+    traces and while inductor compiles (freezing bakes the weights into the graph, so each model needs graphs of
+    its own: engine.per_model gives them). Give it a compiled function of its own (its own `per_model`): compiled
+    graphs are cached per function."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
         with inductor_config.patch(TUNED_OPTIONS):
