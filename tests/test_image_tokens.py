@@ -87,13 +87,24 @@ def test_a_processor_whose_tensors_differ_keeps_the_stock_path(tiny_model_path, 
             batch["extra"] = torch.zeros(1)
             return batch
 
+    pixels = []
+    image_processor = processor.image_processor
+    original_pixels = type(image_processor).__call__
+
+    class CountedImageProcessor(type(image_processor)):
+        def __call__(self, *args, **kwargs):
+            pixels.append(1)
+            return original_pixels(self, *args, **kwargs)
+
     processor.__class__ = LlavaProcessor
+    image_processor.__class__ = CountedImageProcessor
     conversations, images = batches(sample_images)[1]
     for _ in range(3):
         inputs = build_model_inputs(processor, conversations, images, "cpu", torch.float32)
         assert "extra" in inputs
     assert len(calls) == 3  # the stock processor ran every time
     assert list(image_tokens._learned[processor].values()) == [None]
+    assert len(pixels) == 4  # both ways for the first batch only; then the processor's own preprocessing alone
 
 
 def test_other_processors_are_not_touched(tiny_model_path, sample_images):

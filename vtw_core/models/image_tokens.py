@@ -35,6 +35,13 @@ def _applies(processor: Any) -> bool:
     )
 
 
+def _refused(processor: Any) -> bool:
+    """The expansion could not vouch for this processor at some size: it keeps the stock path at every size, and
+    its images are not preprocessed twice (once here for the size, once by the processor)."""
+    with _lock:
+        return None in _learned.get(processor, {}).values()
+
+
 def stock_inputs(processor: Any, prompts: list[str], images: list[Image.Image] | None, **options: Any) -> Any:
     """The processor's own batch, left-padded, as PyTorch tensors."""
     return processor(text=prompts, images=images, padding=True, padding_side="left", return_tensors="pt", **options)
@@ -79,14 +86,12 @@ def _same(stock: Any, ours: dict[str, torch.Tensor]) -> bool:
 
 def expanded_image_inputs(processor: Any, prompts: list[str], images: list[Image.Image] | None) -> Any:
     """`stock_inputs(processor, prompts, images)`, the same tensors, sooner where the processor is LLaVA-1.5's."""
-    if not images or not _applies(processor):
+    if not images or not _applies(processor) or _refused(processor):
         return stock_inputs(processor, prompts, images)
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     size = tuple(pixel_values.shape[1:])
     with _lock:
         per_image = _learned.setdefault(processor, {}).get(size, 0)
-    if per_image is None:
-        return stock_inputs(processor, prompts, images)
     if per_image:
         ours = _expanded(processor, prompts, pixel_values, per_image)
         return ours if ours is not None else stock_inputs(processor, prompts, images)
