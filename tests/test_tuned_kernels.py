@@ -40,9 +40,13 @@ def test_a_tuned_prefill_gives_the_plain_prefills_logits(llava):
     default model below, a batch's next)."""
     model, inputs = llava
     templates = counters["inductor"]["cpp_templated_kernel_counter"]
+    grouped = counters["inductor"]["cpp_grouped_gemm_template"]
     logits, plain = tuned_logits(model, inputs, 2)
     assert (logits - plain).abs().max() <= LOGIT_BOUND
     assert counters["inductor"]["cpp_templated_kernel_counter"] > templates  # the matmuls came from the templates
+    # q, k and v, and gate and up, read one input: each set is one grouped GEMM, for the rows of the layers before K
+    # and for the kept rows after (layers of one shape share their generated kernels)
+    assert counters["inductor"]["cpp_grouped_gemm_template"] - grouped >= 4
     assert tuned_kernels_apply(torch.device("cpu")) and not tuned_kernels_apply(torch.device("cuda"))
 
 
