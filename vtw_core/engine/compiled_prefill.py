@@ -12,9 +12,10 @@ prompt, or a batch of equal ones, attends without a mask (causally, as the plain
 left-padded batch takes the plain prefill's masks. The sequence length is a symbolic size, so prompts of any length
 share a compiled graph per K (one for a single prompt, one for equal rows and one for padded rows of a batch; each
 compiles at its first use, ~15-50 s on two cores, and `ModelManager.warm_up` runs them before a server listens).
-Anything else falls back to the plain prefill, with the reason in the engine's name: schedules (FastV, G-Search),
-rearranged positions, flash attention, multimodal rotary positions (Qwen2-VL's 3-D ids) and per-layer vision
-additions (Qwen3-VL).
+Layer K-1 and the last layer compute their outputs only at the tokens that go on, the kept ones and the last
+(engine.layer_rows), where the layers are the plain pre-norm block with sdpa. Anything else falls back to the plain
+prefill, with the reason in the engine's name: schedules (FastV, G-Search), rearranged positions, flash attention,
+multimodal rotary positions (Qwen2-VL's 3-D ids) and per-layer vision additions (Qwen3-VL).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from vtw_core.engine.decoder import (
 )
 from vtw_core.engine.embed import PromptEmbeddings
 from vtw_core.engine.fast_prefill import PrefillOutputs, RecordingCache, decode_state_from
+from vtw_core.engine.layer_rows import computes_rows, layer_rows, rows_mask
 from vtw_core.engine.per_model import per_model
 from vtw_core.engine.tuned_kernels import run_tuned, tuned
 from vtw_core.models.families import language_model, num_decoder_layers
@@ -50,22 +52,34 @@ def _layer_loop(
     deep: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     k: int | None,
     kept: torch.Tensor | None,
+    row_masks: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Logits and every layer's keys and values for a left-padded batch of prompts (batch, tokens, hidden).
 
     `full`: the rotary cos and sin (batch, tokens, head_dim) and the attention mask (None: causal, no padding) of
     the layers before `k`; at layer `k` the tokens `kept` (batch, kept tokens: indices into the prompt) go on,
-    with `deep`'s cos, sin and mask."""
+    with `deep`'s cos, sin and mask. `row_masks` (layer_rows' masks of the kept tokens in layer K-1 and of the last
+    token in the last layer; None: every layer runs whole): those two layers compute their outputs at those tokens
+    only (engine.layer_rows)."""
     decoder = language_model(model)
     cache = RecordingCache(len(decoder.layers))
+    last = len(decoder.layers) - 1
     group = None
     for layer_idx, layer in enumerate(decoder.layers):
         if layer_idx == k:
-            hidden_states = hidden_states.gather(1, kept[..., None].expand(-1, -1, hidden_states.shape[-1]))
+            if row_masks is None or k == 0:  # else layer K-1 gave the kept tokens' outputs alone
+                hidden_states = hidden_states.gather(1, kept[..., None].expand(-1, -1, hidden_states.shape[-1]))
             group = LayerGroup(layer_idx, None, None, deep[2], deep[:2], None)
         elif group is None:
             group = LayerGroup(layer_idx, None, None, full[2], full[:2], None)
-        hidden_states = _run_layer(layer, hidden_states, group, cache)
+        if row_masks is not None and k is not None and layer_idx == k - 1:
+            hidden_states = layer_rows(layer, hidden_states, group.rotary, kept, deep[:2], row_masks[0], cache)
+        elif row_masks is not None and layer_idx == last:
+            cos, sin = group.rotary
+            rows_rotary = (cos[:, -1:], sin[:, -1:])
+            hidden_states = layer_rows(layer, hidden_states, group.rotary, None, rows_rotary, row_masks[1], cache)
+        else:
+            hidden_states = _run_layer(layer, hidden_states, group, cache)
     return _logits(model, decoder, hidden_states), cache.keys, cache.values
 
 
@@ -132,13 +146,20 @@ def compiled_prefill(
         for (_, _, ok), place in zip(groups, positions, strict=True):
             mask = attention_mask_for(ok, ok.shape[1], implementation, dtype)
             inputs.append((*decoder.rotary_emb(prompt.inputs_embeds, place), mask))
+        # Layer K-1 and the last layer compute outputs only where they are used (engine.layer_rows): their masks.
+        row_masks = None
+        if implementation == "sdpa" and all(computes_rows(layer) for layer in decoder.layers):
+            kept_rows = rows_mask(valid, groups[-1][1], dtype) if k else None
+            row_masks = (kept_rows, rows_mask(groups[-1][2], None, dtype))
     # Compiled code cannot take inference tensors (the embeddings come from inference mode): normal copies.
     with torch.inference_mode(False), torch.no_grad():
         hidden_states = prompt.inputs_embeds.clone()
         inputs = [tuple(None if t is None else t.clone() for t in group) for group in inputs]
         full = inputs[0] if k != 0 else None
         deep, kept = (inputs[-1], groups[-1][1].clone()) if k is not None else (None, None)
-        arguments = (hidden_states, full, deep, k, kept)
+        if row_masks is not None:
+            row_masks = tuple(None if t is None else t.clone() for t in row_masks)
+        arguments = (hidden_states, full, deep, k, kept, row_masks)
         # A batch's prefill keeps the library's matmuls: over several prompts' tokens (4,704 rows for eight of the
         # default model's) the templates took 1.2x their time; one prompt's 588 rows took 0.93x.
         ran = "compiled"
