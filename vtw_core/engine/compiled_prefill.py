@@ -146,19 +146,17 @@ def compiled_prefill(
         for (_, _, ok), place in zip(groups, positions, strict=True):
             mask = attention_mask_for(ok, ok.shape[1], implementation, dtype)
             inputs.append((*decoder.rotary_emb(prompt.inputs_embeds, place), mask))
-        # Layer K-1 and the last layer compute outputs only where they are used (engine.layer_rows): their masks.
-        row_masks = None
-        if implementation == "sdpa" and all(computes_rows(layer) for layer in decoder.layers):
-            kept_rows = rows_mask(valid, groups[-1][1], dtype) if k else None
-            row_masks = (kept_rows, rows_mask(groups[-1][2], None, dtype))
     # Compiled code cannot take inference tensors (the embeddings come from inference mode): normal copies.
     with torch.inference_mode(False), torch.no_grad():
         hidden_states = prompt.inputs_embeds.clone()
         inputs = [tuple(None if t is None else t.clone() for t in group) for group in inputs]
         full = inputs[0] if k != 0 else None
         deep, kept = (inputs[-1], groups[-1][1].clone()) if k is not None else (None, None)
-        if row_masks is not None:
-            row_masks = tuple(None if t is None else t.clone() for t in row_masks)
+        # Layer K-1 and the last layer compute outputs only where they are used (engine.layer_rows): their masks,
+        # made here, outside inference mode, as the graph takes them.
+        row_masks = None
+        if implementation == "sdpa" and all(computes_rows(layer) for layer in decoder.layers):
+            row_masks = (rows_mask(valid, kept, dtype) if k else None, rows_mask(groups[-1][2], None, dtype))
         arguments = (hidden_states, full, deep, k, kept, row_masks)
         # A batch's prefill keeps the library's matmuls: over several prompts' tokens (4,704 rows for eight of the
         # default model's) the templates took 1.2x their time; one prompt's 588 rows took 0.93x.

@@ -154,7 +154,13 @@ def attention_mask_for(
     key_index = torch.arange(key_length, device=valid.device)
     query_index = key_index[key_length - query_length :]
     allowed = valid[:, None, :] & (key_index[None, :] <= query_index[:, None])[None]  # (batch, q, k)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    return additive_mask(allowed, dtype)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask (batch, 1, queries, keys) sdpa and eager attention take for `allowed` (batch, queries, keys):
+    0 where allowed, the dtype's lowest value elsewhere (finite, so a row with nothing allowed stays finite)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 

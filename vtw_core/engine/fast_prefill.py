@@ -39,6 +39,7 @@ from vtw_core.engine.decoder import (
     Withdrawal,
     _logits,
     _run_layer,
+    additive_mask,
     attention_implementation,
     kept_order,
     prefill,
@@ -91,9 +92,7 @@ def pad_prompt(prompt: PromptEmbeddings, length: int) -> PromptEmbeddings:
 def exact_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The additive mask (batch, 1, tokens, tokens) for causal attention over valid keys, without a host sync."""
     index = torch.arange(valid.shape[1], device=valid.device)
-    allowed = valid[:, None, :] & (index[None, :] <= index[:, None])[None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    return additive_mask(valid[:, None, :] & (index[None, :] <= index[:, None])[None], dtype)
 
 
 class RecordingCache:

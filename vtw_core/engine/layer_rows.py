@@ -16,10 +16,11 @@ Only layers whose forward is the plain pre-norm block below are taken (LAYERS_WI
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
+
+from vtw_core.engine.decoder import additive_mask, attention_mask_for
+from vtw_core.engine.query_attention import rotate
 
 # Decoder layers whose forward is: h = x + o_proj(attention(q, k, v of input_layernorm(x))); h + mlp(norm(h)), with
 # q, k, v plain projections (biases allowed) and the family's apply_rotary_pos_emb.
@@ -29,12 +30,6 @@ LAYERS_WITH_ROWS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2
 def computes_rows(layer: nn.Module) -> bool:
     """Whether `layer_rows` can run this decoder layer."""
     return type(layer).__name__ in LAYERS_WITH_ROWS
-
-
-def _rotate(attention: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The family's own rotary function (the attention module's modeling file), on one tensor."""
-    modeling = sys.modules[type(attention).__module__]
-    return modeling.apply_rotary_pos_emb(states, states, cos, sin)[0]
 
 
 def layer_rows(
@@ -64,8 +59,8 @@ def layer_rows(
     keys = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
     values = attention.v_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
     queries = attention.q_proj(normed_rows).view(batch, count, -1, head_dim).transpose(1, 2)
-    keys = _rotate(attention, keys, *rotary)
-    queries = _rotate(attention, queries, *rows_rotary)
+    keys = rotate(attention, keys, *rotary)
+    queries = rotate(attention, queries, *rows_rotary)
     keys, values = cache.update(keys, values, attention.layer_idx)
     attended = torch.nn.functional.scaled_dot_product_attention(
         queries, keys, values, attn_mask=rows_mask, scale=attention.scaling,
@@ -79,12 +74,7 @@ def rows_mask(valid: torch.Tensor, rows: torch.Tensor | None, dtype: torch.dtype
     """Additive mask (batch, 1, rows, tokens) for `layer_rows`: a row sees the valid keys up to its own index (rows
     None: the last token, which sees every valid key; None when there is no padding). A row that sees no valid
     key (a padding slot) sees them all, as the decoder's masks do, so its output stays finite."""
-    if rows is None:
-        if bool(valid.all()):
-            return None
-        allowed = valid[:, None, :]
-    else:
-        index = torch.arange(valid.shape[1], device=valid.device)
-        allowed = valid[:, None, :] & (index[None, None, :] <= rows[:, :, None])
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    if rows is None:  # the decoder's mask for one query at the end
+        return attention_mask_for(valid, 1, "sdpa", dtype)
+    index = torch.arange(valid.shape[1], device=valid.device)
+    return additive_mask(valid[:, None, :] & (index[None, None, :] <= rows[:, :, None]), dtype)

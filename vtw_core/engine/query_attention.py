@@ -16,10 +16,11 @@ from torch import nn
 from vtw_core.models.families import language_model
 
 
-def _rotate(attention: nn.Module, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply rotary embedding with the attention module's own function (it knows the family's variant)."""
+def rotate(attention: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply rotary embedding to one tensor with the attention module's own function (it knows the family's
+    variant)."""
     modeling = sys.modules[type(attention).__module__]
-    return modeling.apply_rotary_pos_emb(query, query, cos, sin)[0]
+    return modeling.apply_rotary_pos_emb(states, states, cos, sin)[0]
 
 
 def query_attention(
@@ -41,7 +42,7 @@ def query_attention(
     normed = layer.input_layernorm(hidden_rows)
     query = attention.q_proj(normed).view(batch, queries, -1, head_dim).transpose(1, 2)  # (batch, heads, q, d)
     cos, sin = decoder.rotary_emb(normed, position_rows)
-    query = _rotate(attention, query, cos, sin)
+    query = rotate(attention, query, cos, sin)
     keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)  # grouped-query heads
     scores = (query.float() @ keys.float().transpose(-1, -2)) * attention.scaling  # (batch, heads, q, keys)
     allowed = key_valid[:, None, :].expand(-1, queries, -1)  # (batch, q, keys)
