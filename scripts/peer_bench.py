@@ -16,6 +16,11 @@ round) and given as median [min-max]. The answers must agree, or the table says 
 client count, a closed loop (each client sends its next request as soon as the last one ends) runs
 `--seconds` per target in turn, `--rounds` times: requests/s, median of the rounds.
 
+The client is lean on purpose: each client thread keeps one keep-alive connection of the standard library's
+`http.client`, and every request body is encoded to bytes once. On a machine whose cores the servers share, a
+heavier client (httpx took ~2.4 ms of CPU per request here, the stdlib one ~0.5) competes with the server it
+measures and caps the faster server's closed loop most; the table prints the client's CPU per request.
+
 `--gap` seconds pass before every timed request and every closed-loop run. Some servers keep a core busy after a
 reply: vLLM's CPU worker spins for about 0.4 s after each one. With the servers sharing cores, a request sent
 during another server's spin would be timed against that spin; the default gap (1 s) lets it end first.
@@ -25,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
+import json
 import os
 import statistics
 import sys
@@ -32,8 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the bundled examples of this checkout; no vtw_core import needed
@@ -59,35 +65,68 @@ def parse_target(spec: str) -> tuple[str, str, str | None]:
     return name, url.rstrip("/"), method or None
 
 
-def request_body(target: Target, image_url: str, question: str, max_tokens: int, stream: bool) -> dict:
+def request_body(target: Target, image_url: str, question: str, max_tokens: int, stream: bool) -> bytes:
+    """The request as the JSON bytes sent every time (encoded once)."""
     content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": question}]
     body = {"model": target.model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
             "temperature": 0, "stream": stream}  # fmt: skip
     if target.method:
         body["vtw"] = {"method": target.method}
-    return body
+    return json.dumps(body).encode()
 
 
-def streamed(client: httpx.Client, target: Target, body: dict, headers: dict) -> tuple[float, str]:
+class Connection:
+    """One keep-alive HTTP(S) connection to a server (the standard library's client: little CPU per request)."""
+
+    def __init__(self, base_url: str, headers: dict[str, str], timeout: float = 600.0):
+        parts = urlsplit(base_url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self.connection = kind(parts.hostname, parts.port, timeout=timeout)
+        self.path = parts.path.rstrip("/")
+        self.headers = {"Content-Type": "application/json", **headers}
+
+    def request(self, method: str, route: str, body: bytes | None = None) -> http.client.HTTPResponse:
+        """Send and return the response (its body not read yet); one reconnect if the server closed the
+        connection between requests."""
+        try:
+            return self._send(method, route, body)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            self.connection.close()  # it reconnects at the next request
+            return self._send(method, route, body)
+
+    def _send(self, method: str, route: str, body: bytes | None) -> http.client.HTTPResponse:
+        self.connection.request(method, self.path + route, body=body, headers=self.headers)
+        return self.connection.getresponse()
+
+    def json(self, method: str, route: str, body: bytes | None = None) -> dict:
+        response = self.request(method, route, body)
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{method} {route}: HTTP {response.status}: {data[:300].decode(errors='replace')}")
+        return json.loads(data)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def streamed(connection: Connection, target: Target, body: bytes) -> tuple[float, str]:
     """(seconds to the first chunk with text, the whole answer) of one streamed request."""
-    import json
-
     start = time.perf_counter()
     first, text = None, []
-    with client.stream("POST", f"{target.base_url}/chat/completions", json=body, headers=headers) as response:
-        if response.status_code != 200:
-            response.read()
-            raise RuntimeError(f"{target.name}: HTTP {response.status_code}: {response.text[:300]}")
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            for choice in chunk.get("choices", []):
-                piece = (choice.get("delta") or {}).get("content") or ""
-                if piece:
-                    if first is None:
-                        first = time.perf_counter() - start
-                    text.append(piece)
+    response = connection.request("POST", "/chat/completions", body)
+    if response.status != 200:
+        raise RuntimeError(f"{target.name}: HTTP {response.status}: {response.read()[:300].decode(errors='replace')}")
+    while line := response.readline():
+        line = line.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        for choice in chunk.get("choices", []):
+            piece = (choice.get("delta") or {}).get("content") or ""
+            if piece:
+                if first is None:
+                    first = time.perf_counter() - start
+                text.append(piece)
     if first is None:
         raise RuntimeError(f"{target.name}: the stream carried no text")
     return first, "".join(text)
@@ -98,41 +137,46 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
             f"[{min(values) * scale:.{digits}f}-{max(values) * scale:.{digits}f}]")  # fmt: skip
 
 
-def model_id(client: httpx.Client, base_url: str, headers: dict) -> str:
-    response = client.get(f"{base_url}/models", headers=headers)
-    response.raise_for_status()
-    return response.json()["data"][0]["id"]
+def model_id(connection: Connection) -> str:
+    return connection.json("GET", "/models")["data"][0]["id"]
 
 
-def closed_loop(target: Target, body: dict, headers: dict, clients: int, seconds: float) -> tuple[float, list[int]]:
-    """Requests completed per second by `clients` clients sending back to back for `seconds`, and the rows of the
-    engine call that answered each (our server's `usage.vtw.batch_size`; empty for other servers)."""
+def closed_loop(
+    target: Target, body: bytes, headers: dict, clients: int, seconds: float
+) -> tuple[float, list[int], float]:
+    """Requests completed per second by `clients` clients sending back to back for `seconds`, the rows of the
+    engine call that answered each (our server's `usage.vtw.batch_size`; empty for other servers), and this
+    process's CPU seconds per completed request (the client's own cost)."""
     done = [0] * clients
     rows: list[int] = []
     errors: list[str] = []
     deadline = time.perf_counter() + seconds
 
     def client_loop(index: int) -> None:
-        with httpx.Client(timeout=600) as client:
+        connection = Connection(target.base_url, headers)
+        try:
             while time.perf_counter() < deadline:
-                response = client.post(f"{target.base_url}/chat/completions", json=body, headers=headers)
-                if response.status_code != 200:
-                    errors.append(f"HTTP {response.status_code}")
-                    return
+                reply = connection.json("POST", "/chat/completions", body)
                 if time.perf_counter() <= deadline:
                     done[index] += 1
-                    batch_size = ((response.json().get("usage") or {}).get("vtw") or {}).get("batch_size")
+                    batch_size = ((reply.get("usage") or {}).get("vtw") or {}).get("batch_size")
                     if isinstance(batch_size, int):
                         rows.append(batch_size)
+        except Exception as error:  # reported once the threads are joined
+            errors.append(str(error))
+        finally:
+            connection.close()
 
+    cpu = time.process_time()
     threads = [threading.Thread(target=client_loop, args=(index,)) for index in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    cpu = time.process_time() - cpu
     if errors:
         raise RuntimeError(f"{target.name}: {errors[0]}")
-    return sum(done) / seconds, rows
+    return sum(done) / seconds, rows, cpu / max(1, sum(done))
 
 
 def main() -> None:
@@ -163,21 +207,25 @@ def main() -> None:
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     image_url = "data:image/png;base64," + base64.b64encode(args.image.read_bytes()).decode()
-    with httpx.Client(timeout=600) as client:
-        targets = [Target(name, url, method, model_id(client, url, headers)) for name, url, method in args.target]
+    connections = {name: Connection(url, headers) for name, url, _ in args.target}
+    try:
+        targets = [Target(name, url, method, model_id(connections[name])) for name, url, method in args.target]
         bodies = {t.name: request_body(t, image_url, args.question, args.max_tokens, True) for t in targets}
         answers: dict[str, str] = {}
         for target in targets:
             for _ in range(args.warmup):
-                streamed(client, target, bodies[target.name], headers)
+                streamed(connections[target.name], target, bodies[target.name])
         ttft: dict[str, list[float]] = {t.name: [] for t in targets}
         for round_index in range(args.repeats):
             shift = round_index % len(targets)
             for target in targets[shift:] + targets[:shift]:
                 time.sleep(args.gap)
-                seconds, text = streamed(client, target, bodies[target.name], headers)
+                seconds, text = streamed(connections[target.name], target, bodies[target.name])
                 ttft[target.name].append(seconds)
                 answers.setdefault(target.name, text)
+    finally:
+        for connection in connections.values():
+            connection.close()
 
     reference = targets[0].name
     print(f"{args.image.name}, {args.question!r}, max_tokens {args.max_tokens}, greedy; load average "
@@ -209,16 +257,19 @@ def main() -> None:
     print("|---|" + "---|" * len(args.clients))
     rates: dict[str, dict[int, list[float]]] = {t.name: {c: [] for c in args.clients} for t in targets}
     rows: dict[str, dict[int, list[int]]] = {t.name: {c: [] for c in args.clients} for t in targets}
+    client_cpu: list[float] = []
     for clients in args.clients:
         for _ in range(args.rounds):
             for target in targets:
                 time.sleep(args.gap)
-                rate, sizes = closed_loop(target, plain[target.name], headers, clients, args.seconds)
+                rate, sizes, cpu = closed_loop(target, plain[target.name], headers, clients, args.seconds)
                 rates[target.name][clients].append(rate)
                 rows[target.name][clients].extend(sizes)
+                client_cpu.append(cpu)
     for target in targets:
         cells = [spread(rates[target.name][c], digits=2) for c in args.clients]
         print(f"| {target.name} | " + " | ".join(cells) + " |")
+    print(f"this client's CPU per request: {spread(client_cpu, 1000, 2)} ms")
     batched = [(t.name, c, rows[t.name][c]) for t in targets for c in args.clients if c > 1 and rows[t.name][c]]
     if batched:
         print(

@@ -348,6 +348,7 @@ def test_the_peer_benchmark_compares_methods_and_counts_batched_rows(server):
     assert "answers: all equal (leading and trailing spaces aside)" in lines, done.stdout
     ttft = {name: next(line for line in lines if line.startswith(f"| {name} | ")) for name in ("base", "vtw")}
     assert "| 1.00 [1.00-1.00] |" in ttft["base"] and "| vtw:5 |" in ttft["vtw"], done.stdout
+    assert any(line.startswith("this client's CPU per request: ") for line in lines), done.stdout
     rows = next(line for line in lines if line.startswith("rows per engine call"))
     for name in ("base", "vtw"):
         mean = float(rows.split(f"{name} at 4 clients ")[1].split(";")[0])
