@@ -38,26 +38,24 @@ from vtw_core.generation.generate import (
 from vtw_core.generation.streaming import (
     TextStream,
     end_reason,
+    model_placement,
     out_of_memory_as_resource_error,
     record_token_time,
-    request_stats,
     synchronize,
 )
 from vtw_core.generation.types import GenerationStats, SamplingConfig, StreamEvent
 from vtw_core.models.families import num_decoder_layers, vision_token_ids
-from vtw_core.models.prompts import Message, eos_token_ids_of
+from vtw_core.models.prompts import Message, PreparedPrompt, eos_token_ids_of
 
 
-def _row_vision_flops(config: Any, model_inputs: dict[str, torch.Tensor], first: int, count: int) -> int:
-    """The vision tower's FLOPs for one row's images: the batch's image tensors sliced to that row's images."""
-    if count == 0:
-        return 0
+def _row_images(model_inputs: dict[str, torch.Tensor], first: int, count: int) -> dict[str, torch.Tensor]:
+    """One row's images in the batch's image tensors: the tensors sliced to that row's images."""
     sliced = {}
     for name in ("pixel_values", "image_sizes", "image_grid_thw"):
         value = model_inputs.get(name)
-        if value is not None:
+        if value is not None and count:
             sliced[name] = value[first : first + count]
-    return flops.request_vision_flops(config, sliced)
+    return sliced
 
 
 def stream_generate_batch(
@@ -75,6 +73,7 @@ def stream_generate_batch(
     engine: DecodeEngine = "auto",
     schedule: Schedule | None = None,
     prefill_engine: PrefillChoice = "plain",
+    prepared: list[PreparedPrompt] | None = None,
 ) -> Iterator[tuple[int, StreamEvent]]:
     """Yield (row, event) as the rows' tokens come; each row ends with one event that has finished=True.
 
@@ -86,7 +85,8 @@ def stream_generate_batch(
 
     Sampling draws every row from one generator, so seeded sampled rows differ from the same requests run
     alone: callers that promise reproducible seeds run sampled requests one at a time. `prefill_engine` as in
-    `generate_rows`.
+    `generate_rows`; `prepared`: each conversation's `prepare_prompt`, done earlier (the server's, as the requests
+    arrived).
     """
     start = time.perf_counter()
     device = model.device
@@ -98,7 +98,7 @@ def stream_generate_batch(
     advice = "try fewer concurrent requests, a smaller image or fewer new tokens"
     with out_of_memory_as_resource_error(device, advice):
         longest = replace(sampling, max_new_tokens=max(limits))  # the context check and the buffers: the longest
-        model_inputs = prompt_inputs_within_context(model, processor, conversations, images, longest)
+        model_inputs = prompt_inputs_within_context(model, processor, conversations, images, longest, prepared=prepared)
         eos_ids = eos_token_ids_of(model, processor)
         steps = generate_rows(
             model,
@@ -155,15 +155,18 @@ def _new_rows(
         mask = torch.ones_like(input_ids)
     vision = torch.isin(input_ids, torch.tensor(vision_token_ids(model.config), device=input_ids.device))
     vision = vision & mask.bool()
+    prompt_tokens, vision_tokens = mask.sum(1).tolist(), vision.sum(1).tolist()
+    placement, num_layers = model_placement(model), num_decoder_layers(model.config)  # once: config reads are slow
+    tower_flops: dict[tuple, int] = {}  # rows whose images have the same tensor shapes cost the tower the same
     rows, first_image = [], 0
     for index, row_images in enumerate(images):
-        stats = request_stats(
-            model,
-            k,
-            prompt_tokens=int(mask[index].sum()),
-            vision_tokens=int(vision[index].sum()),
-            vision_flops=_row_vision_flops(model.config, model_inputs, first_image, len(row_images)),
-        )
+        sliced = _row_images(model_inputs, first_image, len(row_images))
+        shapes = tuple((name, tuple(value.shape), tuple(value.flatten().tolist()) if name != "pixel_values" else ())
+                       for name, value in sliced.items())  # fmt: skip
+        if shapes not in tower_flops:
+            tower_flops[shapes] = flops.request_vision_flops(model.config, sliced) if row_images else 0
+        stats = GenerationStats(k=k, num_layers=num_layers, **placement, prompt_tokens=int(prompt_tokens[index]),
+                                vision_tokens=int(vision_tokens[index]), vision_flops=tower_flops[shapes])  # fmt: skip
         first_image += len(row_images)
         rows.append(TextStream(stats, tokenizer))
     return rows
@@ -185,7 +188,8 @@ def _advance(
     record_token_time(stats, now)
     # A row's decode steps come after its first token; its cache holds the prompt plus the tokens fed back.
     steps = stats.new_tokens - 1
-    stats.prefill_flops = flops.prefill_flops(dims, layers)
+    if steps == 0:  # the row's prefill: the same for every later token
+        stats.prefill_flops = flops.prefill_flops(dims, layers)
     stats.decode_flops = flops.decode_flops(dims, layers, steps)
     bytes_per_token = 2 * dims.num_kv_heads * dims.head_dim * _element_size(stats.dtype)
     stats.kv_cache_bytes = sum(count + steps for count in layers) * bytes_per_token
