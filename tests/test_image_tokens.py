@@ -1,6 +1,5 @@
 """LLaVA-1.5's image placeholders repeated in token ids (vtw_core.models.image_tokens): the same tensors as the stock
-processor, for every batch shape, and the stock path wherever that cannot be vouched for. Prompts prepared one by
-one ahead of their batch (`prepare_prompt`, as the server does when a request arrives) give the same tensors."""
+processor, for every batch shape, and the stock path wherever that cannot be vouched for."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from vtw_core.models.processors import load_processor
 from vtw_core.models.prompts import (
     assistant_message,
     build_model_inputs,
-    prepare_prompt,
     processor_images,
     render_prompt,
     user_message,
@@ -42,14 +40,12 @@ def stock(processor, conversations, images):
 
 
 def check_equal(processor, conversations, images):
-    """Our batch equals the stock processor's, built from the conversations or from prompts prepared one by one."""
     expected = stock(processor, conversations, images)
     for _ in range(2):  # the first batch of a processor learns the expansion, the next ones use it
-        for prepared in (None, [prepare_prompt(processor, m, i) for m, i in zip(conversations, images, strict=True)]):
-            ours = build_model_inputs(processor, conversations, images, "cpu", torch.float32, prepared=prepared)
-            assert set(ours) == set(expected)
-            for name, value in expected.items():
-                assert ours[name].dtype == value.dtype and torch.equal(ours[name], value), name
+        ours = build_model_inputs(processor, conversations, images, "cpu", torch.float32)
+        assert set(ours) == set(expected)
+        for name, value in expected.items():
+            assert ours[name].dtype == value.dtype and torch.equal(ours[name], value), name
 
 
 def test_a_tiny_llava_processor_gives_the_stock_tensors(tiny_model_path, sample_images):
@@ -109,8 +105,6 @@ def test_a_processor_whose_tensors_differ_keeps_the_stock_path(tiny_model_path, 
     assert len(calls) == 3  # the stock processor ran every time
     assert list(image_tokens._learned[processor].values()) == [None]
     assert len(pixels) == 4  # both ways for the first batch only; then the processor's own preprocessing alone
-    assert prepare_prompt(processor, conversations[0], images[0]).pixel_values is None  # not made for nothing
-    assert len(pixels) == 4
 
 
 def test_other_processors_are_not_touched(tiny_model_path, sample_images):
@@ -124,38 +118,3 @@ def test_a_prompt_beyond_the_images_still_gets_a_clear_message(tiny_model_path, 
     with pytest.raises(InputError, match="image slot"):
         build_model_inputs(processor, [[user_message("What is it?", num_images=2)]], [sample_images[:1]], "cpu",
                            torch.float32)  # fmt: skip
-
-
-def test_prepared_prompts_carry_their_pixels_only_where_the_expansion_runs(tiny_model_path, sample_images):
-    """The LLaVA-1.5 processor's pixels are made as the prompt is prepared (the batch then only joins them); other
-    processors make theirs in the batch's call."""
-    llava = load_processor(tiny_model_path("llava"))
-    prepared = prepare_prompt(llava, [user_message("Compare them.", num_images=2)], sample_images[1:3])
-    assert prepared.prompt == render_prompt(llava, [user_message("Compare them.", num_images=2)])
-    expected = llava.image_processor(sample_images[1:3], return_tensors="pt")["pixel_values"]
-    assert torch.equal(prepared.pixel_values, expected)
-    assert prepare_prompt(llava, [user_message("Say hello", num_images=0)], []).pixel_values is None
-    llava_next = load_processor(tiny_model_path("llava_next"))
-    assert prepare_prompt(llava_next, [user_message("What is it?")], sample_images[:1]).pixel_values is None
-
-
-def test_prepared_prompts_must_be_those_of_the_batch(tiny_model_path, sample_images):
-    processor = load_processor(tiny_model_path("llava"))
-    conversations, images = batches(sample_images)[1]
-    prepared = [prepare_prompt(processor, m, i) for m, i in zip(conversations, images, strict=True)]
-    with pytest.raises(ValueError, match="not those"):  # another order
-        build_model_inputs(processor, conversations, images, "cpu", torch.float32, prepared=prepared[::-1])
-    with pytest.raises(ValueError, match="not those"):  # one row short
-        build_model_inputs(processor, conversations, images, "cpu", torch.float32, prepared=prepared[:-1])
-    other_images = [list(row) for row in images]
-    other_images[0] = [sample_images[2]]
-    with pytest.raises(ValueError, match="not those"):  # the same conversation with another image
-        build_model_inputs(processor, conversations, other_images, "cpu", torch.float32, prepared=prepared)
-
-
-def test_a_prompt_prepared_with_too_few_images_gets_a_clear_message(tiny_model_path, sample_images):
-    processor = load_processor(tiny_model_path("llava"))
-    with pytest.raises(InputError, match="image slot"):
-        prepare_prompt(processor, [user_message("What is it?", num_images=2)], sample_images[:1])
-    with pytest.raises(InputError, match="end with a user message"):
-        prepare_prompt(processor, [assistant_message("Hello.")], [])

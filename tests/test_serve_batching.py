@@ -50,15 +50,10 @@ class Collector:
             self.done.set()
 
 
-def make_job(
-    manager: ModelManager, image: str, text: str, method: str = "vtw:9", sampling=SAMPLING, prepared: bool = False
-) -> tuple:
-    """A job and its collector; `prepared`: its prompt prepared ahead, as the server does when a request arrives."""
+def make_job(manager: ModelManager, image: str, text: str, method: str = "vtw:9", sampling=SAMPLING) -> tuple:
     collector = Collector()
     job = Job([user_message(text)], [Image.open(EXAMPLES / image).convert("RGB")],
               parse_method(method, manager.info.num_layers), sampling, collector.deliver)  # fmt: skip
-    if prepared:
-        job.prepared = manager.prepare_prompt(job.messages, job.images)
     return job, collector
 
 
@@ -74,10 +69,9 @@ def run_jobs(manager: ModelManager, jobs: list[tuple], **options) -> None:
         batcher.close()
 
 
-@pytest.mark.parametrize(("method", "prepared"), [("baseline", False), ("vtw:9", False), ("vtw:9", True),
-                                                  ("fastv:2:0.5", True)])  # fmt: skip
-def test_batched_greedy_answers_equal_unbatched(manager, method, prepared):
-    jobs = [make_job(manager, image, text, method, prepared=prepared) for image, text in REQUESTS]
+@pytest.mark.parametrize("method", ["baseline", "vtw:9", "fastv:2:0.5"])
+def test_batched_greedy_answers_equal_unbatched(manager, method):
+    jobs = [make_job(manager, image, text, method) for image, text in REQUESTS]
     run_jobs(manager, jobs, max_batch_size=8, batch_wait_ms=200)
     spec = parse_method(method, manager.info.num_layers)
     for (job, collector), (image, text) in zip(jobs, REQUESTS, strict=True):
@@ -184,15 +178,13 @@ def test_stream_batch_rows_equal_single_requests_on_every_family(tiny_model_path
                      [user_message("Describe.", num_images=0)]]  # fmt: skip
     images = [[sample_images[0]], [sample_images[1], sample_images[2]], []]
     sampling = SamplingConfig(max_new_tokens=6)
-    prepared = [tiny.prepare_prompt(c, i) for c, i in zip(conversations, images, strict=True)]
-    for ahead in (None, prepared):  # the prompts prepared in the batch's call, or ahead as the server does
-        finals = {row: event for row, event in tiny.stream_batch(conversations, images, k=1, sampling=sampling,
-                                                                 prepared=ahead) if event.finished}  # fmt: skip
-        for row, (conversation, row_images) in enumerate(zip(conversations, images, strict=True)):
-            alone = tiny.generate(conversation, row_images, k=1, sampling=sampling)
-            assert finals[row].token_ids == alone.token_ids and finals[row].text == alone.text
-            for key in STATS:
-                assert getattr(finals[row].stats, key) == getattr(alone.stats, key), (family, row, key)
+    finals = {row: event for row, event in tiny.stream_batch(conversations, images, k=1, sampling=sampling)
+              if event.finished}  # fmt: skip
+    for row, (conversation, row_images) in enumerate(zip(conversations, images, strict=True)):
+        alone = tiny.generate(conversation, row_images, k=1, sampling=sampling)
+        assert finals[row].token_ids == alone.token_ids and finals[row].text == alone.text
+        for key in STATS:
+            assert getattr(finals[row].stats, key) == getattr(alone.stats, key), (family, row, key)
 
 
 def test_the_server_takes_as_many_images_per_message_as_the_app():
@@ -365,44 +357,3 @@ def test_the_server_hands_off_after_sending_a_streamed_first_token(manager, monk
     (streamed_set, streamed_wait), (whole_set, _) = seen
     assert streamed_set is True and streamed_wait < 10  # released by the server, not by the time limit
     assert whole_set is None
-
-
-def test_the_server_prepares_each_prompt_as_its_request_arrives(manager, monkeypatch):
-    """Every job reaches the batcher with its prompt prepared (the chat template and the image's pixels), so the
-    worker that answers a batch only joins them; the answer is the one the engine gives the conversation."""
-    import base64
-
-    from fastapi.testclient import TestClient
-
-    from vtw_core.models.prompts import render_prompt
-    from vtw_core.serve.openai_api import ChatService, build_app
-
-    submitted: list[Job] = []
-    original = Batcher.submit
-
-    def recording_submit(self, job):
-        submitted.append(job)
-        original(self, job)
-
-    monkeypatch.setattr(Batcher, "submit", recording_submit)
-    image = base64.b64encode((EXAMPLES / "easyvqa-0.png").read_bytes()).decode()
-    body = {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
-        {"type": "text", "text": "What shape is in the image?"}]}], "max_tokens": 4, "temperature": 0,
-        "vtw": {"method": "vtw:9"}}  # fmt: skip
-    service = ChatService(manager, model_id="default")
-    try:
-        with TestClient(build_app(service)) as client:
-            replies = [client.post("/v1/chat/completions", json=body) for _ in range(2)]
-            text_only = {**body, "messages": [{"role": "user", "content": "Say hello."}]}
-            replies.append(client.post("/v1/chat/completions", json=text_only))
-    finally:
-        service.close()
-    assert [reply.status_code for reply in replies] == [200, 200, 200]
-    assert len(submitted) == 3
-    for job in submitted:
-        assert job.prepared is not None and job.prepared.messages is job.messages
-        assert job.prepared.prompt == render_prompt(manager.processor, job.messages)
-    assert submitted[0].prepared.pixel_values.shape[0] == 1 and submitted[2].prepared.pixel_values is None
-    alone = manager.generate(submitted[0].messages, submitted[0].images, k=9, sampling=SamplingConfig(max_new_tokens=4))
-    assert replies[0].json()["choices"][0]["message"]["content"] == alone.text

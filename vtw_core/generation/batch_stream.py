@@ -45,7 +45,7 @@ from vtw_core.generation.streaming import (
 )
 from vtw_core.generation.types import GenerationStats, SamplingConfig, StreamEvent
 from vtw_core.models.families import num_decoder_layers, vision_token_ids
-from vtw_core.models.prompts import Message, PreparedPrompt, eos_token_ids_of
+from vtw_core.models.prompts import Message, eos_token_ids_of
 
 
 def _row_images(model_inputs: dict[str, torch.Tensor], first: int, count: int) -> dict[str, torch.Tensor]:
@@ -73,7 +73,6 @@ def stream_generate_batch(
     engine: DecodeEngine = "auto",
     schedule: Schedule | None = None,
     prefill_engine: PrefillChoice = "plain",
-    prepared: list[PreparedPrompt] | None = None,
 ) -> Iterator[tuple[int, StreamEvent]]:
     """Yield (row, event) as the rows' tokens come; each row ends with one event that has finished=True.
 
@@ -85,8 +84,7 @@ def stream_generate_batch(
 
     Sampling draws every row from one generator, so seeded sampled rows differ from the same requests run
     alone: callers that promise reproducible seeds run sampled requests one at a time. `prefill_engine` as in
-    `generate_rows`; `prepared`: each conversation's `prepare_prompt`, done earlier (the server's, as the requests
-    arrived).
+    `generate_rows`.
     """
     start = time.perf_counter()
     device = model.device
@@ -98,7 +96,7 @@ def stream_generate_batch(
     advice = "try fewer concurrent requests, a smaller image or fewer new tokens"
     with out_of_memory_as_resource_error(device, advice):
         longest = replace(sampling, max_new_tokens=max(limits))  # the context check and the buffers: the longest
-        model_inputs = prompt_inputs_within_context(model, processor, conversations, images, longest, prepared=prepared)
+        model_inputs = prompt_inputs_within_context(model, processor, conversations, images, longest)
         eos_ids = eos_token_ids_of(model, processor)
         steps = generate_rows(
             model,

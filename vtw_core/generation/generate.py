@@ -53,7 +53,7 @@ from vtw_core.generation.streaming import (
 )
 from vtw_core.generation.types import GenerationResult, GenerationStats, SamplingConfig, StreamEvent
 from vtw_core.models.families import num_decoder_layers
-from vtw_core.models.prompts import Message, PreparedPrompt, build_model_inputs, eos_token_ids_of, pad_token_id_of
+from vtw_core.models.prompts import Message, build_model_inputs, eos_token_ids_of, pad_token_id_of
 from vtw_core.models.videos import Video
 
 DecodeEngine = Literal["auto", "plain", "static", "compiled", "tuned", "graph"]
@@ -82,13 +82,10 @@ def prompt_inputs_within_context(
     images: list[list[Image.Image]],
     sampling: SamplingConfig,
     videos: list[list[Video]] | None = None,
-    prepared: list[PreparedPrompt] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The processor's batch on the model's device and dtype, refused early if the prompt and the new tokens
-    do not fit the model's context. `prepared`: the conversations' `prepare_prompt`s, done earlier."""
-    model_inputs = build_model_inputs(
-        processor, conversations, images, model.device, model.dtype, videos=videos, prepared=prepared
-    )
+    do not fit the model's context."""
+    model_inputs = build_model_inputs(processor, conversations, images, model.device, model.dtype, videos=videos)
     prompt_tokens, max_new_tokens = model_inputs["input_ids"].shape[1], sampling.max_new_tokens
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and prompt_tokens + max_new_tokens > limit:
@@ -269,15 +266,12 @@ def conversation_tokens(
     *,
     sampling: SamplingConfig,
     videos: list[list[Video]] | None = None,
-    prepared: list[PreparedPrompt] | None = None,
     **options: Any,
 ) -> tuple[dict[str, torch.Tensor], set[int], Iterator[torch.Tensor]]:
     """The processor's batch of these conversations (refused early if it does not fit the context), the ids that
     end a reply, and `generate_tokens` over the batch (not started yet) with the processor's padding;
-    `prepared`: the conversations' `prepare_prompt`s, done earlier; `options` go to `generate_tokens`."""
-    model_inputs = prompt_inputs_within_context(
-        model, processor, conversations, images, sampling, videos=videos, prepared=prepared
-    )
+    `options` go to `generate_tokens`."""
+    model_inputs = prompt_inputs_within_context(model, processor, conversations, images, sampling, videos=videos)
     eos_ids = eos_token_ids_of(model, processor)
     pad = pad_token_id_of(processor)
     steps = generate_tokens(model, model_inputs, sampling=sampling, eos_token_ids=eos_ids, pad_token_id=pad, **options)
@@ -432,13 +426,11 @@ def stream_generate(
     engine: DecodeEngine = "auto",
     schedule: Schedule | None = None,
     prefill_engine: PrefillChoice = "plain",
-    prepared: PreparedPrompt | None = None,
 ) -> Iterator[StreamEvent]:
     """Answer one conversation, yielding text deltas with live stats; the last event has finished=True.
 
     `videos`: vtw_core.models.videos.read_video results for the conversation's "video" slots, in order;
-    `prefill_engine` as in `generate_tokens`; `prepared`: `prepare_prompt(processor, messages, images)`, done
-    earlier (the server's, as the request arrived).
+    `prefill_engine` as in `generate_tokens`.
     """
     start = time.perf_counter()
     device = model.device
@@ -457,7 +449,6 @@ def stream_generate(
             [images],
             sampling=sampling,
             videos=[list(videos or [])],
-            prepared=None if prepared is None else [prepared],
             k=k,
             position_mode=position_mode,
             stop_event=stop_event,

@@ -32,7 +32,7 @@ from vtw_core.generation.types import GenerationResult, SamplingConfig, StreamEv
 from vtw_core.models.configs import shipped_config_path
 from vtw_core.models.families import SUPPORTED_FAMILIES, model_family, num_decoder_layers
 from vtw_core.models.processors import load_processor
-from vtw_core.models.prompts import Message, PreparedPrompt, prepare_prompt, user_message
+from vtw_core.models.prompts import Message, user_message
 from vtw_core.models.videos import Video
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -232,12 +232,10 @@ class ModelManager:
         stop_event: threading.Event | None = None,
         engine: DecodeEngine = "auto",
         schedule: Schedule | None = None,
-        prepared: PreparedPrompt | None = None,
     ) -> Iterator[StreamEvent]:
         """Stream one answer; the device is held for the whole answer, so each request's numbers are its own.
 
-        `videos`: vtw_core.models.videos.read_video results for the messages' "video" slots; `prepared`:
-        `prepare_prompt(messages, images)`, done earlier (say as the request arrived).
+        `videos`: vtw_core.models.videos.read_video results for the messages' "video" slots.
         """
         self._check_request(k, schedule, sampling)
         with self.lock:
@@ -247,7 +245,6 @@ class ModelManager:
                 messages,
                 images,
                 videos=videos,
-                prepared=prepared,
                 k=k,
                 position_mode=position_mode,
                 sampling=sampling,
@@ -268,14 +265,12 @@ class ModelManager:
         stop_events: Sequence[threading.Event | None] | None = None,
         max_new_tokens: Sequence[int] | None = None,
         schedule: Schedule | None = None,
-        prepared: Sequence[PreparedPrompt] | None = None,
     ) -> Iterator[tuple[int, StreamEvent]]:
         """Answer several conversations in one left-padded engine call (same method and sampling for all).
 
         Yields (row, event); each row's events and stats are its own (vtw_core.generation.batch_stream).
         `stop_events` (one per row) stop single rows, which then leave the batch; `stop_event` stops them all.
-        `max_new_tokens` (one per row) overrides `sampling.max_new_tokens` row by row. `prepared` (one per row):
-        each conversation's `prepare_prompt`, done earlier.
+        `max_new_tokens` (one per row) overrides `sampling.max_new_tokens` row by row.
         """
         self._require_processor()
         with self.lock:
@@ -291,14 +286,7 @@ class ModelManager:
                 max_new_tokens=max_new_tokens,
                 schedule=schedule,
                 prefill_engine=self.prefill_engine,
-                prepared=None if prepared is None else list(prepared),
             )
-
-    def prepare_prompt(self, messages: list[Message], images: list[Image.Image]) -> PreparedPrompt:
-        """One conversation checked and its share of the processor's work done, without the device (any thread,
-        while the device answers others); `stream` and `stream_batch` take the result as `prepared`."""
-        self._require_processor()
-        return prepare_prompt(self.processor, messages, images)
 
     def race(self, requests: dict[str, dict[str, Any]]) -> Iterator[tuple[str, StreamEvent]]:
         """Run several `stream` requests at once on the device, yielding (name, event) as they come.

@@ -84,24 +84,11 @@ def _same(stock: Any, ours: dict[str, torch.Tensor]) -> bool:
     )  # fmt: skip
 
 
-def image_pixels(processor: Any, images: list[Image.Image]) -> torch.Tensor | None:
-    """The pixel values `expanded_image_inputs` would compute for these images, computed ahead (say as a request
-    arrives; one conversation's, to be joined with others' in a batch), or None where it would take the stock path.
-    LLaVA-1.5's image processor makes each image's pixels on their own, so a batch's are its images' side by side."""
-    if not images or not _applies(processor) or _refused(processor):
-        return None
-    return processor.image_processor(images, return_tensors="pt")["pixel_values"]
-
-
-def expanded_image_inputs(
-    processor: Any, prompts: list[str], images: list[Image.Image] | None, pixel_values: torch.Tensor | None = None
-) -> Any:
-    """`stock_inputs(processor, prompts, images)`, the same tensors, sooner where the processor is LLaVA-1.5's.
-    `pixel_values`: `image_pixels` of the images, computed ahead (None: computed here)."""
+def expanded_image_inputs(processor: Any, prompts: list[str], images: list[Image.Image] | None) -> Any:
+    """`stock_inputs(processor, prompts, images)`, the same tensors, sooner where the processor is LLaVA-1.5's."""
     if not images or not _applies(processor) or _refused(processor):
         return stock_inputs(processor, prompts, images)
-    if pixel_values is None:
-        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     size = tuple(pixel_values.shape[1:])
     with _lock:
         per_image = _learned.setdefault(processor, {}).get(size, 0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 from PIL import Image
 
 from vtw_core.errors import InputError
-from vtw_core.models.image_tokens import expanded_image_inputs, image_pixels, stock_inputs
+from vtw_core.models.image_tokens import expanded_image_inputs, stock_inputs
 from vtw_core.models.videos import Video
 from vtw_core.validation import check_text
 
@@ -126,56 +125,6 @@ def processor_images(processor: Any, images: list[list[Image.Image]]) -> Any:
     return [image for row in images for image in row]
 
 
-@dataclass(frozen=True)
-class PreparedPrompt:
-    """One conversation's share of its batch's processor work, done before the batch forms (the server does it as
-    the request arrives, while the device answers others): the chat template's text and, where the processor's
-    batch holds its images' pixels side by side (LLaVA-1.5's), those pixels. `build_model_inputs` joins prepared
-    prompts into the tensors it would have made of the conversations themselves."""
-
-    messages: list[Message]
-    images: list[Image.Image]
-    prompt: str
-    pixel_values: torch.Tensor | None  # None: the batch's processor call makes them
-
-
-def _check_slots(messages: list[Message], images: list[Any], videos: list[Any]) -> None:
-    expected = count_image_items(messages)
-    if expected != len(images):
-        raise InputError(f"the conversation has {expected} image slot(s) but {len(images)} image(s)")
-    expected = count_image_items(messages, "video")
-    if expected != len(videos):
-        raise InputError(f"the conversation has {expected} video slot(s) but {len(videos)} video(s)")
-
-
-def prepare_prompt(processor: Any, messages: list[Message], images: list[Image.Image]) -> PreparedPrompt:
-    """Check one conversation with its images and do its own part of the processor's work (no videos)."""
-    images = list(images)
-    _check_slots(messages, images, [])
-    prompt = render_prompt(processor, messages)
-    try:
-        pixel_values = image_pixels(processor, images)
-    except (ValueError, TypeError) as error:
-        raise InputError(f"the processor rejected the input: {error}") from error
-    return PreparedPrompt(messages, images, prompt, pixel_values)
-
-
-def _prepared_for(
-    prepared: list[PreparedPrompt], conversations: list[list[Message]], images: list[list[Image.Image]]
-) -> None:
-    """Prepared prompts must be those of these very conversations and images, in order."""
-
-    def same(entry: PreparedPrompt, messages: list[Message], row: list[Image.Image]) -> bool:
-        return (
-            entry.messages is messages
-            and len(entry.images) == len(row)
-            and all(a is b for a, b in zip(entry.images, row, strict=True))
-        )
-
-    if len(prepared) != len(conversations) or not all(map(same, prepared, conversations, images)):
-        raise ValueError("the prepared prompts are not those of these conversations and images")
-
-
 def build_model_inputs(
     processor: Any,
     conversations: list[list[Message]],
@@ -183,31 +132,25 @@ def build_model_inputs(
     device: torch.device | str,
     dtype: torch.dtype,
     videos: list[list[Video]] | None = None,
-    prepared: list[PreparedPrompt] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Tokenize a batch of conversations (left-padded) with their images and videos, on `device`, floats in `dtype`.
 
     `videos` (vtw_core.models.videos.read_video results), one list per conversation, fill its "video" slots.
-    `prepared`: `prepare_prompt` of each conversation and its images, done earlier (no videos): the same tensors.
     """
     videos = videos if videos is not None else [[] for _ in conversations]
     if len(conversations) != len(images) or len(conversations) != len(videos):
         raise InputError("one image list and one video list per conversation are needed")
+    for messages, conversation_images, conversation_videos in zip(conversations, images, videos, strict=True):
+        expected = count_image_items(messages)
+        if expected != len(conversation_images):
+            raise InputError(f"the conversation has {expected} image slot(s) but {len(conversation_images)} image(s)")
+        expected = count_image_items(messages, "video")
+        if expected != len(conversation_videos):
+            raise InputError(f"the conversation has {expected} video slot(s) but {len(conversation_videos)} video(s)")
     flat_videos = [video for conversation_videos in videos for video in conversation_videos]
-    if prepared is not None:
-        if flat_videos:
-            raise ValueError("prepared prompts take no videos")
-        _prepared_for(prepared, conversations, images)
-        prompts = [entry.prompt for entry in prepared]
-        pixels = [entry.pixel_values for entry in prepared if entry.images]
-        pixel_values = torch.cat(pixels) if pixels and all(p is not None for p in pixels) else None
-    else:
-        for messages, conversation_images, conversation_videos in zip(conversations, images, videos, strict=True):
-            _check_slots(messages, conversation_images, conversation_videos)
-        if flat_videos and getattr(processor, "video_processor", None) is None:
-            raise InputError("this model's processor takes no video")
-        prompts = [render_prompt(processor, messages) for messages in conversations]
-        pixel_values = None
+    if flat_videos and getattr(processor, "video_processor", None) is None:
+        raise InputError("this model's processor takes no video")
+    prompts = [render_prompt(processor, messages) for messages in conversations]
     video_options = {}
     if flat_videos:
         video_options = {
@@ -218,7 +161,7 @@ def build_model_inputs(
         if video_options:
             batch = stock_inputs(processor, prompts, processor_images(processor, images), **video_options)
         else:  # LLaVA-1.5's image placeholders repeated in ids, not tokenized 576 times (the same tensors)
-            batch = expanded_image_inputs(processor, prompts, processor_images(processor, images), pixel_values)
+            batch = expanded_image_inputs(processor, prompts, processor_images(processor, images))
     except (ValueError, TypeError) as error:
         raise InputError(f"the processor rejected the input: {error}") from error
     return {

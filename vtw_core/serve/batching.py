@@ -36,7 +36,7 @@ from PIL import Image
 from vtw_core.engine.methods import Method
 from vtw_core.generation.manager import ModelManager
 from vtw_core.generation.types import SamplingConfig, StreamEvent
-from vtw_core.models.prompts import Message, PreparedPrompt
+from vtw_core.models.prompts import Message
 from vtw_core.runtime import pin_this_thread
 from vtw_core.serve.errors import overloaded
 from vtw_core.serve.limits import DEFAULT_BATCH_FILL_MS, MAX_BATCH_FILL_MS
@@ -67,9 +67,6 @@ class Job:
     # server's event loop would otherwise wait for the scheduler's next slice (2-5 ms) to send the first token.
     # None: nothing to wait for (a reply sent whole at its end).
     handoff: threading.Event | None = None
-    # The request's share of the processor's work (ModelManager.prepare_prompt), done by the server as it arrived,
-    # while the worker answered others; None: done in its engine call.
-    prepared: PreparedPrompt | None = None
 
     @property
     def batch_key(self) -> tuple[Any, ...] | None:
@@ -245,7 +242,6 @@ class Batcher:
                 sampling=first.sampling,
                 stop_events=[job.stop for job in batch],
                 max_new_tokens=[job.sampling.max_new_tokens for job in batch],
-                prepared=None if any(job.prepared is None for job in batch) else [job.prepared for job in batch],
             )
             started_rows: set[int] = set()
             for row, event in events:
@@ -276,7 +272,6 @@ class Batcher:
                 schedule=job.method.schedule,
                 sampling=job.sampling,
                 stop_event=job.stop,
-                prepared=job.prepared,
             ):
                 self._deliver(job, event)
                 if first:

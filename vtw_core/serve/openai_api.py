@@ -8,9 +8,8 @@ FLOPs, KV-cache bytes, ...), the time it waited and its batch size.
 
 A request goes through, in order: the body's size (`read_json`, before parsing), its structure, texts and
 image headers (no pixel decoded), admission (`vtw_core.serve.admission`: a queue slot and an image-memory
-budget, or 503 at once), the image decoders (a few at a time), which also prepare the prompt (the chat template,
-the images' pixels: `ModelManager.prepare_prompt`, while the device answers others), then the batcher. A client
-that disconnects stops its request: at once while it waits, at the next decode step while it runs.
+budget, or 503 at once), the image decoders (a few at a time), then the batcher. A client that disconnects
+stops its request: at once while it waits, at the next decode step while it runs.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vtw_core.engine.methods import Method, parse_method
 from vtw_core.generation.manager import ModelManager
 from vtw_core.models.defaults import default_model
-from vtw_core.models.prompts import PreparedPrompt
 from vtw_core.serve.admission import Admission, BodyBudget
 from vtw_core.serve.auth import check_api_key, check_host, host_allowlist
 from vtw_core.serve.batching import Batcher, Job
@@ -58,8 +56,8 @@ from vtw_core.serve.replies import Reply, Ticket
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 MAX_DECODING = 2  # requests decoding images at a time
 THREADPOOL_JSON_BYTES = 2**20  # bigger bodies are parsed off the event loop
-# A body at most this large, whose images have at most INLINE_PIXELS pixels together, is checked, its images
-# decoded and its prompt prepared on the event loop (~0.5 ms): two hops to a worker thread and back cost more.
+# A body at most this large, whose images have at most INLINE_PIXELS pixels together, is checked and its images
+# decoded on the event loop (well under 0.5 ms): two hops to a worker thread and back cost more than the work.
 INLINE_BODY_BYTES = 64 * 2**10
 INLINE_PIXELS = 256 * 256
 # A body must arrive whole within this time (the largest legal one at 1 MB/s): a client that trickles bytes
@@ -218,10 +216,10 @@ class ChatService:
             watcher = asyncio.create_task(self._watch_disconnect(http_request, stop, ticket))
         streaming = False
         try:
-            prepared = await self._read_images(request, stop, inline)
+            await self._read_images(request, stop, inline)
             handoff = threading.Event() if request.stream else None  # a reply sent whole has no first token to send
             job = Job(request.messages, request.images, method, request.sampling, ticket.deliver, stop=stop,
-                      handoff=handoff, prepared=prepared)  # fmt: skip
+                      handoff=handoff)  # fmt: skip
             slot.job = job
             self.batcher.submit(job)
             reply = Reply(self.model_id, spec, method, request, job, on_close=slot.release)
@@ -244,33 +242,26 @@ class ChatService:
                 stop.set()  # the answer is complete, or nobody waits for it: the engine may drop the row
                 slot.release()
 
-    async def _read_images(self, request: ChatRequest, stop: threading.Event, inline: bool = False) -> PreparedPrompt:
-        """Fetch the http(s) images (allowed servers only), then decode every image and prepare the prompt (the
-        chat template, the images' pixels: ModelManager.prepare_prompt), a few requests at a time, so the worker
-        that answers a batch does not do it for every row while the device waits; `inline`: images of at most
-        INLINE_PIXELS together, none remote, are decoded and prepared on the event loop."""
+    async def _read_images(self, request: ChatRequest, stop: threading.Event, inline: bool = False) -> None:
+        """Fetch the http(s) images (allowed servers only), then decode every image, a few requests at a time;
+        `inline`: images of at most INLINE_PIXELS together, none remote, are decoded on the event loop."""
         images = request.image_inputs
         if inline and not any(image.remote for image in images) and sum(i.pixels for i in images) <= INLINE_PIXELS:
-            return self._decode_and_prepare(request)
+            decode_images(request, self.limits)
+            return
         for image in request.image_inputs:
             if image.remote and image.data is None:
                 data = await fetch_image(image.url, self.remote_policy, param=image.param)
                 accept_image_bytes(request, image, data, self.limits)
             if stop.is_set():
                 raise client_gone()
-        if not request.image_inputs:
-            return self._decode_and_prepare(request)
-        async with self.admission.decoding:
-            if stop.is_set():  # the client left while the request waited for a decoder
-                raise client_gone()
-            prepared = await run_in_threadpool(self._decode_and_prepare, request)
+        if request.image_inputs:
+            async with self.admission.decoding:
+                if stop.is_set():  # the client left while the request waited for a decoder
+                    raise client_gone()
+                await run_in_threadpool(decode_images, request, self.limits)
         if stop.is_set():
             raise client_gone()
-        return prepared
-
-    def _decode_and_prepare(self, request: ChatRequest) -> PreparedPrompt:
-        decode_images(request, self.limits)
-        return self.manager.prepare_prompt(request.messages, request.images)
 
     @staticmethod
     async def _watch_disconnect(http_request: Request, stop: threading.Event, ticket: Ticket) -> None:
