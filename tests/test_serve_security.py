@@ -70,7 +70,7 @@ def server(tmp_path_factory):
 def test_the_start_line_names_the_threads_and_the_key(server):
     _, _, log = server
     line = next(line for line in log.read_text().splitlines() if line.startswith("serving "))
-    assert "1 CPU threads" in line and "API key required" in line
+    assert ", 1 CPU thread, " in line and "API key required" in line
 
 
 @pytest.mark.parametrize(

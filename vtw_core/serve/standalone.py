@@ -124,9 +124,10 @@ def serve(
         manager.warm_up(ks, batches=batches)
     release_openmp_threads()  # the batcher's thread computes from now on (vtw_core.runtime)
     key = "API key required" if api_key else "no API key"
-    threads = f"{torch.get_num_threads()} CPU threads"
+    count = torch.get_num_threads()
+    threads = f"{count} CPU thread{'s' * (count != 1)}"
     if compute_cpus:
-        threads += f" on cores {cpu_ranges(compute_cpus)}"
+        threads += f" on core{'s' * (len(compute_cpus) != 1)} {cpu_ranges(compute_cpus)}"
     print(f"serving {service.model_id} ({manager.info.describe()}) on http://{host}:{port}/v1, default method "
           f"{service.default_method}, {threads}, {key}", flush=True)  # fmt: skip
     if api_key is None and not is_loopback(host):
