@@ -50,7 +50,12 @@ class ProcessSettings:
     retained_memory: bool  # glibc's pools set to keep freed memory (False: not glibc, or not asked)
 
     def describe(self) -> str:
-        return f"{self.threads} CPU thread{'s' * (self.threads != 1)}"
+        return cpu_threads(self.threads)
+
+
+def cpu_threads(count: int) -> str:
+    """ "1 CPU thread", "2 CPU threads": how the CLI and the server name a thread count."""
+    return f"{count} CPU thread{'s' * (count != 1)}"
 
 
 def resolve_threads(requested: int | None = None) -> int:

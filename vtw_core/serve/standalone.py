@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from vtw_core.errors import VTWError
 from vtw_core.generation.generate import COMPILED_ENGINES
 from vtw_core.generation.manager import ModelManager
-from vtw_core.runtime import cpu_ranges, release_openmp_threads
+from vtw_core.runtime import cpu_ranges, cpu_threads, release_openmp_threads
 from vtw_core.serve.auth import LOOPBACK_NAMES
 from vtw_core.serve.errors import logger
 from vtw_core.serve.limits import DEFAULT_BATCH_FILL_MS
@@ -124,8 +124,7 @@ def serve(
         manager.warm_up(ks, batches=batches)
     release_openmp_threads()  # the batcher's thread computes from now on (vtw_core.runtime)
     key = "API key required" if api_key else "no API key"
-    count = torch.get_num_threads()
-    threads = f"{count} CPU thread{'s' * (count != 1)}"
+    threads = cpu_threads(torch.get_num_threads())
     if compute_cpus:
         threads += f" on core{'s' * (len(compute_cpus) != 1)} {cpu_ranges(compute_cpus)}"
     print(f"serving {service.model_id} ({manager.info.describe()}) on http://{host}:{port}/v1, default method "
