@@ -210,7 +210,9 @@ def test_input_near_the_top_on_a_phone_with_a_toggle_between_answers(browser, ap
     try:
         box = page.locator("#question textarea").bounding_box()
         assert box is not None and box["y"] + box["height"] <= PHONE["height"]
-        # The panes stack: a toggle shows one answer at a time, and no text speaks of left and right.
+        # The panes stack: a toggle shows one answer at a time, and no text speaks of left and right. The page's
+        # script shows the toggle after the textarea appears: on a loaded machine, a moment later (timeout: fails).
+        page.wait_for_selector("#pane-toggle", state="visible", timeout=10_000)
         assert page.locator("#pane-toggle").is_visible()
         assert page.locator("#baseline-chat").is_visible() and not page.locator("#vtw-chat").is_visible()
         page.locator("#pane-toggle").get_by_text("Accelerated").click()
