@@ -55,10 +55,64 @@ def test_a_batch_prefills_on_the_library_matmuls_and_decodes_tuned(llava):
     says so); its decode steps, a row per prompt, are tuned. The tokens are the static engine's."""
     model, inputs = llava
     batch = {name: torch.cat([value, value]) for name, value in inputs.items()}
-    stats, sampling = GenerationStats(k=2, num_layers=NUM_LAYERS), SamplingConfig(max_new_tokens=4)
-    steps = generate_tokens(model, batch, k=2, sampling=sampling, stats=stats, prefill_engine="tuned")
-    assert torch.stack(list(steps), 1).tolist() == tokens(model, batch, 2, "static", sampling)[0]
-    assert (stats.prefill_engine, stats.engine) == ("tuned (the library's matmuls for a batch's prefill)", "tuned")
+    for k, engine in ((None, "tuned (the library's matmuls for a batch's prefill)"),
+                      (2, "tuned (the library's matmuls before K for a batch's prefill)")):  # fmt: skip
+        stats, sampling = GenerationStats(k=k, num_layers=NUM_LAYERS), SamplingConfig(max_new_tokens=4)
+        steps = generate_tokens(model, batch, k=k, sampling=sampling, stats=stats, prefill_engine="tuned")
+        assert torch.stack(list(steps), 1).tolist() == tokens(model, batch, k, "static", sampling)[0]
+        assert (stats.prefill_engine, stats.engine) == (engine, "tuned")
+
+
+@pytest.mark.parametrize("rows", [True, False])
+def test_a_batch_under_vtw_runs_its_layers_from_k_on_the_templates(llava, monkeypatch, rows):
+    """Under VTW a batch's layers from K see a few dozen kept rows, where the templates win: those layers run in a
+    tuned graph of their own, after the layers before K on the library's matmuls. Logits, keys and values within the
+    bound of the plain prefill's, for left-padded and for equal rows, with layer K-1 run for the kept tokens only
+    (`rows`) or whole (a family whose layers engine.layer_rows does not take)."""
+    from test_engine import processor_inputs, sample_image
+
+    from vtw_core.engine import compiled_prefill as module
+
+    model, single = llava
+    if not rows:
+        monkeypatch.setattr(module, "computes_rows", lambda layer: False)
+    padded = processor_inputs("llava", [[], [sample_image()], [sample_image(), sample_image(seed=1)]])
+    equal = {name: torch.cat([value, value]) for name, value in single.items()}
+    for inputs in (padded, equal) if rows else (padded,):
+        prompt = embed_prompt(model, inputs)
+        selector = withdrawal_selector(2, NUM_LAYERS)
+        plain_logits, plain_state = prefill(model, prompt, selector)
+        templates = counters["inductor"]["cpp_templated_kernel_counter"]
+        logits, state, ran = compiled_prefill(model, prompt, selector, tuned_kernels=True)
+        assert ran == "tuned (the library's matmuls before K for a batch's prefill)"
+        assert (logits - plain_logits).abs().max() <= LOGIT_BOUND
+        for ours, theirs in zip(state.cache.layers, plain_state.cache.layers, strict=True):
+            assert ours.keys.shape == theirs.keys.shape
+            assert (ours.keys - theirs.keys).abs().max() <= LOGIT_BOUND
+            assert (ours.values - theirs.values).abs().max() <= LOGIT_BOUND
+        if inputs is padded:  # compiled at the first call: the templates are in the graph of the layers from K
+            assert counters["inductor"]["cpp_templated_kernel_counter"] > templates
+
+
+def test_a_batch_whose_tuned_layers_do_not_compile_runs_the_compiled_ones(monkeypatch):
+    """The layers from K fall back as a whole prefill does: a warning, the engine's name, the same answer."""
+    from vtw_core.engine import compiled_prefill as module
+
+    model = build_model("llava", seed=3)
+    single = prompt_inputs(model, "llava")
+    inputs = {name: torch.cat([value, value]) for name, value in single.items()}
+
+    def failing(*args):
+        raise torch._dynamo.exc.InternalTorchDynamoError("the compiler failed")
+
+    monkeypatch.setattr(module, "_tuned_from_k", failing)
+    prompt = embed_prompt(model, inputs)
+    selector = withdrawal_selector(2, NUM_LAYERS)
+    plain, _ = prefill(model, prompt, selector)
+    with pytest.warns(RuntimeWarning, match="tuned kernels did not compile"):
+        logits, _, ran = compiled_prefill(model, prompt, selector, tuned_kernels=True)
+    assert ran == "compiled (no tuned kernels for this device or model)"
+    assert (logits - plain).abs().max() <= LOGIT_BOUND
 
 
 def test_each_model_gets_graphs_of_its_own_weights(llava):

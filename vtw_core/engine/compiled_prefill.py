@@ -53,6 +53,8 @@ def _layer_loop(
     k: int | None,
     kept: torch.Tensor | None,
     row_masks: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    start: int = 0,
+    stop: int | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Logits and every layer's keys and values for a left-padded batch of prompts (batch, tokens, hidden).
 
@@ -60,18 +62,23 @@ def _layer_loop(
     the layers before `k`; at layer `k` the tokens `kept` (batch, kept tokens: indices into the prompt) go on,
     with `deep`'s cos, sin and mask. `row_masks` (layer_rows' masks of the kept tokens in layer K-1 and of the last
     token in the last layer; None: every layer runs whole): those two layers compute their outputs at those tokens
-    only (engine.layer_rows)."""
+    only (engine.layer_rows). `start` and `stop`: run layers start..stop-1 only, from `hidden_states`, their input
+    (their keys and values filled in, the others None); short of the last layer, the result is the hidden states
+    instead of the logits."""
     decoder = language_model(model)
     cache = RecordingCache(len(decoder.layers))
     last = len(decoder.layers) - 1
+    stop = len(decoder.layers) if stop is None else stop
     group = None
-    for layer_idx, layer in enumerate(decoder.layers):
+    for layer_idx in range(start, stop):
+        layer = decoder.layers[layer_idx]
         if layer_idx == k:
             if row_masks is None or k == 0:  # else layer K-1 gave the kept tokens' outputs alone
                 hidden_states = hidden_states.gather(1, kept[..., None].expand(-1, -1, hidden_states.shape[-1]))
             group = LayerGroup(layer_idx, None, None, deep[2], deep[:2], None)
-        elif group is None:
-            group = LayerGroup(layer_idx, None, None, full[2], full[:2], None)
+        elif group is None:  # the first layer run: before K it sees every token, after K the kept ones
+            rotary_mask = full if k is None or layer_idx < k else deep
+            group = LayerGroup(layer_idx, None, None, rotary_mask[2], rotary_mask[:2], None)
         if row_masks is not None and k is not None and layer_idx == k - 1:
             hidden_states = layer_rows(layer, hidden_states, group.rotary, kept, deep[:2], row_masks[0], cache)
         elif row_masks is not None and layer_idx == last:
@@ -80,7 +87,19 @@ def _layer_loop(
             hidden_states = layer_rows(layer, hidden_states, group.rotary, None, rows_rotary, row_masks[1], cache)
         else:
             hidden_states = _run_layer(layer, hidden_states, group, cache)
+    if stop <= last:
+        return hidden_states, cache.keys, cache.values
     return _logits(model, decoder, hidden_states), cache.keys, cache.values
+
+
+def _layers_before_k(model: nn.Module, hidden_states: torch.Tensor, full, deep, k: int, kept, row_masks):
+    """`_layer_loop`'s layers 0..K-1: the hidden states layer K takes (before its withdrawal), keys and values."""
+    return _layer_loop(model, hidden_states, full, deep, k, kept, row_masks, stop=k)
+
+
+def _layers_from_k(model: nn.Module, hidden_states: torch.Tensor, full, deep, k: int, kept, row_masks):
+    """`_layer_loop`'s layers K..N-1 from layer K's input: logits, keys and values."""
+    return _layer_loop(model, hidden_states, full, deep, k, kept, row_masks, start=k)
 
 
 # cpp_wrapper: the compiled graph calls its ~200 kernels from C++, not from a Python wrapper (0.96x the time at
@@ -88,6 +107,12 @@ def _layer_loop(
 # Per model (engine.per_model): no guards on the model's modules before each call (0.13 against 0.42 ms).
 _compiled_loop = per_model(_layer_loop, dynamic=True, options={"cpp_wrapper": True})
 _tuned_loop = tuned(per_model(_layer_loop, dynamic=True, options={"cpp_wrapper": True}))  # graphs of its own
+# A batch's prefill under VTW in two graphs: the layers before K over every prompt's tokens with the library's
+# matmuls (thousands of rows), the layers from K over the kept tokens (a few dozen rows) with the tuned kernels,
+# where the library reorders each weight at every call (compiled_prefill's note).
+_compiled_before_k = per_model(_layers_before_k, dynamic=True, options={"cpp_wrapper": True})
+_compiled_from_k = per_model(_layers_from_k, dynamic=True, options={"cpp_wrapper": True})
+_tuned_from_k = tuned(per_model(_layers_from_k, dynamic=True, options={"cpp_wrapper": True}))
 
 
 def fallback_reason(model: nn.Module, prompt: PromptEmbeddings, selector: TokenSelector | None,
@@ -164,6 +189,14 @@ def compiled_prefill(
         if tuned_kernels and batch == 1:
             (logits, keys, values), ran_tuned = run_tuned(model, _tuned_loop, _compiled_loop, *arguments)
             ran = "tuned" if ran_tuned else "compiled (no tuned kernels for this device or model)"
+        elif tuned_kernels and k is not None and 0 < k < len(decoder.layers):
+            hidden_k, keys, values = _compiled_before_k(model, *arguments)
+            (logits, keys_k, values_k), ran_tuned = run_tuned(
+                model, _tuned_from_k, _compiled_from_k, hidden_k, *arguments[1:]
+            )
+            keys, values = keys[:k] + keys_k[k:], values[:k] + values_k[k:]
+            ran = ("tuned (the library's matmuls before K for a batch's prefill)" if ran_tuned
+                   else "compiled (no tuned kernels for this device or model)")  # fmt: skip
         else:
             logits, keys, values = _compiled_loop(model, *arguments)
             if tuned_kernels:
