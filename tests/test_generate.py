@@ -215,3 +215,18 @@ def test_searched_k_is_read_from_the_checkpoint_folder(tmp_path):
         (tmp_path / "vtw.json").write_text(bad)
         assert searched_k(str(tmp_path), 12) is None, bad
     assert searched_k("llava-hf/llava-1.5-7b-hf", 32) is None  # a hub id is no folder
+
+
+def test_stats_to_dict_is_dataclasses_asdict_with_lists_of_their_own():
+    """`GenerationStats.to_dict` (the server's usage block) copies the fields as `dataclasses.asdict` does, lists
+    included: changing the dict leaves the stats as they were."""
+    import dataclasses
+
+    from vtw_core.generation.types import GenerationStats
+
+    stats = GenerationStats(k=5, num_layers=16, prompt_tokens=588, ttft_s=0.03, finish_reason="length",
+                            prompt_tokens_per_row=[588, 590], prefill_flops_per_row=[7, 9])  # fmt: skip
+    as_dict = stats.to_dict()
+    assert as_dict == dataclasses.asdict(stats) and list(as_dict) == list(dataclasses.asdict(stats))
+    as_dict["prompt_tokens_per_row"].append(1)
+    assert stats.prompt_tokens_per_row == [588, 590]

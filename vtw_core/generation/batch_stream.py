@@ -195,4 +195,4 @@ def _advance(
 
 
 def _element_size(dtype_name: str) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+    return getattr(torch, dtype_name).itemsize

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from vtw_core import validation
@@ -74,7 +74,13 @@ class GenerationStats:
     decode_flops_per_row: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Every field is a number, a string, None or a list of numbers: a shallow copy with the lists copied is
+        # what `dataclasses.asdict` gives, at a tenth of its cost (the server builds one per reply).
+        return {name: list(value) if isinstance(value, list) else value
+                for name, value in ((name, getattr(self, name)) for name in _STATS_FIELDS)}  # fmt: skip
+
+
+_STATS_FIELDS = tuple(item.name for item in fields(GenerationStats))
 
 
 @dataclass
