@@ -140,7 +140,8 @@ def compiled_prefill(
 ) -> tuple[torch.Tensor, DecodeState, str]:
     """Prefill through the compiled layer loop; returns logits (batch, vocab), the decode state and the engine that
     ran ("compiled", "tuned", or "plain (reason)" when it fell back). `tuned_kernels`: the loop's matmuls as
-    inductor's CPU GEMM templates on frozen weights (engine.tuned_kernels) for a single prompt; a batch's prefill,
+    inductor's CPU GEMM templates on frozen weights (engine.tuned_kernels) for a single prompt, and for a
+    batch under VTW in its layers from K (its layers before K keep the library's matmuls); a baseline batch,
     another device or a model whose tuned graphs did not compile runs the plain compiled loop, and the name says
     so."""
     if isinstance(selector, Withdrawal) and selector.k >= num_decoder_layers(model.config):

@@ -11,7 +11,8 @@ the baseline's 0.93x, a decode step 0.5x. Matmuls that read the same input (a la
 gate and up projections) run as one grouped GEMM, with SwiGLU's SiLU and product in its epilogue, so the activations
 are read once and the gate's and up's outputs never reach memory (the prefill at two threads 0.92x the ungrouped
 templates' time). Over thousands of rows the templates lose (a batch of eight prompts' prefill: 1.22x; grouped,
-1.02x), so a batch's prefill keeps the library's matmuls (compiled_prefill).
+1.02x), so a batch's prefill keeps the library's matmuls for its layers over every token; under VTW its
+layers from K, over the kept tokens (a few dozen rows), run tuned (compiled_prefill; a batch of eight at K=5: 0.97x).
 
 The cost:
 - compiling takes ~2x longer (~55 s per graph on two cores);
