@@ -76,9 +76,8 @@ def _layer_loop(
             if row_masks is None or k == 0:  # else layer K-1 gave the kept tokens' outputs alone
                 hidden_states = hidden_states.gather(1, kept[..., None].expand(-1, -1, hidden_states.shape[-1]))
             group = LayerGroup(layer_idx, None, None, deep[2], deep[:2], None)
-        elif group is None:  # the first layer run: before K it sees every token, after K the kept ones
-            rotary_mask = full if k is None or layer_idx < k else deep
-            group = LayerGroup(layer_idx, None, None, rotary_mask[2], rotary_mask[:2], None)
+        elif group is None:  # layer 0 (a run from K starts in the branch above)
+            group = LayerGroup(layer_idx, None, None, full[2], full[:2], None)
         if row_masks is not None and k is not None and layer_idx == k - 1:
             hidden_states = layer_rows(layer, hidden_states, group.rotary, kept, deep[:2], row_masks[0], cache)
         elif row_masks is not None and layer_idx == last:
