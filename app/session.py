@@ -107,6 +107,10 @@ class ChatState:
         note = self.footers[side][index] if index < len(self.footers[side]) else ""
         return f"{text}\n\n<sub>⚙ {note}</sub>" if note else text
 
+    def answered(self) -> bool:
+        """Whether the last turn's answers have all ended (done, stopped or skipped): none waits or streams."""
+        return all(not self.status[side] or self.status[side][-1] not in ("waiting", "running") for side in SIDES)
+
     def conversation(self, side: str) -> tuple[list[Message], list[str]]:
         """The model's view of the chat for one side: messages ending with the last user turn, and image paths."""
         messages: list[Message] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 import gradio as gr
@@ -659,3 +660,31 @@ def test_an_image_only_model_refuses_a_video_turn(uploads, clip):
     with pytest.raises(media.VideoRefused, match="takes images only"):
         list(turns.answer_last_turn(default, state, 2, SamplingConfig(max_new_tokens=2)))
     assert state.answers == {"baseline": [], "vtw": []} and state.runs == 0 and state.settings is None
+
+
+def test_a_page_that_shows_the_turn_ended_takes_the_next_question_at_once(demo):
+    """A question sent the moment the page shows the answers finished (the summary says whether they agree),
+    or shows a question given back after a failure, is taken: the turn ended before that update went out. It
+    was refused as "still running" when the job took its end only after its last update (a loaded machine
+    widened that window to seconds)."""
+    send, run_turn = handler(demo, "on_submit"), handler(demo, "run_turn")
+    image = str(media.EXAMPLES / "chelsea.jpg")
+    chat, *_, ticket = send({"text": "What?", "files": [image]}, ChatState(), None, 8, 4, Request("quick"))
+    updates = run_turn(chat, ticket, 2, "sequential", 4, False, 1, 1, 0, "vtw", 0.5, None, Request("quick"))
+    summaries = []
+    for update in updates:  # outputs: chat, the two panes, metrics, summary, status line, then the job's own
+        summaries.append(update[4])
+        if re.search("identical|different", update[4]):
+            break
+    assert len(summaries) > 1 and not re.search("identical|different", "".join(summaries[:-1]))
+    chat, *_, ticket = send({"text": "And?", "files": []}, update[0], None, 8, 4, Request("quick"))
+    assert ticket is not None, "refused while the page showed the answers finished"
+    updates.close()
+    # A turn that fails (K beyond the model's layers) gives its question back: sending it again is taken.
+    for update in run_turn(chat, ticket, 99, "sequential", 4, False, 1, 1, 0, "vtw", 0.5, None, Request("quick")):
+        if "back in the box" in update[5]:
+            break
+    else:
+        pytest.fail("the failed turn did not give its question back")
+    *_, again = send({"text": "And?", "files": []}, update[0], None, 8, 4, Request("quick"))
+    assert again is not None, "refused while the page showed the question given back"

@@ -133,19 +133,24 @@ def wire_chat(context: PageContext, page: Page) -> None:
             # blank every output.
             yield unchanged
             return
-        ended = Event.CANCELLED  # unless the answers end (Gradio may close this generator early)
+        ended, last = Event.CANCELLED, unchanged  # unless the answers end (Gradio may close this generator early)
         try:
-            ended = yield from answer_on_device(
+            ended, last = yield from answer_on_device(
                 chat, number, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio,
                 searched, session,
             )  # fmt: skip
         finally:
             sessions.fire(session, ended, number)
+        # The turn has ended before the page can show it ended: a question sent the moment the answers (or a
+        # question given back) appear is taken, never refused as "still running".
+        yield last
 
     def answer_on_device(
         chat, number, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio, searched,
         session,
     ):  # fmt: skip
+        """Yields the answers as they stream; returns how the turn ended and the page's last update, which
+        `run_turn` sends once the session has taken the end (so the finished answers are held back for it)."""
         shown = counters(chat, mode_value)
         keep = (gr.skip(), gr.skip(), gr.skip())  # timing chart, question box, slider
         try:
@@ -162,33 +167,31 @@ def wire_chat(context: PageContext, page: Page) -> None:
                 for chat, shown in answers:
                     if sessions.cleared(session, number):
                         continue  # Clear was pressed: finish quietly, never write the old chat back
+                    if chat.answered():
+                        continue  # both sides have ended: shown with the turn's end, below
                     yield *render(chat, shown, note), *keep
         except Exception as error:  # the page keeps serving: say why, keep the chat consistent
             message = log_failure(error, "answer")
             turn = chat.turns[-1] if chat.turns else None
             undo_last_turn(chat)
             if sessions.cleared(session, number):
-                yield *empty_chat(), gr.skip(), gr.skip()
-                return Event.FAILED
+                return Event.FAILED, (*empty_chat(), gr.skip(), gr.skip())
             # The turn goes back into the question box: nothing the user typed or attached is lost.
             back = gr.MultimodalTextbox(value={"text": turn.text, "files": turn.image_paths}) if turn else gr.skip()
             slider, _ = context.token_limits(chat, tokens)
             note = f"⚠️ {message}" + (". Your question is back in the box." if turn else "")
-            yield *render(chat, shown, note), gr.skip(), back, slider
-            return Event.FAILED
+            return Event.FAILED, (*render(chat, shown, note), gr.skip(), back, slider)
         if sessions.cleared(session, number):
             # An update sent just before Clear can reach the page after Clear's empty chat: the turn's own
             # last word is the empty chat too, so whatever order they arrive in, the page ends empty.
-            yield *empty_chat(), gr.skip(), context.token_limits(ChatState(), tokens)[0]
-            return Event.FINISHED
+            return Event.FINISHED, (*empty_chat(), gr.skip(), context.token_limits(ChatState(), tokens)[0])
         done = "Stopped." if sessions.stopped(session, number) else ""
         if sessions.take_refused(session):
             done += " The question you typed during the turn is still in the box: press Enter to send it."
         slider, full = context.token_limits(chat, tokens)
         if full:
             done += FULL
-        yield *render(chat, shown, done.strip()), pd.DataFrame(timing_rows(chat)), gr.skip(), slider
-        return Event.FINISHED
+        return Event.FINISHED, (*render(chat, shown, done.strip()), pd.DataFrame(timing_rows(chat)), gr.skip(), slider)
 
     turn_inputs = [
         ask.k,
