@@ -24,17 +24,20 @@ from PIL import Image, ImageDraw
 
 from vtw_core.testing.tiny import build_tiny_model
 
-# The longest test files first, longest to shortest (1-2 minutes each on one core, from pytest --durations),
+# The longest test files first, longest to shortest (0.5-4 minutes each on one core, from pytest --durations),
 # handed to the parallel workers as they free up (pytest-xdist, one file per worker at a time,
 # `--no-loadscope-reorder`): the workers then finish close together instead of one starting a long file last.
 SLOWEST_FIRST = (
-    "test_app_browser.py",
+    "test_tuned_kernels.py",
     "test_default_model.py",
-    "test_app_tabs.py",
     "test_lmms_eval.py",
+    "test_app_browser.py",
     "test_serve_ray_cluster.py",
-    "test_serve_ray.py",
+    "test_app_tabs.py",
     "test_compiled_prefill.py",
+    "test_serve_ray.py",
+    "test_compiled_decode.py",
+    "test_hardening.py",
 )
 
 
