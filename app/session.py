@@ -107,9 +107,13 @@ class ChatState:
         note = self.footers[side][index] if index < len(self.footers[side]) else ""
         return f"{text}\n\n<sub>⚙ {note}</sub>" if note else text
 
+    def still_answering(self, side: str) -> bool:
+        """Whether the side's last answer still waits for the device or streams."""
+        return bool(self.status[side]) and self.status[side][-1] in ("waiting", "running")
+
     def answered(self) -> bool:
-        """Whether the last turn's answers have all ended (done, stopped or skipped): none waits or streams."""
-        return all(not self.status[side] or self.status[side][-1] not in ("waiting", "running") for side in SIDES)
+        """Whether the last turn's answers have all ended (done, stopped or skipped)."""
+        return not any(self.still_answering(side) for side in SIDES)
 
     def conversation(self, side: str) -> tuple[list[Message], list[str]]:
         """The model's view of the chat for one side: messages ending with the last user turn, and image paths."""

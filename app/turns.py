@@ -104,7 +104,7 @@ def skip_last_turn(state: ChatState, settings: TurnSettings | None = None) -> Ch
 def settle_last_turn(state: ChatState) -> ChatState:
     """A turn whose job is gone: answers still "waiting" become "skipped", those still streaming "stopped"."""
     for side in SIDES:
-        if not state.status[side] or state.status[side][-1] not in ("waiting", "running"):
+        if not state.still_answering(side):
             continue
         status = "stopped" if state.answers[side][-1] else "skipped"
         state.status[side][-1] = status
@@ -310,7 +310,7 @@ def answer_last_turn(
             _record_timing(state, side, stats, settings)
         yield state, counters(state, mode)
     for side in SIDES:  # a side that never started (Stop pressed during the other) says so
-        if state.status[side][-1] in ("waiting", "running"):
+        if state.still_answering(side):
             state.status[side][-1] = "skipped" if state.results[side] is None else "stopped"
             state.footers[side][-1] = footer(side, settings, (state.results[side] or {}).get("stats"), "skipped")
     yield state, counters(state, mode)

@@ -133,7 +133,7 @@ def wire_chat(context: PageContext, page: Page) -> None:
             # blank every output.
             yield unchanged
             return
-        ended, last = Event.CANCELLED, unchanged  # unless the answers end (Gradio may close this generator early)
+        ended = Event.CANCELLED  # unless the answers end (Gradio may close this generator early)
         try:
             ended, last = yield from answer_on_device(
                 chat, number, k_value, mode_value, tokens, sample, temp, nucleus, seed_value, choice, ratio,
